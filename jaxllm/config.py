@@ -1,0 +1,237 @@
+"""Configuration dataclasses: the model's shape (from config.json) and the engine's settings.
+
+`ModelConfig` is read from a Hugging Face `config.json` (either the transformers-5
+`rope_parameters` form or the older `rope_theta` / `rope_scaling` form). `EngineConfig`
+holds every engine/server flag; the server's CLI and `LLM(**kwargs)` both build one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# architectures entry -> family switches. One implementation serves them all.
+SUPPORTED_ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "LlamaForCausalLM": {},
+    "MistralForCausalLM": {},
+    "Qwen2ForCausalLM": {"qkv_bias": True},
+    "Qwen3ForCausalLM": {"qk_norm": True},
+}
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Rotary-embedding frequency scaling. kind: "default", "linear" or "llama3"."""
+
+    kind: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape and switches of a Llama-family decoder."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
+    partial_rotary_factor: float = 1.0
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # bias on q/k/v projections (Qwen2, Llama attention_bias)
+    o_bias: bool = False  # bias on the output projection (Llama attention_bias)
+    mlp_bias: bool = False
+    qk_norm: bool = False  # per-head RMSNorm on q and k before rope (Qwen3)
+    sliding_window: int | None = None  # tokens a query may look back, including itself
+    hidden_act: str = "silu"
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    torch_dtype: str = "float32"  # dtype the checkpoint was saved in
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def q_per_kv(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        archs = d.get("architectures") or []
+        arch = archs[0] if archs else _arch_from_model_type(d.get("model_type"))
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"unsupported architecture {arch!r}; supported: "
+                f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
+            )
+        switches = SUPPORTED_ARCHITECTURES[arch]
+        num_heads = int(d["num_attention_heads"])
+        hidden = int(d["hidden_size"])
+        head_dim = d.get("head_dim") or hidden // num_heads
+        rope_theta, scaling, partial = _read_rope(d)
+        attention_bias = bool(d.get("attention_bias", False))
+        sliding = d.get("sliding_window")
+        if arch.startswith("Qwen") and not d.get("use_sliding_window", False):
+            sliding = None
+        eos = d.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        dtype = d.get("dtype") or d.get("torch_dtype") or "float32"
+        if arch.startswith("Qwen"):
+            qkv_bias, o_bias = switches.get("qkv_bias", attention_bias), False
+        else:
+            qkv_bias, o_bias = attention_bias, attention_bias
+        return cls(
+            architecture=arch,
+            vocab_size=int(d["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(d["intermediate_size"]),
+            num_layers=int(d["num_hidden_layers"]),
+            num_heads=num_heads,
+            num_kv_heads=int(d.get("num_key_value_heads") or num_heads),
+            head_dim=int(head_dim),
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6 if arch.startswith("Qwen") else 1e-5)),
+            rope_theta=rope_theta,
+            rope_scaling=scaling,
+            partial_rotary_factor=partial,
+            max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            qkv_bias=qkv_bias,
+            o_bias=o_bias,
+            mlp_bias=bool(d.get("mlp_bias", False)),
+            qk_norm=bool(switches.get("qk_norm", False)),
+            sliding_window=int(sliding) if sliding else None,
+            hidden_act=str(d.get("hidden_act", "silu")),
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            torch_dtype=str(dtype),
+        )
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ModelConfig:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no config.json at {path}")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from e
+        return cls.from_hf_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        d = dict(d)
+        d["rope_scaling"] = RopeScaling(**d.get("rope_scaling", {}))
+        d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
+        return cls(**d)
+
+
+def _arch_from_model_type(model_type: str | None) -> str:
+    known = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+             "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+    return known.get(model_type or "", f"<model_type {model_type!r}>")
+
+
+def _read_rope(d: dict[str, Any]) -> tuple[float, RopeScaling, float]:
+    """Rope theta, scaling and partial factor from either config.json generation."""
+    params = d.get("rope_parameters") or {}
+    legacy = d.get("rope_scaling") or {}
+    theta = float(params.get("rope_theta", d.get("rope_theta", 10000.0)))
+    src = params if params.get("rope_type") not in (None, "default") else legacy
+    kind = src.get("rope_type") or src.get("type") or "default"
+    partial = float(params.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)))
+    if kind == "default":
+        return theta, RopeScaling(), partial
+    if kind not in ("linear", "llama3"):
+        raise ValueError(f"unsupported rope scaling type {kind!r}; supported: default, linear, llama3")
+    return theta, RopeScaling(
+        kind=kind,
+        factor=float(src.get("factor", 1.0)),
+        low_freq_factor=float(src.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(src.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=int(src.get("original_max_position_embeddings", 8192)),
+    ), partial
+
+
+@dataclass
+class EngineConfig:
+    """Every engine and server setting. Field names are the CLI flags with underscores."""
+
+    model: str | None = None  # HF dir, orbax dir, .gguf file; None = embedded default
+    served_model_name: str | None = None
+    dtype: str = "auto"  # auto | float32 | bfloat16
+    max_num_seqs: int = 64
+    max_model_len: int | None = None  # None: min(model's max positions, 4096)
+    max_num_batched_tokens: int = 512
+    prefill_chunk_size: int | None = None  # None: max_num_batched_tokens
+    page_size: int | None = None  # None: 16 on CPU, 64 on accelerators
+    num_pages: int | None = None  # None: from memory_fraction
+    memory_fraction: float = 0.5  # of free device memory (CPU: of kv_cache_memory_bytes)
+    kv_cache_memory_bytes: int = 1 << 30  # CPU budget that memory_fraction applies to
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
+    enable_prefix_caching: bool = True
+    compilation_cache_dir: str | None = None
+    seed: int = 0
+    attention_impl: str | None = None  # None: by backend; "reference" | "tpu" | "gpu"
+    # server
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    uds: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_certfile: str | None = None
+    root_path: str = ""
+    allowed_origins: list[str] = field(default_factory=list)
+    disable_fastapi_docs: bool = False
+    max_waiting_requests: int = 1024
+    max_request_body_bytes: int = 8 << 20
+    log_level: str = "info"
+    # multi-host
+    distributed_coordinator: str | None = None
+    num_processes: int = 1
+    process_id: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size",
+                     "data_parallel_size", "max_waiting_requests"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.page_size is not None and self.page_size < 2:
+            raise ValueError(f"page_size must be >= 2 (page size 1 ruins performance), got {self.page_size}")
+        if not 0.0 < self.memory_fraction <= 1.0:
+            raise ValueError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise ValueError(f"unknown engine option(s): {', '.join(unknown)}")
+        return cls(**kwargs)
+
+    def redacted(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if d.get("api_key"):
+            d["api_key"] = "***"
+        return d

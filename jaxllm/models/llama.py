@@ -1,0 +1,118 @@
+"""One decoder implementation for the Llama family (Llama 2/3.x, Mistral, Qwen2/2.5, Qwen3, SmolLM2).
+
+The forward runs the unified ragged step: a flat token axis `[T]` with positions, every
+sequence of the batch concatenated. Attention is one replaceable function
+(`attention_fn(q, k, v, layer_cache, metadata, *, sm_scale, sliding_window, soft_cap)
+-> (out, layer_cache)`): dense causal attention for the plain path, ragged paged attention
+(jaxllm.kernels) in the engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxllm.config import ModelConfig
+from jaxllm.models.layers import Embed, Linear, RMSNorm, apply_rope, rope_inverse_frequencies
+from jaxllm.models.params import check_params, logical_axes
+
+AttentionFn = Callable[..., tuple[jax.Array, Any]]
+
+_ACTIVATIONS = {"silu": jax.nn.silu, "gelu": jax.nn.gelu, "gelu_pytorch_tanh": jax.nn.gelu}
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm attention block then pre-norm gated MLP, each with a residual."""
+
+    def __init__(self, cfg: ModelConfig, params: Mapping[str, Any], prefix: str, dtype) -> None:
+        def linear(name: str) -> Linear:
+            return Linear(params[f"{prefix}{name}.kernel"], params.get(f"{prefix}{name}.bias"),
+                          logical_axes(f"{name}.kernel"), dtype)
+
+        def norm(name: str, eps: float) -> RMSNorm:
+            return RMSNorm(params[f"{prefix}{name}.scale"], eps, logical_axes(f"{name}.scale"), dtype)
+
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.sliding_window = cfg.sliding_window
+        self.act = _ACTIVATIONS[cfg.hidden_act]
+        self.input_norm = norm("input_norm", cfg.rms_norm_eps)
+        self.q_proj, self.k_proj, self.v_proj = linear("q_proj"), linear("k_proj"), linear("v_proj")
+        self.o_proj = linear("o_proj")
+        self.q_norm = norm("q_norm", cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = norm("k_norm", cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.post_attention_norm = norm("post_attention_norm", cfg.rms_norm_eps)
+        self.gate_proj, self.up_proj = linear("gate_proj"), linear("up_proj")
+        self.down_proj = linear("down_proj")
+
+    def __call__(self, x, positions, inv_freq, layer_cache, metadata, attention_fn: AttentionFn):
+        t = x.shape[0]
+        h = self.input_norm(x)
+        q = self.q_proj(h).reshape(t, self.num_heads, self.head_dim)
+        k = self.k_proj(h).reshape(t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(h).reshape(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        attn, layer_cache = attention_fn(
+            q, k, v, layer_cache, metadata,
+            sm_scale=self.head_dim ** -0.5, sliding_window=self.sliding_window, soft_cap=None)
+        x = x + self.o_proj(attn.reshape(t, self.num_heads * self.head_dim))
+        h = self.post_attention_norm(x)
+        x = x + self.down_proj(self.act(self.gate_proj(h)) * self.up_proj(h))
+        return x, layer_cache
+
+
+class LlamaModel(nnx.Module):
+    """Embedding, decoder layers (unrolled: measured faster than a scan on XLA CPU), final norm, LM head."""
+
+    def __init__(self, cfg: ModelConfig, params: Mapping[str, Any], dtype=jnp.float32) -> None:
+        check_params(cfg, params, "model parameters")
+        self.config = cfg
+        self.dtype = jnp.dtype(dtype)
+        self.embed_tokens = Embed(params["embed_tokens.embedding"], self.dtype)
+        self.layers = nnx.List(
+            [DecoderLayer(cfg, params, f"layers.{i}.", self.dtype) for i in range(cfg.num_layers)])
+        self.final_norm = RMSNorm(params["final_norm.scale"], cfg.rms_norm_eps, ("embed",), self.dtype)
+        self.lm_head = (None if cfg.tie_word_embeddings else
+                        Linear(params["lm_head.kernel"], None, ("embed", "vocab"), self.dtype))
+        self.inv_freq = nnx.Variable(jnp.asarray(rope_inverse_frequencies(cfg), jnp.float32))
+
+    def __call__(self, input_ids: jax.Array, positions: jax.Array, kv_caches: list | None,
+                 metadata: Any, attention_fn: AttentionFn) -> tuple[jax.Array, list]:
+        """Hidden states [T, E] after the final norm, and the updated per-layer caches."""
+        x = self.embed_tokens(input_ids)
+        caches = list(kv_caches) if kv_caches is not None else [None] * len(self.layers)
+        inv_freq = self.inv_freq[...]
+        for i, layer in enumerate(self.layers):
+            x, caches[i] = layer(x, positions, inv_freq, caches[i], metadata, attention_fn)
+        return self.final_norm(x), caches
+
+    def compute_logits(self, hidden: jax.Array) -> jax.Array:
+        """Float32 logits [N, V] for the rows that need them."""
+        if self.lm_head is None:
+            return self.embed_tokens.attend(hidden)
+        return jnp.dot(hidden, self.lm_head.kernel[...], preferred_element_type=jnp.float32)
+
+
+def resolve_dtype(dtype: str, checkpoint_dtype: str = "float32") -> jnp.dtype:
+    """`auto` = the checkpoint's dtype on accelerators, float32 on CPU (bf16 matvecs are slow there)."""
+    if dtype == "auto":
+        if jax.default_backend() == "cpu":
+            return jnp.dtype(jnp.float32)
+        return jnp.dtype(jnp.bfloat16 if checkpoint_dtype in ("bfloat16", "float16") else jnp.float32)
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be auto, float32 or bfloat16, got {dtype!r}")
+    return jnp.dtype(dtype)
+
+
+def build_model(cfg: ModelConfig, params: Mapping[str, np.ndarray | jax.Array],
+                dtype: str | jnp.dtype = "auto") -> LlamaModel:
+    """The model for `cfg` holding `params` (flat naming of jaxllm.models.params)."""
+    if isinstance(dtype, str):
+        dtype = resolve_dtype(dtype, cfg.torch_dtype)
+    return LlamaModel(cfg, params, dtype)

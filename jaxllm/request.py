@@ -1,0 +1,103 @@
+"""One sequence's state as the scheduler and the page cache see it.
+
+A user request with ``n > 1`` becomes n `Request` objects (samples) sharing ``parent_id``;
+``sample_index`` orders them. The scheduler mutates these objects in place; the engine reads
+``output_token_ids`` and ``status`` to build `RequestOutput`s.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from jaxllm.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"  # waiting again after its pages were taken; output kept
+    FINISHED_STOPPED = "finished_stopped"
+    FINISHED_LENGTH = "finished_length"
+    FINISHED_ABORTED = "finished_aborted"
+
+    @property
+    def is_finished(self) -> bool:
+        return self in _FINISHED
+
+    @property
+    def finish_reason(self) -> str | None:
+        """The OpenAI/vLLM finish_reason string ("stop" | "length" | "abort"), None if live."""
+        return _FINISH_REASON.get(self)
+
+
+_FINISHED = frozenset(
+    {RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED}
+)
+_FINISH_REASON = {
+    RequestStatus.FINISHED_STOPPED: "stop",
+    RequestStatus.FINISHED_LENGTH: "length",
+    RequestStatus.FINISHED_ABORTED: "abort",
+}
+
+
+@dataclass(eq=False)
+class Request:
+    """A sequence: prompt, generated tokens, progress through the KV cache and its pages.
+
+    num_computed_tokens counts tokens whose K/V is in the cache or is being written by a step
+    already handed to the runner (the scheduler advances it when it schedules a step). The
+    last sampled token is therefore never computed until the next step feeds it.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    eos_token_ids: tuple[int, ...] = ()
+    arrival_time: float = field(default_factory=time.monotonic)
+    priority: int = 0  # lower runs first
+    cache_salt: str | None = None
+    parent_id: str | None = None  # the user request id when n > 1
+    sample_index: int = 0
+    output_token_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    num_computed_tokens: int = 0
+    page_ids: list[int] = field(default_factory=list)
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (or a sibling)
+    page_hashes: list[bytes] = field(default_factory=list)  # chained hashes of full pages
+    stop_reason: int | str | None = None
+    num_preemptions: int = 0
+    awaiting_sample: bool = False  # a scheduled step will sample this sequence's next token
+    max_tokens: int = 0  # effective limit, set by the scheduler at admission
+
+    def __post_init__(self) -> None:
+        self.prompt_token_ids = list(self.prompt_token_ids)
+        self._all: list[int] = self.prompt_token_ids + list(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        """prompt + output, one list kept in sync by `append_output`; do not mutate."""
+        return self._all
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self._all)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    def append_output(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self._all.append(token_id)

@@ -1,0 +1,44 @@
+"""Ragged paged attention for jaxllm: one call per layer serves prefill chunks and decode alike.
+
+    out, kv_cache = ragged_paged_attention(
+        q, k_new, v_new, kv_cache, kv_lens, page_indices, cu_q_lens, num_seqs,
+        *, sm_scale, sliding_window=None, soft_cap=None, impl=None)
+
+or, with the step's tables in one pytree (what the runner passes across jit):
+
+    md = AttentionMetadata(kv_lens=..., page_indices=..., cu_q_lens=..., num_seqs=...)
+    out, kv_cache = ragged_paged_attention_from_metadata(q, k_new, v_new, kv_cache, md, *, ...)
+
+Shapes: q [T, Hq, D]; k_new, v_new [T, Hkv, D]; kv_cache [num_pages, page_size, 2*Hkv, D] with
+K of kv-head h at index 2h and V at 2h+1; kv_lens [S]; page_indices [S, P] (any P >= pages in
+use); cu_q_lens [S+1]; num_seqs [1] or scalar; all int32. Token j of sequence s sits at position
+kv_lens[s] - q_len[s] + j, is written to page page_indices[s, pos // page_size], slot
+pos % page_size, and attends causally to positions <= pos of its own sequence (within
+(pos - sliding_window, pos] when a window is set); soft_cap c maps logits to c*tanh(logits/c).
+Padding tokens and sequences write nothing and give zeros. The updated cache is returned
+(donate it under jit so XLA updates in place).
+
+impl: None picks by backend (TPU: Pallas TPU kernel; CPU and, until a passing on-hardware run
+is recorded, NVIDIA GPU: the reference); "reference" | "tpu" | "gpu" force one, running the
+Pallas kernels in interpret mode where they cannot compile.
+"""
+
+from jaxllm.kernels.dispatch import (
+    IMPLEMENTATIONS,
+    default_impl,
+    ragged_paged_attention,
+    ragged_paged_attention_from_metadata,
+)
+from jaxllm.kernels.metadata import AttentionMetadata
+from jaxllm.kernels.reference import ragged_paged_attention_reference
+from jaxllm.kernels.validation import validate_inputs
+
+__all__ = [
+    "IMPLEMENTATIONS",
+    "AttentionMetadata",
+    "default_impl",
+    "ragged_paged_attention",
+    "ragged_paged_attention_from_metadata",
+    "ragged_paged_attention_reference",
+    "validate_inputs",
+]

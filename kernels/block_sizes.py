@@ -1,0 +1,58 @@
+"""Tuned block sizes, kept apart from kernel logic so retuning never touches a kernel.
+
+Each function takes static shapes and returns static ints. Values were chosen by measurement
+where a measurement exists (see benchmarks/attention_bench.py); otherwise they are conservative
+defaults that satisfy the layout rules of the backend.
+"""
+
+from __future__ import annotations
+
+
+def reference_token_block(num_tokens: int, kv_capacity: int, num_kv_heads: int, head_dim: int) -> int:
+    """Tokens per step of the reference's loop over the flattened token axis.
+
+    A block of tokens that spans several sequences gathers each token's pages separately
+    ([block, kv_capacity, 2*Hkv, D] floats), so the block is capped to keep that gather near
+    64 MiB; decode batches up to 64 sequences still run as one block.
+    """
+    per_token_bytes = max(1, kv_capacity * 2 * num_kv_heads * head_dim * 4)
+    cap = max(8, (64 << 20) // per_token_bytes)
+    block = min(64, cap)
+    if num_tokens <= block:
+        return num_tokens
+    return block
+
+
+def tpu_query_block(num_tokens: int, queries_per_kv: int) -> int:
+    """Tokens per grid step of the TPU kernel; rows per step = tokens * queries_per_kv.
+
+    Aims at 128 rows (one MXU pass on v5e; two row tiles of 8 x 16 on bf16) and stays a
+    power of two so the block divides the padded token axis.
+    """
+    target_rows = 128
+    block = 1
+    while block * 2 * queries_per_kv <= target_rows and block * 2 <= max(num_tokens, 1):
+        block *= 2
+    return max(block, 8) if num_tokens >= 8 else block
+
+
+def gpu_query_block(num_tokens: int, queries_per_kv: int) -> int:
+    """Tokens per program of the GPU kernel (power of two, Triton block shapes must be)."""
+    target_rows = 64
+    block = 1
+    while block * 2 * queries_per_kv <= target_rows and block * 2 <= max(num_tokens, 1):
+        block *= 2
+    return block
+
+
+def gpu_kv_splits(pages_per_seq: int) -> int:
+    """Split-KV factor: independent programs per (query block, kv head) for long contexts.
+
+    Short contexts gain nothing from splitting (the merge costs a pass); long decode contexts
+    need it to fill the GPU's SMs when there are few sequences.
+    """
+    if pages_per_seq >= 64:
+        return 4
+    if pages_per_seq >= 16:
+        return 2
+    return 1

@@ -1,0 +1,75 @@
+"""Where each flattened token belongs: its sequence, its absolute position, and its cache slot.
+
+Shared by every implementation: the token -> (sequence, position) mapping and the scatter that
+writes the new keys/values into their pages. The write is a plain XLA scatter with
+``mode="drop"``: padding tokens are sent to an out-of-range page and land nowhere, and under a
+donated cache XLA performs it in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Per-token view of a ragged batch (all arrays have length T)."""
+
+    seq_ids: jax.Array  # int32 [T]: sequence of the token (clamped into [0, S) for padding)
+    positions: jax.Array  # int32 [T]: absolute position of the token in its sequence
+    valid: jax.Array  # bool [T]: False for padding tokens
+
+
+def scalar_num_seqs(num_seqs: jax.Array) -> jax.Array:
+    """num_seqs as an int32 scalar, whether it came as shape [] or [1]."""
+    return jnp.reshape(num_seqs, (-1,))[0].astype(jnp.int32)
+
+
+def token_layout(
+    num_tokens: int, kv_lens: jax.Array, cu_q_lens: jax.Array, num_seqs: jax.Array
+) -> TokenLayout:
+    """Map each of the T flattened tokens to its sequence and absolute position.
+
+    Only the first num_seqs sequences count; cu_q_lens beyond them may hold anything. Counting
+    the real sequences that end at or before a token (O(T*S) integer work) is robust to such
+    padding, unlike a binary search that assumes the whole array is sorted.
+    """
+    max_seqs = kv_lens.shape[0]
+    n = jnp.clip(scalar_num_seqs(num_seqs), 0, max_seqs)
+    tokens = jnp.arange(num_tokens, dtype=jnp.int32)
+    seq_ends = cu_q_lens[1:]
+    real_seq = jnp.arange(max_seqs, dtype=jnp.int32) < n
+    ended = (seq_ends[None, :] <= tokens[:, None]) & real_seq[None, :]
+    seq_ids = jnp.sum(ended, axis=1, dtype=jnp.int32)
+    valid = (tokens < cu_q_lens[n]) & (tokens >= cu_q_lens[0]) & (seq_ids < n)
+    seq_ids = jnp.clip(seq_ids, 0, max_seqs - 1)
+    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
+    positions = kv_lens[seq_ids] - q_lens[seq_ids] + (tokens - cu_q_lens[seq_ids])
+    valid = valid & (positions >= 0)
+    positions = jnp.where(valid, positions, 0)
+    return TokenLayout(seq_ids=seq_ids, positions=positions, valid=valid)
+
+
+def write_new_kv(
+    kv_cache: jax.Array,
+    k_new: jax.Array,
+    v_new: jax.Array,
+    page_indices: jax.Array,
+    layout: TokenLayout,
+) -> jax.Array:
+    """Scatter the new tokens' K/V into their (page, slot); padding tokens write nothing."""
+    num_pages, page_size, _, head_dim = kv_cache.shape
+    num_tokens, num_kv_heads, _ = k_new.shape
+    pages_per_seq = page_indices.shape[1]
+    page_col = jnp.clip(layout.positions // page_size, 0, pages_per_seq - 1)
+    page = page_indices[layout.seq_ids, page_col]
+    in_table = (layout.positions // page_size) < pages_per_seq
+    ok = layout.valid & in_table & (page >= 0) & (page < num_pages)
+    page = jnp.where(ok, page, num_pages)  # out of range -> dropped
+    slot = layout.positions % page_size
+    # Interleave so K of head h sits at 2h and V at 2h+1.
+    kv = jnp.stack([k_new, v_new], axis=2).reshape(num_tokens, 2 * num_kv_heads, head_dim)
+    return kv_cache.at[page, slot].set(kv.astype(kv_cache.dtype), mode="drop")

@@ -1,0 +1,163 @@
+"""Ragged paged attention in plain jax.numpy: the oracle for the kernels and the CPU path.
+
+Layout: the flattened token axis is processed in blocks of consecutive tokens (lax.map when
+there is more than one block). A block whose tokens all belong to one sequence (the body of a
+prefill chunk) gathers that sequence's pages once and runs as a plain matmul; a block that mixes
+sequences (decode batches, chunk boundaries) gathers each token's own pages. Either way the cost
+scales with the pages listed in page_indices (its width P), never with the whole cache, and a
+decode token reads exactly its own sequence's pages.
+
+Keys beyond a query's causal / sliding-window range are masked in the logits AND zeroed in the
+values, so garbage or NaN in unused pages (or in slots past kv_len) never reaches the output.
+Math runs in float32 whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxllm.kernels.block_sizes import reference_token_block
+from jaxllm.kernels.ragged_layout import TokenLayout, token_layout, write_new_kv
+
+_MASK_VALUE = -1e30
+
+
+def _block_attention(
+    q: jax.Array,  # [B, Hkv, G, D] fp32, already scaled
+    k: jax.Array,  # [B or 1, L, Hkv, D]
+    v: jax.Array,  # [B or 1, L, Hkv, D]
+    positions: jax.Array,  # [B]
+    valid: jax.Array,  # [B]
+    *,
+    sliding_window: int | None,
+    soft_cap: float | None,
+) -> jax.Array:
+    """Masked softmax attention of a token block against per-token (or shared) keys."""
+    kv_capacity = k.shape[1]
+    key_pos = jnp.arange(kv_capacity, dtype=jnp.int32)
+    mask = valid[:, None] & (key_pos[None, :] <= positions[:, None])  # [B, L]
+    if sliding_window is not None:
+        mask = mask & (key_pos[None, :] > positions[:, None] - sliding_window)
+    shared = k.shape[0] == 1
+    if shared:
+        key_ok = jnp.any(mask, axis=0)  # [L]
+        k = jnp.where(key_ok[:, None, None], k[0], 0.0)
+        v = jnp.where(key_ok[:, None, None], v[0], 0.0)
+        logits = jnp.einsum("bkgd,lkd->bkgl", q, k)
+    else:
+        k = jnp.where(mask[:, :, None, None], k, 0.0)
+        v = jnp.where(mask[:, :, None, None], v, 0.0)
+        logits = jnp.einsum("bkgd,blkd->bkgl", q, k)
+    if soft_cap is not None:
+        logits = soft_cap * jnp.tanh(logits / soft_cap)
+    mask4 = mask[:, None, None, :]
+    logits = jnp.where(mask4, logits, _MASK_VALUE)
+    row_max = jnp.max(logits, axis=-1, keepdims=True)
+    probs = jnp.where(mask4, jnp.exp(logits - row_max), 0.0)
+    denom = jnp.sum(probs, axis=-1, keepdims=True)
+    probs = probs / jnp.where(denom > 0, denom, 1.0)
+    if shared:
+        return jnp.einsum("bkgl,lkd->bkgd", probs, v)
+    return jnp.einsum("bkgl,blkd->bkgd", probs, v)
+
+
+def _gather_pages(kv_cache: jax.Array, pages: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """pages [..., P] -> K, V of shape [..., P*page_size, Hkv, D] in float32."""
+    _, page_size, two_hkv, head_dim = kv_cache.shape
+    kv = kv_cache[pages]  # [..., P, page_size, 2Hkv, D]
+    lead = pages.shape[:-1]
+    kv = kv.reshape(*lead, pages.shape[-1] * page_size, two_hkv // 2, 2, head_dim)
+    kv = kv.astype(jnp.float32)
+    return kv[..., 0, :], kv[..., 1, :]
+
+
+def attend(
+    q: jax.Array,
+    kv_cache: jax.Array,
+    page_indices: jax.Array,
+    layout: TokenLayout,
+    *,
+    sm_scale: float,
+    sliding_window: int | None,
+    soft_cap: float | None,
+) -> jax.Array:
+    """Attention of every token over its own sequence's cache (already holding the new K/V)."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads = kv_cache.shape[2] // 2
+    group = num_q_heads // num_kv_heads
+    kv_capacity = page_indices.shape[1] * kv_cache.shape[1]
+    block = reference_token_block(num_tokens, kv_capacity, num_kv_heads, head_dim)
+    num_blocks = -(-num_tokens // block)
+    padded = num_blocks * block
+
+    qf = (q.astype(jnp.float32) * sm_scale).reshape(num_tokens, num_kv_heads, group, head_dim)
+    pad = padded - num_tokens
+
+    def pad_tokens(x: jax.Array) -> jax.Array:
+        return jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)) if pad else x
+
+    qf, seq_ids, positions, valid = (
+        pad_tokens(qf),
+        pad_tokens(layout.seq_ids),
+        pad_tokens(layout.positions),
+        pad_tokens(layout.valid),
+    )
+
+    def one_block(args: tuple[jax.Array, ...]) -> jax.Array:
+        q_b, seq_b, pos_b, valid_b = args
+        opts = dict(sliding_window=sliding_window, soft_cap=soft_cap)
+        # Padding tokens take the first token's sequence so they never split a block.
+        seq_b = jnp.where(valid_b, seq_b, seq_b[0])
+
+        def shared_pages(_: None) -> jax.Array:
+            k, v = _gather_pages(kv_cache, page_indices[seq_b[:1]])
+            return _block_attention(q_b, k, v, pos_b, valid_b, **opts)
+
+        def per_token_pages(_: None) -> jax.Array:
+            k, v = _gather_pages(kv_cache, page_indices[seq_b])
+            return _block_attention(q_b, k, v, pos_b, valid_b, **opts)
+
+        if block == 1:
+            return shared_pages(None)
+        return jax.lax.cond(jnp.all(seq_b == seq_b[0]), shared_pages, per_token_pages, None)
+
+    def reshape_blocks(x: jax.Array) -> jax.Array:
+        return x.reshape(num_blocks, block, *x.shape[1:])
+
+    blocks = tuple(reshape_blocks(x) for x in (qf, seq_ids, positions, valid))
+    if num_blocks == 1:
+        out = one_block(tuple(x[0] for x in blocks))[None]
+    else:
+        out = jax.lax.map(one_block, blocks)
+    out = out.reshape(padded, num_q_heads, head_dim)[:num_tokens]
+    return out.astype(q.dtype)
+
+
+def ragged_paged_attention_reference(
+    q: jax.Array,
+    k_new: jax.Array,
+    v_new: jax.Array,
+    kv_cache: jax.Array,
+    kv_lens: jax.Array,
+    page_indices: jax.Array,
+    cu_q_lens: jax.Array,
+    num_seqs: jax.Array,
+    *,
+    sm_scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Write the new K/V into their pages, then attend. Inputs are assumed validated."""
+    layout = token_layout(q.shape[0], kv_lens, cu_q_lens, num_seqs)
+    kv_cache = write_new_kv(kv_cache, k_new, v_new, page_indices, layout)
+    out = attend(
+        q,
+        kv_cache,
+        page_indices,
+        layout,
+        sm_scale=sm_scale,
+        sliding_window=sliding_window,
+        soft_cap=soft_cap,
+    )
+    return out, kv_cache
