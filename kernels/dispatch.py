@@ -9,7 +9,6 @@ that cannot compile it (CPU) runs it in Pallas interpret mode.
 from __future__ import annotations
 
 import jax
-
 from jaxllm.kernels.metadata import AttentionMetadata
 from jaxllm.kernels.reference import ragged_paged_attention_reference
 from jaxllm.kernels.validation import validate_inputs

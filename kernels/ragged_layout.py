@@ -73,3 +73,15 @@ def write_new_kv(
     # Interleave so K of head h sits at 2h and V at 2h+1.
     kv = jnp.stack([k_new, v_new], axis=2).reshape(num_tokens, 2 * num_kv_heads, head_dim)
     return kv_cache.at[page, slot].set(kv.astype(kv_cache.dtype), mode="drop")
+
+
+def block_sequence_ranges(
+    seq_ids: jax.Array, num_valid: jax.Array, num_blocks: int, block: int
+) -> tuple[jax.Array, jax.Array]:
+    """[lo, hi) of the sequences owning tokens of each query block (empty past the last token)."""
+    starts = jnp.arange(num_blocks, dtype=jnp.int32) * block
+    lasts = jnp.minimum(starts + block, num_valid) - 1
+    has_tokens = starts < num_valid
+    lo = jnp.where(has_tokens, seq_ids[jnp.clip(starts, 0, seq_ids.shape[0] - 1)], 0)
+    hi = jnp.where(has_tokens, seq_ids[jnp.clip(lasts, 0, seq_ids.shape[0] - 1)] + 1, 0)
+    return lo.astype(jnp.int32), hi.astype(jnp.int32)

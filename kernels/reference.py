@@ -14,9 +14,10 @@ Math runs in float32 whatever the input dtype.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
-
 from jaxllm.kernels.block_sizes import reference_token_block
 from jaxllm.kernels.ragged_layout import TokenLayout, token_layout, write_new_kv
 
@@ -134,6 +135,7 @@ def attend(
     return out.astype(q.dtype)
 
 
+@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap"))
 def ragged_paged_attention_reference(
     q: jax.Array,
     k_new: jax.Array,

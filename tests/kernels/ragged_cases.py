@@ -129,3 +129,9 @@ def rel_err(actual, expected) -> float:
     """max |actual - expected| / max |expected| over the real tokens."""
     a = np.asarray(jnp.asarray(actual).astype(jnp.float32), np.float64)
     return float(np.max(np.abs(a - expected)) / max(np.max(np.abs(expected)), 1e-30))
+
+
+def rel_norm_err(actual, expected) -> float:
+    """||actual - expected|| / ||expected||: robust to single bf16 rounding flips."""
+    a = np.asarray(jnp.asarray(actual).astype(jnp.float32), np.float64)
+    return float(np.linalg.norm(a - expected) / max(np.linalg.norm(expected), 1e-30))

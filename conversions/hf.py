@@ -1,0 +1,159 @@
+"""Hugging Face checkpoint directories (config.json + safetensors) -> flat jaxllm params.
+
+Every tensor is checked against `expected_param_shapes` before any is read, so a missing or
+misshapen tensor fails fast with its HF name and file; then tensors are read one at a time
+from memory-mapped files, transposed from PyTorch's [out, in] to [in, out] and cast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+from jaxllm.conversions.common import LoadedCheckpoint, resolve_dtype
+from jaxllm.conversions.safetensors_reader import SafetensorsFile
+from tqdm.auto import tqdm
+
+from jaxllm.config import ModelConfig
+from jaxllm.models.params import check_params, expected_param_shapes
+
+logger = logging.getLogger(__name__)
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+# HF per-layer suffix -> (jaxllm suffix, transpose to [in, out]).
+_LAYER_NAMES: dict[str, tuple[str, bool]] = {
+    **{f"self_attn.{p}_proj.weight": (f"{p}_proj.kernel", True) for p in "qkvo"},
+    **{f"self_attn.{p}_proj.bias": (f"{p}_proj.bias", False) for p in "qkvo"},
+    "self_attn.q_norm.weight": ("q_norm.scale", False),
+    "self_attn.k_norm.weight": ("k_norm.scale", False),
+    **{f"mlp.{p}_proj.weight": (f"{p}_proj.kernel", True) for p in ("gate", "up", "down")},
+    **{f"mlp.{p}_proj.bias": (f"{p}_proj.bias", False) for p in ("gate", "up", "down")},
+    "input_layernorm.weight": ("input_norm.scale", False),
+    "post_attention_layernorm.weight": ("post_attention_norm.scale", False),
+}
+_TOP_NAMES: dict[str, tuple[str, bool]] = {
+    "model.embed_tokens.weight": ("embed_tokens.embedding", False),
+    "model.norm.weight": ("final_norm.scale", False),
+    "lm_head.weight": ("lm_head.kernel", True),
+}
+# Buffers some older checkpoints saved that carry no learned information.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def hf_to_jaxllm_name(hf_name: str) -> tuple[str, bool] | None:
+    """(jaxllm name, transpose?) for an HF tensor name, or None if it is not a model weight."""
+    if hf_name in _TOP_NAMES:
+        return _TOP_NAMES[hf_name]
+    parts = hf_name.split(".", 3)
+    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[2].isdigit():
+        mapped = _LAYER_NAMES.get(parts[3])
+        if mapped is not None:
+            return f"layers.{parts[2]}.{mapped[0]}", mapped[1]
+    return None
+
+
+def jaxllm_to_hf_name(name: str) -> str:
+    """The HF tensor name a jaxllm parameter comes from (for error messages and export)."""
+    for hf, (ours, _) in _TOP_NAMES.items():
+        if ours == name:
+            return hf
+    _, layer, suffix = name.split(".", 2)
+    for hf, (ours, _) in _LAYER_NAMES.items():
+        if ours == suffix:
+            return f"model.layers.{layer}.{hf}"
+    raise KeyError(f"no HF name for parameter {name!r}")
+
+
+def is_hf_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file() and (
+        (path / SINGLE_FILE).is_file() or (path / INDEX_FILE).is_file())
+
+
+def _open_files(path: Path) -> dict[str, SafetensorsFile]:
+    """HF tensor name -> the open file holding it (single file or sharded via the index)."""
+    if (path / INDEX_FILE).is_file():
+        try:
+            weight_map = json.loads((path / INDEX_FILE).read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path / INDEX_FILE}: not a valid safetensors index ({e})") from e
+        files: dict[str, SafetensorsFile] = {}
+        by_name: dict[str, SafetensorsFile] = {}
+        for name, fname in weight_map.items():
+            if fname not in files:
+                files[fname] = SafetensorsFile(path / fname)
+            if name not in files[fname].keys():
+                raise ValueError(f"{path / INDEX_FILE}: tensor {name} is listed in {fname} "
+                                 f"but that file does not contain it")
+            by_name[name] = files[fname]
+        return by_name
+    if (path / SINGLE_FILE).is_file():
+        f = SafetensorsFile(path / SINGLE_FILE)
+        return {name: f for name in f.keys()}
+    if any(path.glob("*.bin")) or any(path.glob("*.pth")):
+        raise ValueError(f"{path}: only safetensors checkpoints are supported (found PyTorch "
+                         f".bin/.pth files; re-save with save_pretrained(safe_serialization=True))")
+    raise FileNotFoundError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE}")
+
+
+def _checkpoint_dtype(cfg: ModelConfig, files: dict[str, SafetensorsFile]) -> str:
+    """The dtype the weights are stored in (the embedding's), falling back to config.json."""
+    name = "model.embed_tokens.weight"
+    if name in files:
+        dt = files[name].dtype(name)
+        for candidate in ("float32", "float16", "bfloat16"):
+            if dt.name == candidate:
+                return candidate
+    return cfg.torch_dtype
+
+
+def load_hf_dir(path: str | Path, dtype: str = "auto", progress: bool = False) -> LoadedCheckpoint:
+    """Load an HF checkpoint directory. See `jaxllm.conversions.load_checkpoint`."""
+    path = Path(path)
+    hf_config = json.loads((path / "config.json").read_text())
+    cfg = ModelConfig.from_hf_dict(hf_config)
+    files = _open_files(path)
+    expected = expected_param_shapes(cfg)
+
+    plan: list[tuple[str, str, bool]] = []
+    for hf_name, f in files.items():
+        mapped = hf_to_jaxllm_name(hf_name)
+        if mapped is None:
+            if hf_name.endswith(_IGNORED_SUFFIXES):
+                continue
+            raise ValueError(f"{f.path}: unrecognized tensor {hf_name} for {cfg.architecture}")
+        name, transpose = mapped
+        if name == "lm_head.kernel" and cfg.tie_word_embeddings:
+            logger.debug("dropping %s: embeddings are tied", hf_name)
+            continue
+        if name not in expected:
+            raise ValueError(f"{f.path}: unexpected tensor {hf_name} (config.json does not "
+                             f"enable it for {cfg.architecture})")
+        want = expected[name][::-1] if transpose else expected[name]
+        if f.shape(hf_name) != want:
+            raise ValueError(f"{f.path}: tensor {hf_name} has shape {f.shape(hf_name)}, "
+                             f"expected {want} from config.json")
+        if f.dtype(hf_name).kind != "f" and f.dtype(hf_name).name != "bfloat16":
+            raise ValueError(f"{f.path}: tensor {hf_name} has non-float dtype {f.dtype(hf_name)}")
+        plan.append((hf_name, name, transpose))
+    missing = sorted(set(expected) - {name for _, name, _ in plan})
+    if missing:
+        shown = ", ".join(jaxllm_to_hf_name(n) for n in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise ValueError(f"{path}: missing tensor(s) {shown}{more}")
+
+    ckpt_dtype = _checkpoint_dtype(cfg, files)
+    out_dtype = resolve_dtype(dtype, ckpt_dtype)
+    params: dict[str, np.ndarray] = {}
+    for hf_name, name, transpose in tqdm(plan, desc="loading", unit="tensor", disable=not progress):
+        a = files[hf_name].get(hf_name)
+        params[name] = np.array(a.T if transpose else a, dtype=out_dtype, order="C")
+    check_params(cfg, params, str(path))
+
+    gen_path = path / "generation_config.json"
+    generation_config = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+    return LoadedCheckpoint(config=cfg, params=params, generation_config=generation_config,
+                            tokenizer_path=path, source_format="hf", hf_config=hf_config)

@@ -1,0 +1,157 @@
+"""Incremental detokenization of one generated sequence, for streaming.
+
+Two problems make "decode each new token and append" wrong:
+- A character can be split across tokens (byte-level BPE and sentencepiece byte fallback emit
+  UTF-8 bytes); decoding a partial character yields U+FFFD. Text is held back while the decoded
+  window ends in U+FFFD and emitted once the character completes.
+- A stop string can span tokens. Emitted text must never contain (part of) a stop string, so
+  any tail of the text that could still grow into a stop string is held back until the next
+  tokens confirm or refute it.
+
+Cost per step is O(new tokens): only a small window of recent tokens is decoded (a prefix
+offset giving the decoder context, a read offset marking what was already turned into text).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from jaxllm.tokenizer import Tokenizer
+
+_REPLACEMENT = "\ufffd"
+# Prompt tokens decoded as context before the first generated token (sentencepiece decoders
+# strip a leading space from the first token of a decode; context keeps it).
+_PROMPT_CONTEXT_TOKENS = 4
+# An incomplete UTF-8 character is at most 3 bytes, so at most 3 tokens (more if skipped special
+# tokens sit between them). A tail unresolved over more tokens than this is invalid bytes, emitted
+# as U+FFFD rather than held forever.
+_MAX_HELD_TOKENS = 8
+
+
+class IncrementalDetokenizer:
+    """Turns a stream of generated token ids into safe-to-emit text deltas.
+
+    The concatenation of every `step` result and `flush()` equals the decode of all generated
+    ids (for byte-level tokenizers exactly `tokenizer.decode(ids)`; sentencepiece ones keep the
+    space the prompt context implies), truncated at the first stop string (kept when
+    `include_stop_str_in_output`).
+    """
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        prompt_ids: Sequence[int],
+        skip_special_tokens: bool = True,
+        stop: Sequence[str] | None = None,
+        include_stop_str_in_output: bool = False,
+    ):
+        stops = list(stop or [])
+        for s in stops:
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"stop strings must be non-empty strings, got {s!r}")
+        self._tokenizer = tokenizer
+        self._skip_special = skip_special_tokens
+        self._stops = stops
+        self._include_stop = include_stop_str_in_output
+        self._max_stop_len = max((len(s) for s in stops), default=0)
+
+        context = [int(i) for i in prompt_ids[-_PROMPT_CONTEXT_TOKENS:]]
+        if context and self._decode(context).endswith(_REPLACEMENT):
+            context = []  # prompt ends mid-character: its bytes would garble the first delta
+        self._ids: list[int] = context  # context + generated ids, the decode window's source
+        self._prefix = 0  # start of the decode window (tokens giving context)
+        self._read = len(context)  # tokens before this are already text
+
+        self.token_ids: list[int] = []  # generated ids seen
+        self.text = ""  # everything emitted so far
+        self.stop_hit: str | None = None
+        self._pending = ""  # decoded text held back: it may be the start of a stop string
+        self._finished = False
+
+    @property
+    def finished(self) -> bool:
+        """True once a stop string was found or `flush` was called; later tokens are ignored."""
+        return self._finished
+
+    def step(self, new_token_ids: Sequence[int]) -> str:
+        """Add generated ids; return the text that became safe to emit."""
+        if self._finished:
+            return ""
+        new = [int(i) for i in new_token_ids]
+        if not new:
+            return ""
+        self.token_ids.extend(new)
+        self._ids.extend(new)
+        return self._emit(self._decode_new(final=False), final=False)
+
+    def flush(self) -> str:
+        """At finish: emit what was held back (an incomplete character, a false stop alarm)."""
+        if self._finished:
+            return ""
+        delta = self._emit(self._decode_new(final=True), final=True)
+        self._finished = True
+        return delta
+
+    # ---- bytes -> text ----------------------------------------------------------------------
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self._tokenizer.hf.decode(ids, skip_special_tokens=self._skip_special)
+
+    def _decode_new(self, final: bool) -> str:
+        """Text of the tokens after the read offset that no later token can change."""
+        ids, prefix, read = self._ids, self._prefix, self._read
+        if read == len(ids):
+            return ""
+        prefix_text = self._decode(ids[prefix:read])
+        full_text = self._decode(ids[prefix:])
+        cut, text = len(ids), full_text
+        if not final and full_text.endswith(_REPLACEMENT):
+            # The tail may be a character in progress: emit up to the latest token boundary
+            # that decodes cleanly, hold the rest.
+            cut, text = read, prefix_text
+            for j in range(len(ids) - 1, max(read, len(ids) - _MAX_HELD_TOKENS - 1), -1):
+                candidate = self._decode(ids[prefix:j])
+                if not candidate.endswith(_REPLACEMENT) and full_text.startswith(candidate):
+                    cut, text = j, candidate
+                    break
+            if cut == read and len(ids) - read > _MAX_HELD_TOKENS:
+                cut, text = len(ids), full_text  # invalid bytes, not a character in progress
+        if cut == read:
+            return ""
+        self._prefix, self._read = read, cut
+        return text[len(prefix_text):]
+
+    # ---- text -> emitted text (stop strings) ------------------------------------------------
+
+    def _emit(self, new_text: str, final: bool) -> str:
+        buf = self._pending + new_text
+        hit = self._find_stop(buf)
+        if hit is not None:
+            start, stop = hit
+            end = start + len(stop) if self._include_stop else start
+            out = buf[:end]
+            self._pending = ""
+            self.stop_hit = stop
+            self._finished = True
+        else:
+            keep = 0 if final else self._stop_prefix_len(buf)
+            out, self._pending = buf[: len(buf) - keep], buf[len(buf) - keep:]
+        self.text += out
+        return out
+
+    def _find_stop(self, buf: str) -> tuple[int, str] | None:
+        """Earliest stop string occurrence in buf (ties: the one listed first)."""
+        best: tuple[int, str] | None = None
+        for s in self._stops:
+            i = buf.find(s)
+            if i >= 0 and (best is None or i < best[0]):
+                best = (i, s)
+        return best
+
+    def _stop_prefix_len(self, buf: str) -> int:
+        """Length of the longest tail of buf that is a proper prefix of some stop string."""
+        for k in range(min(len(buf), self._max_stop_len - 1), 0, -1):
+            tail = buf[-k:]
+            if any(s.startswith(tail) for s in self._stops):
+                return k
+        return 0

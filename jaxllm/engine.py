@@ -1,0 +1,386 @@
+"""LLMEngine: the synchronous loop body. request -> tokenizer -> scheduler -> runner -> outputs.
+
+`add_request` tokenizes and admits (ValueError for bad input, nothing half-admitted);
+`step` schedules one bucketed step, runs it, feeds the sampled tokens back to the scheduler
+and turns them into cumulative `RequestOutput`s (detokenized, stop strings, logprobs).
+`LLM` drives it directly; `AsyncEngine` drives it from a thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxllm.buckets import BucketSet
+from jaxllm.cache.allocator import PageAllocator
+from jaxllm.cache.kv_cache import allocate_kv_caches, bytes_per_page, pages_for_budget
+from jaxllm.cache.manager import KVCacheManager
+from jaxllm.config import EngineConfig
+from jaxllm.detokenizer import IncrementalDetokenizer
+from jaxllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from jaxllm.request import Request, RequestStatus
+from jaxllm.runner import ModelRunner, StepResult
+from jaxllm.sampling import engine_seed, request_key_data
+from jaxllm.sampling_params import SamplingParams
+from jaxllm.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from jaxllm.step_inputs import SamplingTensorBuilder
+from jaxllm.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineStats:
+    """Counters and gauges for metrics endpoints and benchmarks."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    page_usage: float = 0.0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    prompt_tokens_total: int = 0
+    generation_tokens_total: int = 0
+    compile_count: int = 0
+    recompile_count: int = 0
+    steps_total: int = 0
+    num_preemptions: int = 0
+    step_time_s: float = 0.0  # last step, wall
+    host_gap_s: float = 0.0  # last step: time the device waited on the host (approx.)
+    warmup_time_s: float = 0.0
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["prefix_cache_hit_rate"] = self.prefix_cache_hit_rate
+        return d
+
+
+@dataclass
+class _Sample:
+    """Engine-side state of one sequence (one of n samples)."""
+
+    seq: Request
+    detok: IncrementalDetokenizer
+    key_data: np.ndarray
+    text: str = ""
+    logprobs: list[dict[int, Logprob]] | None = None
+    cumulative_logprob: float | None = None
+
+
+@dataclass
+class _Tracked:
+    """Engine-side state of one user request."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    samples: list[_Sample]
+    metrics: RequestMetrics
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    finished: bool = False
+    touched: bool = field(default=False, repr=False)
+
+
+class LLMEngine:
+    """Owns the tokenizer, scheduler, runner and per-request output state."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        from jaxllm.loading import load_engine_parts
+
+        self.config = config
+        parts = load_engine_parts(config)
+        self.model_config = parts.model_config
+        self.tokenizer: Tokenizer = parts.tokenizer
+        self.generation_config: dict[str, Any] = parts.generation_config
+        self.model_name = config.served_model_name or parts.default_name
+        self.max_model_len = parts.max_model_len
+        self.page_size = parts.page_size
+        self.dtype = parts.dtype
+        self.eos_token_ids = tuple(sorted(set(self.tokenizer.eos_token_ids)
+                                          | set(self.model_config.eos_token_ids)))
+        num_pages = config.num_pages or self._pages_from_budget()
+        logger.info("KV cache: %d pages x %d tokens (%.1f MiB)", num_pages, self.page_size,
+                    num_pages * bytes_per_page(self.model_config, self.page_size, self.dtype) / 2**20)
+        allocator = PageAllocator(num_pages, self.page_size)
+        cache = KVCacheManager(allocator, enable_prefix_caching=config.enable_prefix_caching)
+        self.buckets = BucketSet(config.max_num_batched_tokens, config.max_num_seqs,
+                                 self.max_model_len, self.page_size)
+        logger.info("step buckets: %s", self.buckets.describe())
+        self.scheduler = Scheduler(
+            SchedulerConfig.from_engine_config(config, max_model_len=self.max_model_len),
+            cache, self.buckets)
+        kv = allocate_kv_caches(self.model_config, num_pages, self.page_size, self.dtype,
+                                sharding=parts.kv_sharding)
+        self.runner = ModelRunner(parts.model, kv, attention_impl=config.attention_impl,
+                                  attention_wrapper=parts.attention_wrapper)
+        self.tensors = SamplingTensorBuilder(self.model_config.vocab_size)
+        self._tracked: dict[str, _Tracked] = {}
+        self._seq_owner: dict[str, _Tracked] = {}
+        self._request_counter = 0
+        self._stats = EngineStats()
+        self._sleeping_specs = None
+        self._profiling = False
+        self._last_step_end: float | None = None
+        self._stats.warmup_time_s = self.runner.warm_up(self.buckets.all(), self.tensors.dummy)
+        logger.info("warm-up compiled %d shapes in %.1f s", self.runner.compile_count,
+                    self._stats.warmup_time_s)
+
+    def _pages_from_budget(self) -> int:
+        budget = self.config.kv_cache_memory_bytes
+        if jax.default_backend() != "cpu":
+            stats = jax.local_devices()[0].memory_stats() or {}
+            free = stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0)
+            budget = free if free > 0 else budget
+        return pages_for_budget(self.model_config, self.page_size, self.dtype,
+                                int(budget * self.config.memory_fraction))
+
+    # -- admission ----------------------------------------------------------------------------
+    def default_sampling_params(self) -> SamplingParams:
+        return SamplingParams.from_generation_config(self.generation_config)
+
+    def add_request(self, request_id: str, prompt: str | list[int],
+                    params: SamplingParams | None = None, *, cache_salt: str | None = None,
+                    priority: int = 0) -> None:
+        """Tokenize and admit; ValueError (and nothing admitted) for bad input."""
+        params = params if params is not None else self.default_sampling_params()
+        if not isinstance(params, SamplingParams):
+            raise ValueError("sampling params must be a SamplingParams")
+        if request_id in self._tracked:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text, ids = self._tokenize(prompt)
+        if params.prompt_logprobs is not None:
+            # Prompt logprobs need every prompt position computed: never serve it from cache.
+            cache_salt = f"prompt-logprobs-{uuid.uuid4().hex}"
+        seed = params.seed
+        if seed is None:
+            seed = engine_seed(self.config.seed, self._request_counter)
+        self._request_counter += 1
+        seq_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
+        seqs = [Request(request_id=sid, prompt_token_ids=ids, sampling_params=params,
+                        eos_token_ids=self.eos_token_ids, priority=priority, cache_salt=cache_salt,
+                        parent_id=request_id if params.n > 1 else None, sample_index=i)
+                for i, sid in enumerate(seq_ids)]
+        if params.n == 1:
+            self.scheduler.add_request(seqs[0])
+        else:
+            self.scheduler.add_parallel_samples(seqs)
+        samples = [_Sample(seq=s, key_data=request_key_data(seed, s.sample_index),
+                           detok=IncrementalDetokenizer(
+                               self.tokenizer, ids, params.skip_special_tokens, params.stop,
+                               params.include_stop_str_in_output),
+                           logprobs=[] if params.logprobs is not None else None,
+                           cumulative_logprob=0.0 if params.logprobs is not None else None)
+                   for s in seqs]
+        tracked = _Tracked(request_id, text, ids, params, samples,
+                           RequestMetrics(arrival_time=time.time()),
+                           prompt_logprobs=[None] if params.prompt_logprobs is not None else None)
+        self._tracked[request_id] = tracked
+        for s in samples:
+            self._seq_owner[s.seq.request_id] = tracked
+        self._stats.prompt_tokens_total += len(ids)
+
+    def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+            text: str | None = prompt
+        elif isinstance(prompt, list | tuple) and all(isinstance(t, int) for t in prompt):
+            ids, text = list(prompt), None
+            bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
+            if bad:
+                raise ValueError(f"token id {bad[0]} is outside the vocabulary "
+                                 f"[0, {self.model_config.vocab_size})")
+        else:
+            raise ValueError("prompt must be a string or a list of token ids")
+        if not ids:
+            raise ValueError("the prompt is empty")
+        return text, ids
+
+    def abort_request(self, request_id: str, return_output: bool = False) -> RequestOutput | bool | None:
+        """Abort a request (all its samples) and free its pages now."""
+        tracked = self._tracked.pop(request_id, None)
+        if tracked is None:
+            return None if return_output else False
+        for s in tracked.samples:
+            self.scheduler.abort(s.seq.request_id)
+            self._seq_owner.pop(s.seq.request_id, None)
+            if not s.seq.is_finished:
+                s.seq.status = RequestStatus.FINISHED_ABORTED
+        tracked.finished = True
+        return self._output(tracked) if return_output else True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._tracked)
+
+    # -- one step -----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled step; outputs for every request that progressed or finished."""
+        start = time.perf_counter()
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return self._collect()
+        arrays = sched.to_step_arrays()
+        rows = [self._seq_owner[s.request.request_id] for s in sched.seqs]
+        tensors = self.tensors.build(sched, [t.params for t in rows],
+                                     [self._sample_of(s.request).key_data for s in sched.seqs],
+                                     sched.bucket.num_seqs)
+        host_gap = start - self._last_step_end if self._last_step_end else 0.0
+        dev_out, hidden = self.runner.execute(arrays, tensors)
+        self._prompt_logprobs(sched, arrays, hidden)
+        result = self.runner.fetch(dev_out)
+        before = [s.request.num_output_tokens for s in sched.seqs]
+        self.scheduler.update(sched, result.token_ids)
+        now = time.time()
+        for i, s in enumerate(sched.seqs):
+            tracked = self._seq_owner.get(s.request.request_id)
+            if tracked is None:
+                continue
+            if tracked.metrics.first_scheduled_time is None:
+                tracked.metrics.first_scheduled_time = now
+            tracked.touched = True
+            if s.request.num_output_tokens > before[i]:
+                self._on_token(tracked, self._sample_of(s.request), result, i, now)
+        self._stats.steps_total += 1
+        self._last_step_end = time.perf_counter()
+        self._stats.step_time_s = self._last_step_end - start
+        self._stats.host_gap_s = host_gap
+        return self._collect()
+
+    def _sample_of(self, seq: Request) -> _Sample:
+        tracked = self._seq_owner[seq.request_id]
+        return tracked.samples[seq.sample_index]
+
+    def _on_token(self, tracked: _Tracked, sample: _Sample, result: StepResult, row: int,
+                  now: float) -> None:
+        seq, params = sample.seq, tracked.params
+        token = seq.output_token_ids[-1]
+        self._stats.generation_tokens_total += 1
+        if tracked.metrics.first_token_time is None:
+            tracked.metrics.first_token_time = now
+        if sample.logprobs is not None:
+            sample.logprobs.append(self._logprob_entry(
+                token, float(result.logprobs[row]), int(result.ranks[row]),
+                result.top_ids[row, :params.logprobs], result.top_logprobs[row, :params.logprobs]))
+            sample.cumulative_logprob += float(result.logprobs[row])
+        sample.text += sample.detok.step([token])
+        if sample.detok.stop_hit is not None and not seq.is_finished:
+            self.scheduler.finish(seq.request_id, RequestStatus.FINISHED_STOPPED,
+                                  sample.detok.stop_hit)
+        if seq.is_finished and seq.status is not RequestStatus.FINISHED_ABORTED:
+            if sample.detok.stop_hit is None:
+                sample.text += sample.detok.flush()
+
+    def _logprob_entry(self, token: int, logprob: float, rank: int, top_ids, top_vals
+                       ) -> dict[int, Logprob]:
+        entry = {int(t): Logprob(float(v), r + 1, self.tokenizer.decode([int(t)]))
+                 for r, (t, v) in enumerate(zip(top_ids, top_vals, strict=True))}
+        entry[token] = Logprob(logprob, rank, self.tokenizer.decode([token]))
+        return entry
+
+    def _prompt_logprobs(self, sched: SchedulerOutput, arrays: dict[str, np.ndarray], hidden) -> None:
+        rows, targets, where = [], [], []
+        for i, s in enumerate(sched.seqs):
+            tracked = self._seq_owner.get(s.request.request_id)
+            if tracked is None or tracked.prompt_logprobs is None or s.request.sample_index != 0:
+                continue
+            n_prompt = len(tracked.prompt_token_ids)
+            base = int(arrays["cu_q_lens"][i])
+            for j in range(s.num_new_tokens):
+                pos = s.start_pos + j
+                if pos + 1 < n_prompt and pos + 1 >= len(tracked.prompt_logprobs):
+                    rows.append(base + j)
+                    targets.append(tracked.prompt_token_ids[pos + 1])
+                    where.append((tracked, pos + 1))
+        if not rows:
+            return
+        chosen, rank, ids, vals = self.runner.prompt_logprobs(hidden, np.array(rows), np.array(targets))
+        for k, (tracked, pos) in enumerate(where):
+            if pos == len(tracked.prompt_logprobs):
+                n = tracked.params.prompt_logprobs
+                tracked.prompt_logprobs.append(self._logprob_entry(
+                    targets[k], float(chosen[k]), int(rank[k]), ids[k, :n], vals[k, :n]))
+
+    def _collect(self) -> list[RequestOutput]:
+        outs = []
+        for rid, tracked in list(self._tracked.items()):
+            if not tracked.touched:
+                continue
+            tracked.touched = False
+            if all(s.seq.is_finished for s in tracked.samples):
+                tracked.finished = True
+                tracked.metrics.finished_time = time.time()
+                del self._tracked[rid]
+                for s in tracked.samples:
+                    self._seq_owner.pop(s.seq.request_id, None)
+            outs.append(self._output(tracked))
+        return outs
+
+    def _output(self, tracked: _Tracked) -> RequestOutput:
+        tracked.metrics.num_cached_tokens = tracked.samples[0].seq.num_cached_tokens
+        outputs = [CompletionOutput(
+            index=i, text=s.text, token_ids=list(s.seq.output_token_ids),
+            cumulative_logprob=s.cumulative_logprob,
+            logprobs=list(s.logprobs) if s.logprobs is not None else None,
+            finish_reason=s.seq.status.finish_reason, stop_reason=s.seq.stop_reason)
+            for i, s in enumerate(tracked.samples)]
+        return RequestOutput(
+            request_id=tracked.request_id, prompt=tracked.prompt,
+            prompt_token_ids=tracked.prompt_token_ids, outputs=outputs,
+            finished=tracked.finished,
+            prompt_logprobs=list(tracked.prompt_logprobs) if tracked.prompt_logprobs else None,
+            metrics=dataclasses.replace(tracked.metrics))
+
+    # -- management ---------------------------------------------------------------------------
+    def get_stats(self) -> EngineStats:
+        s = self._stats
+        cache_stats = self.scheduler.cache.stats
+        s.num_running = self.scheduler.num_running
+        s.num_waiting = self.scheduler.num_waiting
+        s.page_usage = self.scheduler.page_usage
+        s.prefix_cache_queries = cache_stats.queried_tokens
+        s.prefix_cache_hits = cache_stats.hit_tokens
+        s.compile_count = self.runner.compile_count
+        s.recompile_count = self.runner.recompiles
+        s.num_preemptions = self.scheduler.num_preemptions
+        return dataclasses.replace(s)
+
+    def reset_prefix_cache(self) -> bool:
+        self.scheduler.reset_prefix_cache()
+        return True
+
+    def sleep(self, level: int = 1) -> None:
+        """Drop the KV cache (and the prefix cache that indexes it); requires no live requests."""
+        if level not in (1, 2):
+            raise ValueError(f"sleep level must be 1 or 2, got {level}")
+        if self._tracked:
+            raise ValueError("cannot sleep with requests in flight")
+        if self._sleeping_specs is None:
+            self.scheduler.reset_prefix_cache()
+            self._sleeping_specs = self.runner.drop_kv_caches()
+
+    def wake_up(self) -> None:
+        if self._sleeping_specs is not None:
+            self.runner.restore_kv_caches(self._sleeping_specs)
+            self._sleeping_specs = None
+
+    def start_profile(self, log_dir: str | None = None) -> None:
+        if self._profiling:
+            raise ValueError("a profile is already running")
+        jax.profiler.start_trace(log_dir or "/tmp/jaxllm-profile")
+        self._profiling = True
+
+    def stop_profile(self) -> None:
+        if not self._profiling:
+            raise ValueError("no profile is running")
+        jax.profiler.stop_trace()
+        self._profiling = False

@@ -1,0 +1,151 @@
+"""Turns one scheduled step into device calls: one jitted function per bucket shape.
+
+embed -> layers (ragged paged attention, fused cache write, cache donated) -> final norm ->
+logits for the rows that sample -> on-device sampler. Every shape the scheduler can ask for is
+compiled during warm-up; afterwards any new compilation is logged as an error and counted.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from jaxllm.buckets import Bucket
+from jaxllm.kernels import AttentionMetadata, ragged_paged_attention_from_metadata
+from jaxllm.models.llama import LlamaModel
+from jaxllm.sampling import SamplingTensors, sample
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepResult:
+    """Host copies of what one step sampled, one row per scheduled sequence."""
+
+    token_ids: np.ndarray  # [S]
+    logprobs: np.ndarray  # [S] raw log-probability of the chosen token
+    ranks: np.ndarray  # [S]
+    top_ids: np.ndarray  # [S, K]
+    top_logprobs: np.ndarray  # [S, K]
+
+
+def _attention(impl: str | None):
+    return functools.partial(ragged_paged_attention_from_metadata, impl=impl)
+
+
+class ModelRunner:
+    """Owns the model state and the KV caches on device; runs bucketed steps."""
+
+    def __init__(self, model: LlamaModel, kv_caches: list[jax.Array], *,
+                 attention_impl: str | None = None, max_logprobs: int = 20,
+                 attention_wrapper=None) -> None:
+        self.graphdef, self.state = nnx.split(model)
+        self.config = model.config
+        self.kv_caches = kv_caches
+        self.max_logprobs = max_logprobs
+        attn = _attention(attention_impl)
+        self.attention_fn = attention_wrapper(attn) if attention_wrapper is not None else attn
+        self._step_fn = jax.jit(self._step, donate_argnums=(1,))
+        self._prompt_logprobs_fn = jax.jit(self._prompt_logprobs)
+        self.warm_compiles: int | None = None
+        self.recompiles = 0
+
+    # -- jitted bodies -------------------------------------------------------------------
+    def _step(self, state, kv_caches, input_ids, positions, md, logits_indices, tensors):
+        model = nnx.merge(self.graphdef, state)
+        hidden, kv_caches = model(input_ids, positions, kv_caches, md, self.attention_fn)
+        logits = model.compute_logits(hidden[logits_indices])
+        out = sample(logits, tensors, max_logprobs=self.max_logprobs)
+        return out, kv_caches, hidden
+
+    def _prompt_logprobs(self, state, hidden, rows, targets):
+        """Log-probabilities of `targets` and the top-k after hidden states `hidden[rows]`."""
+        model = nnx.merge(self.graphdef, state)
+        logp = jax.nn.log_softmax(model.compute_logits(hidden[rows]), axis=-1)
+        chosen = jnp.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
+        rank = 1 + jnp.sum(logp > chosen[:, None], axis=-1)
+        top_vals, top_ids = jax.lax.top_k(logp, self.max_logprobs)
+        return chosen, rank, top_ids, top_vals
+
+    # -- host API ------------------------------------------------------------------------
+    def execute(self, arrays: dict[str, np.ndarray], tensors: SamplingTensors):
+        """Dispatch one step (asynchronously); returns device outputs and hidden states."""
+        md = AttentionMetadata(
+            kv_lens=jnp.asarray(arrays["kv_lens"]), page_indices=jnp.asarray(arrays["page_indices"]),
+            cu_q_lens=jnp.asarray(arrays["cu_q_lens"]), num_seqs=jnp.asarray(arrays["num_seqs"]))
+        before = self._step_fn._cache_size()
+        out, self.kv_caches, hidden = self._step_fn(
+            self.state, self.kv_caches, jnp.asarray(arrays["input_ids"]),
+            jnp.asarray(arrays["positions"]), md, jnp.asarray(arrays["logits_indices"]), tensors)
+        self._note_compiles(before, self._step_fn._cache_size(), "step", arrays["input_ids"].shape)
+        return out, hidden
+
+    @staticmethod
+    def fetch(out) -> StepResult:
+        """Block on a step's sampler output and copy it to the host."""
+        out = jax.device_get(out)
+        return StepResult(np.asarray(out.token_ids), np.asarray(out.logprobs), np.asarray(out.ranks),
+                          np.asarray(out.top_logprob_ids), np.asarray(out.top_logprobs))
+
+    def prompt_logprobs(self, hidden: jax.Array, rows: np.ndarray, targets: np.ndarray):
+        """Prompt logprobs for given token rows of the last step (rows padded to hidden's T)."""
+        t = hidden.shape[0]
+        n = len(rows)
+        pr = np.zeros(t, np.int32)
+        pt = np.zeros(t, np.int32)
+        pr[:n], pt[:n] = rows, targets
+        before = self._prompt_logprobs_fn._cache_size()
+        res = self._prompt_logprobs_fn(self.state, hidden, jnp.asarray(pr), jnp.asarray(pt))
+        self._note_compiles(before, self._prompt_logprobs_fn._cache_size(), "prompt_logprobs", (t,))
+        chosen, rank, ids, vals = (np.asarray(x)[:n] for x in jax.device_get(res))
+        return chosen, rank, ids, vals
+
+    def warm_up(self, buckets: Iterable[Bucket], dummy_tensors) -> float:
+        """Compile every bucket shape (and its prompt-logprobs twin); returns seconds taken."""
+        start = time.perf_counter()
+        buckets = list(buckets)
+        for b in tqdm(buckets, desc="compiling step buckets", unit="shape"):
+            arrays = {
+                "input_ids": np.zeros(b.num_tokens, np.int32),
+                "positions": np.zeros(b.num_tokens, np.int32),
+                "kv_lens": np.zeros(b.num_seqs, np.int32),
+                "page_indices": np.zeros((b.num_seqs, b.pages_per_seq), np.int32),
+                "cu_q_lens": np.zeros(b.num_seqs + 1, np.int32),
+                "num_seqs": np.zeros(1, np.int32),
+                "logits_indices": np.zeros(b.num_seqs, np.int32),
+            }
+            out, hidden = self.execute(arrays, dummy_tensors(b.num_seqs))
+            jax.block_until_ready(out)
+            self.prompt_logprobs(hidden, np.zeros(1, np.int32), np.zeros(1, np.int32))
+        self.warm_compiles = self.compile_count
+        return time.perf_counter() - start
+
+    @property
+    def compile_count(self) -> int:
+        return self._step_fn._cache_size() + self._prompt_logprobs_fn._cache_size()
+
+    def _note_compiles(self, before: int, after: int, what: str, shape) -> None:
+        if after > before and self.warm_compiles is not None:
+            self.recompiles += after - before
+            logger.error("recompiled %s for shape %s after warm-up (%d so far)", what, shape,
+                         self.recompiles)
+
+    def drop_kv_caches(self) -> list[tuple[tuple[int, ...], jnp.dtype, object]]:
+        """Free the KV cache arrays (sleep); returns what is needed to re-create them."""
+        specs = [(c.shape, c.dtype, c.sharding) for c in self.kv_caches]
+        for c in self.kv_caches:
+            c.delete()
+        self.kv_caches = []
+        return specs
+
+    def restore_kv_caches(self, specs) -> None:
+        self.kv_caches = [jax.device_put(jnp.zeros(s, d), sh) for s, d, sh in specs]

@@ -1,0 +1,461 @@
+"""Who runs in the next step: continuous batching under a token budget, with chunked prefill,
+prefix reuse, n>1 page sharing and preemption by recompute.
+
+Each `schedule()` builds one unified ragged step: running decodes first, then prefill chunks
+of running (partially prefilled) requests, then new or preempted requests from the waiting
+queue (priority, then arrival). When a running request needs a page and none is free, the
+lowest-priority newest running request is preempted: its pages are freed and it waits again
+with its output intact; on resume prompt + output are prefilled again.
+
+`schedule()` advances each scheduled request's num_computed_tokens at once, so a prefill
+chunk can be scheduled again before the previous step's `update()`; a request whose next
+token is being sampled waits for `update()`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from jaxllm.buckets import Bucket, BucketSet
+from jaxllm.cache.invariants import check_invariants
+from jaxllm.cache.manager import KVCacheManager, cdiv
+from jaxllm.request import Request, RequestStatus
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    max_model_len: int = 2048
+    prefill_chunk_size: int | None = None  # None: max_num_batched_tokens
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.prefill_chunk_size is not None and self.prefill_chunk_size < 1:
+            raise ValueError(f"prefill_chunk_size must be >= 1, got {self.prefill_chunk_size}")
+
+    @property
+    def chunk_size(self) -> int:
+        return self.prefill_chunk_size or self.max_num_batched_tokens
+
+    @classmethod
+    def from_engine_config(cls, config: Any, *, max_model_len: int) -> SchedulerConfig:
+        """From an EngineConfig whose max_model_len was resolved by the caller."""
+        return cls(max_num_seqs=config.max_num_seqs,
+                   max_num_batched_tokens=config.max_num_batched_tokens,
+                   max_model_len=max_model_len, prefill_chunk_size=config.prefill_chunk_size)
+
+
+@dataclass
+class ScheduledSeq:
+    """One sequence's share of a step: feed token_ids at positions start_pos.. ."""
+
+    request: Request
+    token_ids: list[int]
+    start_pos: int
+    num_new_tokens: int
+    samples: bool  # the step samples this sequence's next token (end of prefill or decode)
+    page_ids: list[int]  # the pages covering positions [0, kv_len)
+    epoch: int  # request.num_preemptions when scheduled; a stale step is ignored by update()
+
+    @property
+    def kv_len(self) -> int:
+        return self.start_pos + self.num_new_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    seqs: list[ScheduledSeq]
+    bucket: Bucket | None  # None when nothing was scheduled
+    num_tokens: int
+    page_size: int
+    null_page: int
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.seqs
+
+    def to_step_arrays(self, bucket: Bucket | None = None) -> dict[str, np.ndarray]:
+        """The runner's host inputs, padded to `bucket` (default: the chosen one), all int32
+        except sample_mask (bool):
+
+        input_ids[T], positions[T]: padding tokens get id 0 and position 0;
+        kv_lens[S]: tokens per sequence after the step, 0 for padded sequences;
+        page_indices[S, P]: pages per sequence, padded entries point at the null page;
+        cu_q_lens[S+1]: padded sequences have q_len 0; num_seqs[1];
+        logits_indices[S]: each sequence's last token row; sample_mask[S]: rows that sample.
+        """
+        b = bucket or self.bucket
+        if b is None:
+            raise ValueError("empty step has no bucket")
+        if self.num_tokens > b.num_tokens or len(self.seqs) > b.num_seqs:
+            raise ValueError(f"step ({self.num_tokens} tokens, {len(self.seqs)} seqs) does not "
+                             f"fit bucket {b}")
+        input_ids = np.zeros(b.num_tokens, np.int32)
+        positions = np.zeros(b.num_tokens, np.int32)
+        kv_lens = np.zeros(b.num_seqs, np.int32)
+        page_indices = np.full((b.num_seqs, b.pages_per_seq), self.null_page, np.int32)
+        cu_q_lens = np.zeros(b.num_seqs + 1, np.int32)
+        logits_indices = np.zeros(b.num_seqs, np.int32)
+        sample_mask = np.zeros(b.num_seqs, bool)
+        off = 0
+        for s, seq in enumerate(self.seqs):
+            n = seq.num_new_tokens
+            if len(seq.page_ids) > b.pages_per_seq:
+                raise ValueError(f"{len(seq.page_ids)} pages do not fit bucket {b}")
+            input_ids[off:off + n] = seq.token_ids
+            positions[off:off + n] = np.arange(seq.start_pos, seq.kv_len)
+            kv_lens[s] = seq.kv_len
+            page_indices[s, :len(seq.page_ids)] = seq.page_ids
+            off += n
+            cu_q_lens[s + 1] = off
+            logits_indices[s] = off - 1
+            sample_mask[s] = seq.samples
+        cu_q_lens[len(self.seqs) + 1:] = off
+        return {
+            "input_ids": input_ids, "positions": positions, "kv_lens": kv_lens,
+            "page_indices": page_indices, "cu_q_lens": cu_q_lens,
+            "num_seqs": np.array([len(self.seqs)], np.int32),
+            "logits_indices": logits_indices, "sample_mask": sample_mask,
+        }
+
+
+class Scheduler:
+    """Continuous-batching scheduler over a `KVCacheManager` and a `BucketSet`."""
+
+    def __init__(self, config: SchedulerConfig, cache: KVCacheManager, buckets: BucketSet) -> None:
+        if buckets.token_buckets[-1] < config.max_num_batched_tokens:
+            raise ValueError("largest token bucket is below max_num_batched_tokens")
+        if buckets.page_widths[-1] * cache.page_size < config.max_model_len:
+            raise ValueError("widest page table does not cover max_model_len")
+        if buckets.page_size != cache.page_size:
+            raise ValueError(f"bucket page_size {buckets.page_size} != cache page_size "
+                             f"{cache.page_size}")
+        self.config = config
+        self.cache = cache
+        self.allocator = cache.allocator
+        self.buckets = buckets
+        self.page_size = cache.page_size
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}  # live (not finished) requests by id
+        self._order: dict[str, int] = {}
+        self._next_order = 0
+        self._fork_wait: dict[str, Request] = {}  # sibling id -> leader it waits for
+        self.num_preemptions = 0
+        self.num_steps = 0
+
+    # ---- admission ----------------------------------------------------------------------
+    def add_request(self, req: Request) -> None:
+        """Queue one sequence; ValueError (nothing queued) if it can never run."""
+        self._validate(req)
+        self._enqueue(req)
+
+    def add_parallel_samples(self, samples: Sequence[Request]) -> None:
+        """Queue the n samples of one request. The first is prefilled alone; the others wait
+        until its prefill has filled the prompt's full pages, then share them and recompute
+        only the prompt's tail into pages of their own."""
+        if not samples:
+            raise ValueError("no samples")
+        for req in samples:
+            self._validate(req)
+        if len({r.request_id for r in samples}) != len(samples):
+            raise ValueError("sample request ids must be distinct")
+        leader = samples[0]
+        shared = self._fork_pages(leader)
+        for req in samples:
+            if list(req.prompt_token_ids) != list(leader.prompt_token_ids):
+                raise ValueError("parallel samples must share one prompt")
+            self._enqueue(req)
+            if req is not leader and shared > 0:
+                self._fork_wait[req.request_id] = leader
+
+    def _validate(self, req: Request) -> None:
+        rid, n_prompt = req.request_id, req.num_prompt_tokens
+        if rid in self.requests:
+            raise ValueError(f"request id {rid!r} is already running")
+        if req.status is not RequestStatus.WAITING or req.output_token_ids or req.page_ids:
+            raise ValueError(f"request {rid!r} is not a fresh request")
+        if n_prompt == 0:
+            raise ValueError(f"request {rid!r}: the prompt is empty")
+        max_len = self.config.max_model_len
+        capacity = min(max_len, self.allocator.num_usable_pages * self.page_size)
+        if n_prompt >= capacity:
+            raise ValueError(
+                f"request {rid!r}: prompt of {n_prompt} tokens leaves no room to generate "
+                f"(max_model_len {max_len}, KV cache {self.allocator.num_usable_pages} pages x "
+                f"{self.page_size} tokens)")
+        max_tokens = req.sampling_params.max_tokens
+        if max_tokens is None:
+            req.max_tokens = capacity - n_prompt
+        elif n_prompt + max_tokens > max_len:
+            raise ValueError(
+                f"request {rid!r}: prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) = "
+                f"{n_prompt + max_tokens} exceeds max_model_len {max_len}")
+        elif n_prompt + max_tokens > capacity:
+            raise ValueError(
+                f"request {rid!r}: prompt ({n_prompt}) + max_tokens ({max_tokens}) needs "
+                f"{cdiv(n_prompt + max_tokens, self.page_size)} pages; the KV cache has "
+                f"{self.allocator.num_usable_pages}")
+        else:
+            req.max_tokens = max_tokens
+
+    def _enqueue(self, req: Request) -> None:
+        self.requests[req.request_id] = req
+        self._order[req.request_id] = self._next_order
+        self._next_order += 1
+        self.waiting.append(req)
+
+    def _fork_pages(self, leader: Request) -> int:
+        """Full prompt pages siblings can share (the last prompt token is always recomputed)."""
+        return (leader.num_prompt_tokens - 1) // self.page_size
+
+    def _key(self, req: Request) -> tuple[int, float, int]:
+        return (req.priority, req.arrival_time, self._order[req.request_id])
+
+    # ---- one step -----------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        seqs: list[ScheduledSeq] = []
+        scheduled: set[str] = set()
+        preempted: list[Request] = []
+        self.running.sort(key=self._key)
+        for decode_pass in (True, False):
+            for req in list(self.running):
+                if budget == 0 or len(seqs) >= self.config.max_num_seqs:
+                    break
+                if (req.status is not RequestStatus.RUNNING or req.request_id in scheduled
+                        or req.awaiting_sample):
+                    continue
+                remaining = req.num_tokens - req.num_computed_tokens
+                if (remaining == 1) != decode_pass:
+                    continue
+                n = min(remaining, budget, self.config.chunk_size)
+                if not self._grow_or_preempt(req, n, scheduled, preempted):
+                    continue
+                seqs.append(self._take(req, n))
+                scheduled.add(req.request_id)
+                budget -= n
+        if not preempted:
+            budget = self._admit_waiting(seqs, scheduled, budget)
+        num_tokens = self.config.max_num_batched_tokens - budget
+        bucket = None
+        if seqs:
+            bucket = self.buckets.pick(num_tokens, len(seqs), max(len(s.page_ids) for s in seqs))
+            self.num_steps += 1
+        null = self.allocator.null_page
+        return SchedulerOutput(seqs, bucket, num_tokens, self.page_size,
+                               0 if null is None else null, preempted)
+
+    def _grow_or_preempt(self, req: Request, n: int, scheduled: set[str],
+                         preempted: list[Request]) -> bool:
+        """Pages for n more tokens of req, preempting newest running requests as needed.
+        False if req itself had to be preempted."""
+        while not self.cache.allocate_slots(req, n):
+            victims = [r for r in self.running if r.request_id not in scheduled]
+            victim = max(victims, key=self._key)
+            self._preempt(victim)
+            preempted.append(victim)
+            if victim is req:
+                return False
+        return True
+
+    def _admit_waiting(self, seqs: list[ScheduledSeq], scheduled: set[str], budget: int) -> int:
+        self.waiting.sort(key=self._key)
+        for req in list(self.waiting):
+            if (budget == 0 or len(seqs) >= self.config.max_num_seqs
+                    or len(self.running) >= self.config.max_num_seqs):
+                break
+            if req.request_id in self._fork_wait:
+                continue
+            n = self._try_allocate(req, budget)
+            if n == 0 and self._release_waiting_pages(req):
+                n = self._try_allocate(req, budget)
+            if n == 0:
+                break  # first come first served: nobody overtakes the head of the queue
+            self.waiting.remove(req)
+            self.running.append(req)
+            req.status = RequestStatus.RUNNING
+            seqs.append(self._take(req, n))
+            scheduled.add(req.request_id)
+            budget -= n
+        return budget
+
+    def _try_allocate(self, req: Request, budget: int) -> int:
+        """Take a waiting request's cached prefix and pages for its next chunk; returns the
+        chunk's token count, 0 (nothing taken) if pages are short."""
+        fresh = not req.page_ids  # forked siblings already hold their shared pages
+        cached = self.cache.find_cached_prefix(req)
+        hit = len(cached) * self.page_size
+        n = min(req.num_tokens - req.num_computed_tokens - hit, budget, self.config.chunk_size)
+        if not self.cache.allocate_slots(req, n, cached):
+            return 0
+        if self.cache.enable_prefix_caching and fresh:
+            self.cache.stats.record(req.num_tokens, hit)
+        if cached and req.num_preemptions == 0:
+            req.num_cached_tokens = min(hit, req.num_prompt_tokens)
+        return n
+
+    def _release_waiting_pages(self, head: Request) -> bool:
+        """Free the pages that forked siblings hold while they wait, so they cannot starve
+        the head of the queue (they prefill from scratch, or from the prefix cache, later)."""
+        holders = [r for r in self.waiting if r.page_ids and r is not head]
+        for r in holders:
+            self.cache.free(r)
+        return bool(holders)
+
+    def _take(self, req: Request, n: int) -> ScheduledSeq:
+        """Record that the step feeds req's next n tokens."""
+        start = req.num_computed_tokens
+        req.num_computed_tokens += n
+        samples = req.num_computed_tokens == req.num_tokens
+        req.awaiting_sample = samples
+        return ScheduledSeq(
+            request=req, token_ids=req.all_token_ids[start:start + n], start_pos=start,
+            num_new_tokens=n, samples=samples,
+            page_ids=req.page_ids[:cdiv(start + n, self.page_size)],
+            epoch=req.num_preemptions)
+
+    def _preempt(self, req: Request) -> None:
+        logger.debug("preempting %s (%d tokens)", req.request_id, req.num_tokens)
+        self.cache.free(req)
+        self.running.remove(req)
+        req.status = RequestStatus.PREEMPTED
+        req.awaiting_sample = False
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.append(req)
+
+    # ---- results ------------------------------------------------------------------------
+    def update(self, output: SchedulerOutput, sampled_token_ids: Sequence[int] | np.ndarray
+               ) -> list[Request]:
+        """Apply a finished step: sampled_token_ids[i] is the token sampled for
+        output.seqs[i] (entries of non-sampling and padded rows are ignored). Returns the
+        requests that finished (their pages are already freed)."""
+        finished: list[Request] = []
+        for i, seq in enumerate(output.seqs):
+            req = seq.request
+            if req.status is not RequestStatus.RUNNING or seq.epoch != req.num_preemptions:
+                continue  # aborted, finished or preempted since this step was scheduled
+            self.cache.register_computed(req, seq.kv_len)
+            self._maybe_fork(req, seq.kv_len)
+            if not seq.samples:
+                continue
+            req.awaiting_sample = False
+            token = int(sampled_token_ids[i])
+            req.append_output(token)
+            stop = self._stop_status(req, token)
+            if stop is not None:
+                self._finish(req, *stop)
+                finished.append(req)
+        return finished
+
+    def _stop_status(self, req: Request, token: int) -> tuple[RequestStatus, int | None] | None:
+        sp = req.sampling_params
+        if req.num_output_tokens >= sp.min_tokens:
+            if not sp.ignore_eos and token in req.eos_token_ids:
+                return RequestStatus.FINISHED_STOPPED, None
+            if sp.stop_token_ids and token in sp.stop_token_ids:
+                return RequestStatus.FINISHED_STOPPED, token
+        if (req.num_output_tokens >= req.max_tokens
+                or req.num_tokens >= self.config.max_model_len):
+            return RequestStatus.FINISHED_LENGTH, None
+        return None
+
+    def _maybe_fork(self, leader: Request, computed: int) -> None:
+        need = self._fork_pages(leader) * self.page_size
+        if computed < need:
+            return
+        for sid, lead in list(self._fork_wait.items()):
+            if lead is leader:
+                del self._fork_wait[sid]
+                self.cache.fork(leader, self.requests[sid], self._fork_pages(leader))
+
+    def finish(self, request_id: str, status: RequestStatus = RequestStatus.FINISHED_STOPPED,
+               stop_reason: int | str | None = None) -> Request | None:
+        """End a request for a reason found on the host (a stop string); frees its pages."""
+        if not status.is_finished:
+            raise ValueError(f"{status} is not a finished status")
+        req = self.requests.get(request_id)
+        if req is None:
+            return None
+        self._finish(req, status, stop_reason)
+        return req
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a waiting, running or preempted request and free its pages now."""
+        return self.finish(request_id, RequestStatus.FINISHED_ABORTED) is not None
+
+    def _finish(self, req: Request, status: RequestStatus, stop_reason: int | str | None) -> None:
+        self.cache.free(req)
+        if req in self.running:
+            self.running.remove(req)
+        else:
+            self.waiting.remove(req)
+        del self.requests[req.request_id]
+        del self._order[req.request_id]
+        self._fork_wait.pop(req.request_id, None)
+        for sid, lead in list(self._fork_wait.items()):
+            if lead is req:  # its siblings prefill on their own
+                del self._fork_wait[sid]
+        req.status = status
+        req.stop_reason = stop_reason
+        req.awaiting_sample = False
+
+    # ---- state --------------------------------------------------------------------------
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def get_request(self, request_id: str) -> Request | None:
+        return self.requests.get(request_id)
+
+    def reset_prefix_cache(self) -> int:
+        return self.cache.reset_prefix_cache()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def page_usage(self) -> float:
+        return self.allocator.usage
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.cache.stats.hit_rate
+
+    def stats(self) -> dict[str, float]:
+        return {"num_running": self.num_running, "num_waiting": self.num_waiting,
+                "page_usage": self.page_usage, "prefix_cache_hit_rate": self.prefix_cache_hit_rate,
+                "num_preemptions": self.num_preemptions}
+
+    def check_invariants(self, extra_requests: Iterable[Request] = ()) -> None:
+        """Pages, queues and request states agree (AssertionError otherwise); with no live
+        request left, no page may be owned (no leak)."""
+        live = list(self.requests.values())
+        assert len(self.running) + len(self.waiting) == len(live), "a request is in no queue"
+        assert {r.request_id for r in self.running + self.waiting} == set(self.requests)
+        for r in self.running:
+            assert r.status is RequestStatus.RUNNING, f"{r.request_id} running as {r.status}"
+        for r in self.waiting:
+            assert r.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
+            assert not r.awaiting_sample
+        for sid in self._fork_wait:
+            assert not self.requests[sid].page_ids, f"sibling {sid} holds pages before its fork"
+        assert len(self.running) <= self.config.max_num_seqs
+        check_invariants(self.allocator, [*live, *extra_requests],
+                         expect_no_used_pages=not live)

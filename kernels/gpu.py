@@ -1,0 +1,192 @@
+"""Ragged paged attention as a Pallas GPU kernel (Triton backend).
+
+Why Triton and not Mosaic GPU: CI has no GPU, so the kernel must be checked in interpret mode
+on CPU. With the installed JAX, Triton-backend kernels interpret faithfully (jax's own Triton
+paged attention matches its reference there), while Mosaic GPU's GMEM->SMEM copies with
+barriers and wgmma fail or give wrong results under interpret. The Triton backend is deprecated
+from JAX 0.11; a Hopper Mosaic GPU path is the follow-up once hardware runs are possible.
+
+Status: NOT the default on any backend. Dispatch keeps NVIDIA GPUs on the reference until a
+passing on-hardware run of this kernel is recorded in benchmarks/RESULTS.md (none yet).
+
+Grid: (query blocks, kv heads, kv splits). A program owns `block` consecutive tokens x the
+query heads of one KV head (padded to a power of two, as Triton block shapes must be), walks
+the sequences those tokens belong to and, for each, its share (split) of the pages the tokens
+can see, keeping an online softmax per row. Split-KV lets long decode contexts fill the SMs;
+the splits' partial (acc, max, sum) are merged afterwards in XLA. New K/V are written first by
+the shared XLA scatter (ragged_layout.write_new_kv).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+from jaxllm.kernels.block_sizes import gpu_kv_splits, gpu_query_block
+from jaxllm.kernels.ragged_layout import (
+    block_sequence_ranges,
+    scalar_num_seqs,
+    token_layout,
+    write_new_kv,
+)
+
+_MASK_VALUE = -1e30
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _kernel(
+    kv_lens_ref, pages_ref, cu_ref, seq_lo_ref, seq_hi_ref, q_ref, kv_ref,
+    acc_out_ref, m_out_ref, l_out_ref,
+    *, block: int, group_padded: int, num_splits: int, num_pages: int,
+    sm_scale: float, sliding_window: int | None, soft_cap: float | None,
+):  # fmt: skip
+    rows, head_dim = q_ref.shape
+    page_size = kv_ref.shape[1]
+    i, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    block_start = i * block
+    q = q_ref[...].astype(jnp.float32) * sm_scale
+    row_token = block_start + lax.broadcasted_iota(jnp.int32, (rows, page_size), 0) // group_padded
+    key_slot = lax.broadcasted_iota(jnp.int32, (rows, page_size), 1)
+    slot_1d = lax.broadcasted_iota(jnp.int32, (page_size,), 0)
+
+    def one_sequence(seq, state):
+        q_start, q_end, kv_len = cu_ref[seq], cu_ref[seq + 1], kv_lens_ref[seq]
+        first_pos = kv_len - (q_end - q_start)
+        rows_lo = jnp.maximum(q_start, block_start)
+        rows_hi = jnp.minimum(q_end, block_start + block)
+        page_lo = jnp.int32(0)
+        if sliding_window is not None:
+            lowest_pos = first_pos + rows_lo - q_start
+            page_lo = jnp.maximum(lowest_pos - sliding_window + 1, 0) // page_size
+        highest_pos = first_pos + rows_hi - 1 - q_start
+        page_hi = jnp.where(rows_hi > rows_lo, highest_pos // page_size + 1, page_lo)
+        chunk = (page_hi - page_lo + num_splits - 1) // num_splits
+        split_lo = jnp.minimum(page_lo + split * chunk, page_hi)
+        split_hi = jnp.minimum(split_lo + chunk, page_hi)
+        in_seq = (row_token >= q_start) & (row_token < q_end)
+        q_pos = first_pos + row_token - q_start
+
+        def one_page(page_col, state):
+            acc, m_prev, l_prev = state
+            page = jnp.clip(pages_ref[seq, page_col], 0, num_pages - 1)
+            k = kv_ref[page, :, 2 * h, :].astype(jnp.float32)
+            v = kv_ref[page, :, 2 * h + 1, :].astype(jnp.float32)
+            v = jnp.where((page_col * page_size + slot_1d < kv_len)[:, None], v, 0.0)
+            logits = pltriton.dot(q, k, trans_b=True)
+            if soft_cap is not None:
+                logits = soft_cap * jnp.tanh(logits / soft_cap)
+            key_pos = page_col * page_size + key_slot
+            mask = in_seq & (key_pos <= q_pos)
+            if sliding_window is not None:
+                mask = mask & (key_pos > q_pos - sliding_window)
+            logits = jnp.where(mask, logits, _MASK_VALUE)
+            m_new = jnp.maximum(m_prev, jnp.max(logits, axis=1))
+            probs = jnp.where(mask, jnp.exp(logits - m_new[:, None]), 0.0)
+            alpha = jnp.exp(m_prev - m_new)
+            l_new = alpha * l_prev + jnp.sum(probs, axis=1)
+            acc = alpha[:, None] * acc + pltriton.dot(probs, v)
+            return acc, m_new, l_new
+
+        return lax.fori_loop(split_lo, split_hi, one_page, state)
+
+    state = (
+        jnp.zeros((rows, head_dim), jnp.float32),
+        jnp.full((rows,), _MASK_VALUE, jnp.float32),
+        jnp.zeros((rows,), jnp.float32),
+    )
+    acc, m, l_sum = lax.fori_loop(seq_lo_ref[i], seq_hi_ref[i], one_sequence, state)
+    acc_out_ref[...] = acc
+    m_out_ref[...] = m
+    l_out_ref[...] = l_sum
+
+
+def _merge_splits(acc: jax.Array, m: jax.Array, l_sum: jax.Array) -> jax.Array:
+    """Combine per-split online-softmax partials: [K, ..., D], [K, ...], [K, ...] -> [..., D]."""
+    m_all = jnp.max(m, axis=0)
+    weight = jnp.exp(m - m_all[None])
+    denom = jnp.sum(weight * l_sum, axis=0)
+    num = jnp.sum(weight[..., None] * acc, axis=0)
+    return num / jnp.where(denom > 0, denom, 1.0)[..., None]
+
+
+@functools.partial(
+    jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "interpret")
+)
+def ragged_paged_attention_gpu(
+    q: jax.Array,
+    k_new: jax.Array,
+    v_new: jax.Array,
+    kv_cache: jax.Array,
+    kv_lens: jax.Array,
+    page_indices: jax.Array,
+    cu_q_lens: jax.Array,
+    num_seqs: jax.Array,
+    *,
+    sm_scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """Write the new K/V, then run the GPU kernel. Inputs are assumed validated."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_pages, page_size, two_hkv, _ = kv_cache.shape
+    num_kv_heads = two_hkv // 2
+    group = num_q_heads // num_kv_heads
+    for name, size in (("head_dim", head_dim), ("page_size", page_size)):
+        if size & (size - 1):
+            raise ValueError(f"the GPU kernel needs a power-of-two {name}, got {size}")
+    group_padded = _next_pow2(group)
+
+    layout = token_layout(num_tokens, kv_lens, cu_q_lens, num_seqs)
+    kv_cache = write_new_kv(kv_cache, k_new, v_new, page_indices, layout)
+
+    block = gpu_query_block(num_tokens, group_padded)
+    num_splits = gpu_kv_splits(page_indices.shape[1])
+    num_blocks = -(-num_tokens // block)
+    padded = num_blocks * block
+    num_valid = cu_q_lens[jnp.clip(scalar_num_seqs(num_seqs), 0, kv_lens.shape[0])]
+    seq_lo, seq_hi = block_sequence_ranges(layout.seq_ids, num_valid, num_blocks, block)
+
+    q_rows = q.reshape(num_tokens, num_kv_heads, group, head_dim)
+    q_rows = jnp.pad(
+        q_rows, ((0, padded - num_tokens), (0, 0), (0, group_padded - group), (0, 0))
+    )
+    q_rows = q_rows.transpose(1, 0, 2, 3).reshape(num_kv_heads, padded * group_padded, head_dim)
+
+    rows = block * group_padded
+    kernel = functools.partial(
+        _kernel, block=block, group_padded=group_padded, num_splits=num_splits,
+        num_pages=num_pages, sm_scale=sm_scale, sliding_window=sliding_window,
+        soft_cap=soft_cap,
+    )  # fmt: skip
+    whole = pl.no_block_spec  # whole array in global memory; indexed in the kernel
+    total_rows = padded * group_padded
+    acc, m, l_sum = pl.pallas_call(
+        kernel,
+        grid=(num_blocks, num_kv_heads, num_splits),
+        in_specs=[whole] * 5
+        + [pl.BlockSpec((None, rows, head_dim), lambda i, h, k: (h, i, 0)), whole],
+        out_specs=[
+            pl.BlockSpec((None, None, rows, head_dim), lambda i, h, k: (k, h, i, 0)),
+            pl.BlockSpec((None, None, rows), lambda i, h, k: (k, h, i)),
+            pl.BlockSpec((None, None, rows), lambda i, h, k: (k, h, i)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((num_splits, num_kv_heads, total_rows, head_dim), jnp.float32),
+            jax.ShapeDtypeStruct((num_splits, num_kv_heads, total_rows), jnp.float32),
+            jax.ShapeDtypeStruct((num_splits, num_kv_heads, total_rows), jnp.float32),
+        ],
+        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
+        interpret=interpret,
+        name="jaxllm_ragged_paged_attention_gpu",
+    )(kv_lens, page_indices, cu_q_lens, seq_lo, seq_hi, q_rows, kv_cache)
+    out = _merge_splits(acc, m, l_sum).astype(q.dtype)
+    out = out.reshape(num_kv_heads, padded, group_padded, head_dim)[:, :num_tokens, :group]
+    return out.transpose(1, 0, 2, 3).reshape(num_tokens, num_q_heads, head_dim), kv_cache

@@ -1,0 +1,96 @@
+"""Command-line flags of `python -m jaxllm.server` -> (EngineConfig, ServerConfig)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+
+from jaxllm.config import EngineConfig
+
+from .server_config import ServerConfig
+
+
+def _origins(value: str) -> list[str]:
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = [v.strip() for v in value.split(",") if v.strip()]
+    if isinstance(parsed, str):
+        parsed = [parsed]
+    if not isinstance(parsed, list) or not all(isinstance(v, str) for v in parsed):
+        raise argparse.ArgumentTypeError("--allowed-origins takes a JSON list of strings")
+    return parsed
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m jaxllm.server",
+                                description="OpenAI-compatible and native HTTP server for jaxllm")
+    d = EngineConfig()
+    s = ServerConfig()
+    a = p.add_argument
+    a("--model", default=None, help="HF dir, jaxllm checkpoint dir or .gguf; default: embedded")
+    a("--served-model-name", default=None)
+    a("--host", default=d.host)
+    a("--port", type=int, default=d.port)
+    a("--uds", default=None, help="serve on this Unix domain socket instead of host:port")
+    a("--ssl-keyfile", default=None)
+    a("--ssl-certfile", default=None)
+    a("--root-path", default=d.root_path)
+    a("--api-key", default=None)
+    a("--allowed-origins", type=_origins, default=[], help='JSON list, e.g. ["*"]')
+    a("--disable-fastapi-docs", action="store_true")
+    a("--max-waiting-requests", type=int, default=d.max_waiting_requests)
+    a("--max-request-body-bytes", type=int, default=d.max_request_body_bytes)
+    a("--log-level", default=d.log_level, choices=["critical", "error", "warning", "info", "debug"])
+    a("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16"])
+    a("--max-num-seqs", type=int, default=d.max_num_seqs)
+    a("--max-model-len", type=int, default=None)
+    a("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
+    a("--prefill-chunk-size", type=int, default=None)
+    a("--page-size", type=int, default=None)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--num-pages", type=int, default=None)
+    g.add_argument("--memory-fraction", type=float, default=d.memory_fraction)
+    a("--kv-cache-memory-bytes", type=int, default=d.kv_cache_memory_bytes)
+    a("--tensor-parallel-size", type=int, default=d.tensor_parallel_size)
+    a("--data-parallel-size", type=int, default=d.data_parallel_size)
+    a("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+      default=d.enable_prefix_caching)
+    a("--compilation-cache-dir", default=None)
+    a("--seed", type=int, default=d.seed)
+    a("--attention-impl", default=None, choices=["reference", "tpu", "gpu"])
+    a("--distributed-coordinator", default=None)
+    a("--num-processes", type=int, default=d.num_processes)
+    a("--process-id", type=int, default=d.process_id)
+    # server-only
+    a("--max-n", type=int, default=s.max_n)
+    a("--max-logprobs", type=int, default=s.max_logprobs)
+    a("--tool-call-parser", default=s.tool_call_parser, choices=["hermes", "none"])
+    a("--reasoning-parser", default=None, choices=["think"],
+      help="split <think>...</think> into reasoning_content")
+    a("--drain-timeout", type=float, default=s.drain_timeout_s,
+      help="seconds to wait for in-flight requests on shutdown")
+    a("--disable-metrics", action="store_true")
+    return p
+
+
+_SERVER_ONLY = {"max_n", "max_logprobs", "tool_call_parser", "reasoning_parser",
+                "drain_timeout", "disable_metrics"}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[EngineConfig, ServerConfig]:
+    """Parse flags; invalid values exit with a usage error naming the flag."""
+    parser = build_parser()
+    ns = vars(parser.parse_args(argv))
+    engine_kwargs = {k: v for k, v in ns.items() if k not in _SERVER_ONLY}
+    try:
+        engine = EngineConfig.from_kwargs(**engine_kwargs)
+        server = ServerConfig(
+            max_n=ns["max_n"], max_logprobs=ns["max_logprobs"],
+            tool_call_parser=None if ns["tool_call_parser"] == "none" else ns["tool_call_parser"],
+            reasoning_parser=ns["reasoning_parser"], drain_timeout_s=ns["drain_timeout"],
+            enable_metrics=not ns["disable_metrics"])
+    except ValueError as e:
+        parser.error(str(e))
+    return engine, server

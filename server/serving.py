@@ -1,0 +1,142 @@
+"""Request plumbing shared by the endpoints: model check, prompt length limits, building
+SamplingParams, and running one engine request with metrics and abort-on-exit."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+
+from jaxllm.outputs import RequestOutput
+
+from .errors import APIError, bad_request
+from .metrics import ServerMetrics
+from .server_config import ServerConfig
+
+
+@dataclass
+class ServingContext:
+    """What handlers need, stored on app.state.ctx (one per app, no globals)."""
+
+    engine: Any
+    engine_config: Any
+    server_config: ServerConfig
+    metrics: ServerMetrics
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.model_name
+
+
+def get_ctx(request: Request) -> ServingContext:
+    return request.app.state.ctx
+
+
+def request_id(request: Request, prefix: str) -> str:
+    """Engine request id: the X-Request-Id when given, else a fresh one (unique per request)."""
+    given = request.scope.get("state", {}).get("request_id")
+    return f"{prefix}-{given}-{uuid.uuid4().hex[:8]}" if given else f"{prefix}-{uuid.uuid4().hex}"
+
+
+def check_model(ctx: ServingContext, model: str | None) -> None:
+    if model is not None and model != ctx.model_name:
+        raise APIError(404, f"The model `{model}` does not exist. Served: `{ctx.model_name}`.",
+                       param="model", code="model_not_found")
+
+
+def resolve_max_tokens(ctx: ServingContext, prompt_len: int, max_tokens: int | None) -> int:
+    """Enforce prompt + max_tokens <= max_model_len, naming the numbers."""
+    limit = ctx.engine.max_model_len
+    if max_tokens is None:
+        max_tokens = limit - prompt_len
+        if max_tokens < 1:
+            raise bad_request(f"This model's maximum context length is {limit} tokens. However, "
+                              f"your prompt has {prompt_len} tokens, leaving no room to generate.",
+                              param="messages")
+        return max_tokens
+    if prompt_len + max_tokens > limit:
+        raise bad_request(f"This model's maximum context length is {limit} tokens. However, you "
+                          f"requested {prompt_len + max_tokens} tokens ({prompt_len} in the "
+                          f"prompt, {max_tokens} for the completion). Reduce the prompt or "
+                          f"max_tokens.", param="max_tokens")
+    return max_tokens
+
+
+def check_token_ids(ctx: ServingContext, ids: list[int]) -> None:
+    vocab = ctx.tokenizer.vocab_size
+    bad = [i for i in ids if not 0 <= i < vocab]
+    if bad:
+        raise bad_request(f"token id {bad[0]} is out of range [0, {vocab})", param="prompt")
+
+
+def build_sampling_params(**fields: Any) -> Any:
+    """SamplingParams from the fields the request set (None means: engine default)."""
+    from jaxllm.sampling_params import SamplingParams
+
+    known = {f.name for f in dataclasses.fields(SamplingParams)}
+    kwargs = {k: v for k, v in fields.items() if v is not None and k in known}
+    try:
+        return SamplingParams(**kwargs)
+    except (ValueError, TypeError) as e:
+        raise bad_request(str(e)) from e
+
+
+def normalize_stop(stop: str | list[str] | None) -> list[str] | None:
+    if stop is None:
+        return None
+    stops = [stop] if isinstance(stop, str) else list(stop)
+    if any(s == "" for s in stops):
+        raise bad_request("stop strings must be non-empty", param="stop")
+    return stops or None
+
+
+async def generate(ctx: ServingContext, prompt_ids: list[int], params: Any, rid: str, *,
+                   cache_salt: str | None, priority: int) -> AsyncIterator[RequestOutput]:
+    """One engine request. Records latency metrics; aborts the request if the consumer
+    leaves early (disconnect, error) so its pages are freed."""
+    start = time.perf_counter()
+    last_time, last_tokens, finished = None, 0, False
+    stream = ctx.engine.generate(prompt_ids, params, rid, cache_salt=cache_salt,
+                                 priority=priority)
+    try:
+        async for out in stream:
+            if out.error:
+                raise APIError(500, f"engine failed the request: {out.error}",
+                               type="internal_server_error")
+            now = time.perf_counter()
+            tokens = sum(len(o.token_ids) for o in out.outputs)
+            if tokens > last_tokens:
+                if last_time is None:
+                    ctx.metrics.ttft.observe(now - start)
+                elif tokens > last_tokens:
+                    gap = (now - last_time) / (tokens - last_tokens)
+                    for _ in range(tokens - last_tokens):
+                        ctx.metrics.inter_token.observe(gap)
+                last_time, last_tokens = now, tokens
+            finished = out.finished
+            yield out
+        ctx.metrics.e2e.observe(time.perf_counter() - start)
+        ctx.metrics.prompt_tokens.inc(len(prompt_ids))
+        ctx.metrics.generation_tokens.inc(last_tokens)
+    finally:
+        if not finished:
+            await _close_quietly(stream)
+            await ctx.engine.abort(rid)
+
+
+async def _close_quietly(stream: Any) -> None:
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        try:
+            await aclose()
+        except Exception:  # noqa: BLE001 -- already leaving; the abort below frees the request
+            pass
