@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,8 @@ class LoadedCheckpoint:
     source_format: str = ""  # "hf" | "gguf" | "jaxllm"
     hf_config: dict[str, Any] = field(default_factory=dict)
 
-    def __iter__(self):  # noqa: ANN204 - tuple-style unpacking: cfg, params = load_checkpoint(p)
+    def __iter__(self) -> Iterator[Any]:
+        """Tuple-style unpacking: `config, params = load_checkpoint(path)`."""
         return iter((self.config, self.params))
 
 

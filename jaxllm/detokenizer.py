@@ -25,7 +25,7 @@ _PROMPT_CONTEXT_TOKENS = 4
 # An incomplete UTF-8 character is at most 3 bytes, so at most 3 tokens (more if skipped special
 # tokens sit between them). A tail unresolved over more tokens than this is invalid bytes, emitted
 # as U+FFFD rather than held forever.
-_MAX_HELD_TOKENS = 8
+_MAX_HELD_TOKENS = 16
 
 
 class IncrementalDetokenizer:
@@ -111,7 +111,7 @@ class IncrementalDetokenizer:
             cut, text = read, prefix_text
             for j in range(len(ids) - 1, max(read, len(ids) - _MAX_HELD_TOKENS - 1), -1):
                 candidate = self._decode(ids[prefix:j])
-                if not candidate.endswith(_REPLACEMENT) and full_text.startswith(candidate):
+                if full_text.startswith(candidate) and _is_settled(candidate, full_text):
                     cut, text = j, candidate
                     break
             if cut == read and len(ids) - read > _MAX_HELD_TOKENS:
@@ -155,3 +155,15 @@ class IncrementalDetokenizer:
             if any(s.startswith(tail) for s in self._stops):
                 return k
         return 0
+
+
+def _is_settled(candidate: str, full_text: str) -> bool:
+    """Whether `candidate` (a decode prefix of `full_text`) can no longer change.
+
+    It can if it ends in U+FFFD from a character still in progress. A real character decoded
+    after it in `full_text` proves that sequence ended (byte-level and byte-fallback decoders
+    alike); U+FFFD alone proves nothing (byte fallback writes one per byte of a partial run).
+    """
+    if not candidate.endswith(_REPLACEMENT):
+        return True
+    return full_text[len(candidate):].strip(_REPLACEMENT) != ""

@@ -101,7 +101,8 @@ def request_key_data(seed: int, sample_index: int = 0) -> np.ndarray:
     """Base key data (uint32 [2]) of a seeded request's `sample_index`-th sample.
 
     Depends only on (seed, sample_index), so a seeded request samples the same tokens in any
-    batch. The engine gives unseeded requests a seed from its own counter (`engine_seed`).
+    batch. The engine gives unseeded requests a seed from its own counter
+    (`unseeded_request_seed`).
     """
     seed64 = int(seed) & 0xFFFF_FFFF_FFFF_FFFF
     base = np.array([seed64 >> 32, seed64 & 0xFFFF_FFFF], dtype=np.uint32)
@@ -111,9 +112,9 @@ def request_key_data(seed: int, sample_index: int = 0) -> np.ndarray:
     return np.asarray(jax.random.key_data(key))
 
 
-def engine_seed(engine_seed_value: int, request_counter: int) -> int:
+def unseeded_request_seed(engine_seed: int, request_counter: int) -> int:
     """A 64-bit seed for an unseeded request, from the engine's seed and a running counter."""
-    mixed = (engine_seed_value * 0x9E37_79B9_7F4A_7C15 + request_counter * 0xBF58_476D_1CE4_E5B9
+    mixed = (engine_seed * 0x9E37_79B9_7F4A_7C15 + request_counter * 0xBF58_476D_1CE4_E5B9
              + 0x94D0_49BB_1331_11EB)
     mixed &= 0xFFFF_FFFF_FFFF_FFFF
     mixed ^= mixed >> 31

@@ -8,7 +8,9 @@ defaults that satisfy the layout rules of the backend.
 from __future__ import annotations
 
 
-def reference_token_block(num_tokens: int, kv_capacity: int, num_kv_heads: int, head_dim: int) -> int:
+def reference_token_block(
+    num_tokens: int, kv_capacity: int, num_kv_heads: int, head_dim: int
+) -> int:
     """Tokens per step of the reference's loop over the flattened token axis.
 
     A block of tokens that spans several sequences gathers each token's pages separately

@@ -116,9 +116,7 @@ def _merge_splits(acc: jax.Array, m: jax.Array, l_sum: jax.Array) -> jax.Array:
     return num / jnp.where(denom > 0, denom, 1.0)[..., None]
 
 
-@functools.partial(
-    jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "interpret")
-)
+@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "interpret"))
 def ragged_paged_attention_gpu(
     q: jax.Array,
     k_new: jax.Array,
@@ -155,9 +153,7 @@ def ragged_paged_attention_gpu(
     seq_lo, seq_hi = block_sequence_ranges(layout.seq_ids, num_valid, num_blocks, block)
 
     q_rows = q.reshape(num_tokens, num_kv_heads, group, head_dim)
-    q_rows = jnp.pad(
-        q_rows, ((0, padded - num_tokens), (0, 0), (0, group_padded - group), (0, 0))
-    )
+    q_rows = jnp.pad(q_rows, ((0, padded - num_tokens), (0, 0), (0, group_padded - group), (0, 0)))
     q_rows = q_rows.transpose(1, 0, 2, 3).reshape(num_kv_heads, padded * group_padded, head_dim)
 
     rows = block * group_padded

@@ -122,9 +122,7 @@ def _kernel(
     o_ref[...] = out.astype(o_ref.dtype)
 
 
-@functools.partial(
-    jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "interpret")
-)
+@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "interpret"))
 def ragged_paged_attention_tpu(
     q: jax.Array,
     k_new: jax.Array,

@@ -84,9 +84,9 @@ def validate_inputs(
     for name, x in (("q", q), ("k_new", k_new), ("v_new", v_new), ("kv_cache", kv_cache)):
         if jnp.dtype(x.dtype) not in SUPPORTED_DTYPES:
             raise ValueError(f"{name} dtype must be float32 or bfloat16, got {x.dtype}")
-    if jnp.dtype(k_new.dtype) != jnp.dtype(kv_cache.dtype) or jnp.dtype(
-        v_new.dtype
-    ) != jnp.dtype(kv_cache.dtype):
+    if jnp.dtype(k_new.dtype) != jnp.dtype(kv_cache.dtype) or jnp.dtype(v_new.dtype) != jnp.dtype(
+        kv_cache.dtype
+    ):
         raise ValueError(
             f"k_new/v_new dtype ({k_new.dtype}/{v_new.dtype}) must equal kv_cache dtype "
             f"({kv_cache.dtype})"
@@ -115,9 +115,7 @@ def validate_inputs(
 
     if not isinstance(sm_scale, int | float) or not sm_scale > 0:
         raise ValueError(f"sm_scale must be a positive float, got {sm_scale!r}")
-    if sliding_window is not None and (
-        not isinstance(sliding_window, int) or sliding_window < 1
-    ):
+    if sliding_window is not None and (not isinstance(sliding_window, int) or sliding_window < 1):
         raise ValueError(f"sliding_window must be None or an int >= 1, got {sliding_window!r}")
     if soft_cap is not None and (not isinstance(soft_cap, int | float) or not soft_cap > 0):
         raise ValueError(f"soft_cap must be None or a positive float, got {soft_cap!r}")

@@ -22,6 +22,8 @@ from .serving import (
     get_ctx,
     normalize_stop,
     resolve_max_tokens,
+    stop_holdback,
+    visible_text,
 )
 from .streaming import SSE_DONE, SSE_HEADERS, merge_streams, run_unless_disconnected, sse
 
@@ -101,7 +103,7 @@ def _lp_triples(ctx: ServingContext, ids: list[int], positions: list[PositionLog
 
 
 def _result(ctx: ServingContext, req: GenerateRequest, out: RequestOutput,
-            comp: CompletionOutput, rid: str) -> dict[str, Any]:
+            comp: CompletionOutput, rid: str, holdback: int = 0) -> dict[str, Any]:
     meta: dict[str, Any] = {
         "id": rid, "prompt_tokens": len(out.prompt_token_ids),
         "completion_tokens": len(comp.token_ids), "finish_reason": _finish_reason(comp),
@@ -119,7 +121,8 @@ def _result(ctx: ServingContext, req: GenerateRequest, out: RequestOutput,
                                    req.return_text_in_logprobs)
         meta["input_token_logprobs"] = chosen
         meta["input_top_logprobs"] = tops
-    return {"text": comp.text, "output_ids": list(comp.token_ids), "meta_info": meta}
+    text = visible_text(comp.text, comp.finished, 0, holdback)
+    return {"text": text, "output_ids": list(comp.token_ids), "meta_info": meta}
 
 
 @router.post("/generate")
@@ -171,6 +174,7 @@ async def _stream(ctx: ServingContext, req: GenerateRequest, first: tuple[int, R
                   merged: AsyncIterator[tuple[int, RequestOutput]], rids: list[str],
                   params: list[Any], multi: bool) -> AsyncIterator[str]:
     """Each event is a cumulative result (SGLang style); batched items carry `index`."""
+    holdbacks = [stop_holdback(normalize_stop(p.stop)) for p in params]
     offsets = [0]
     for p in params[:-1]:
         offsets.append(offsets[-1] + p.n)
@@ -179,7 +183,7 @@ async def _stream(ctx: ServingContext, req: GenerateRequest, first: tuple[int, R
         while True:
             i, out = item
             for comp in out.outputs:
-                body = _result(ctx, req, out, comp, rids[i])
+                body = _result(ctx, req, out, comp, rids[i], holdbacks[i])
                 if multi:
                     body["index"] = offsets[i] + comp.index
                 yield sse(body)

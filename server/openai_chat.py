@@ -31,6 +31,8 @@ from .serving import (
     normalize_stop,
     request_id,
     resolve_max_tokens,
+    stop_holdback,
+    visible_text,
 )
 from .streaming import SSE_DONE, SSE_HEADERS, run_unless_disconnected, sse
 
@@ -220,6 +222,7 @@ async def _stream(ctx: ServingContext, req: ChatCompletionRequest, prefix: str, 
     sent_tokens: dict[int, int] = {}
     done: set[int] = set()
     completion_tokens = 0
+    holdback = stop_holdback(normalize_stop(req.stop))
 
     def chunk(choices: list[dict[str, Any]]) -> str:
         body: dict[str, Any] = {"id": response_id, "object": "chat.completion.chunk",
@@ -243,8 +246,9 @@ async def _stream(ctx: ServingContext, req: ChatCompletionRequest, prefix: str, 
                 result.append(chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
                                       "logprobs": None, "finish_reason": None}]))
             proc = procs[i]
-            reasoning, content, calls = proc.feed(comp.text[sent_text[i]:])
-            sent_text[i] = len(comp.text)
+            full = visible_text(comp.text, comp.finished, sent_text[i], holdback)
+            reasoning, content, calls = proc.feed(full[sent_text[i]:])
+            sent_text[i] = len(full)
             finish = None
             if comp.finish_reason is not None:
                 r2, c2, t2 = proc.finish()

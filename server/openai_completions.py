@@ -25,6 +25,8 @@ from .serving import (
     normalize_stop,
     request_id,
     resolve_max_tokens,
+    stop_holdback,
+    visible_text,
 )
 from .streaming import SSE_DONE, SSE_HEADERS, merge_streams, run_unless_disconnected, sse
 
@@ -123,14 +125,16 @@ def _merge_lp(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, A
 
 
 def _choice_delta(ctx: ServingContext, req: CompletionRequest, out: RequestOutput,
-                  comp: CompletionOutput, st: _ChoiceState, prompt_text: str) -> tuple[str, Any]:
+                  comp: CompletionOutput, st: _ChoiceState, prompt_text: str,
+                  holdback: int = 0) -> tuple[str, Any]:
     """Text and logprobs not yet sent for one choice (echo first, once), advancing `st`."""
     text, lp = "", None
     if req.echo and not st.echoed:
         text, lp = _echo_part(ctx, req, out, prompt_text)
         st.offset += len(text)
         st.echoed = True
-    new_text = comp.text[st.text_len:]
+    full = visible_text(comp.text, comp.finished, st.text_len, holdback)
+    new_text = full[st.text_len:]
     if req.logprobs is not None and comp.logprobs is not None:
         new_ids = comp.token_ids[st.tokens:]
         gen_lp = completion_logprobs(ctx.tokenizer, new_ids,
@@ -138,7 +142,7 @@ def _choice_delta(ctx: ServingContext, req: CompletionRequest, out: RequestOutpu
                                      req.logprobs, st.offset)
         lp = _merge_lp(lp, gen_lp)
     st.offset += len(new_text)
-    st.text_len = len(comp.text)
+    st.text_len = len(full)
     st.tokens = len(comp.token_ids)
     return text + new_text, lp
 
@@ -218,6 +222,7 @@ async def _stream(ctx: ServingContext, req: CompletionRequest,
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
     states: dict[tuple[int, int], _ChoiceState] = {}
+    holdback = stop_holdback(normalize_stop(req.stop))
     latest: dict[int, RequestOutput] = {}
 
     def usage_now() -> dict[str, int]:
@@ -232,7 +237,7 @@ async def _stream(ctx: ServingContext, req: CompletionRequest,
             st = states.setdefault((p_idx, comp.index), _ChoiceState())
             if st.done:
                 continue
-            text, lp = _choice_delta(ctx, req, out, comp, st, prompts[p_idx][1])
+            text, lp = _choice_delta(ctx, req, out, comp, st, prompts[p_idx][1], holdback)
             finish = _finish(comp.finish_reason)
             if lp is not None and not lp["tokens"]:
                 lp = None

@@ -99,6 +99,19 @@ def normalize_stop(stop: str | list[str] | None) -> list[str] | None:
     return stops or None
 
 
+def stop_holdback(stop: list[str] | None) -> int:
+    """Characters to withhold from a running stream so that text the engine later cuts at a
+    stop string is never sent (a stop string not yet complete is at most this long)."""
+    return max((len(x) for x in stop), default=1) - 1 if stop else 0
+
+
+def visible_text(text: str, finished: bool, sent: int, holdback: int) -> str:
+    """The part of a choice's cumulative text that may be streamed now."""
+    if finished or not holdback:
+        return text
+    return text[: max(sent, len(text) - holdback)]
+
+
 async def generate(ctx: ServingContext, prompt_ids: list[int], params: Any, rid: str, *,
                    cache_salt: str | None, priority: int) -> AsyncIterator[RequestOutput]:
     """One engine request. Records latency metrics; aborts the request if the consumer

@@ -251,12 +251,14 @@ def test_detokenizer_random_id_streams_equal_full_decode(ours):
     fragments = _fragment_ids(ours)
     assert len(fragments) > 100
     for _ in range(40):
-        ids = [rng.choice(fragments) if rng.random() < 0.3 else rng.randrange(ours.vocab_size)
+        p = rng.choice([0.3, 0.9])  # 0.9: long runs of stray UTF-8 bytes
+        ids = [rng.choice(fragments) if rng.random() < p else rng.randrange(ours.vocab_size)
                for _ in range(rng.randint(1, 60))]
+        skip = rng.random() < 0.5
         detok = IncrementalDetokenizer(ours, [rng.randrange(ours.vocab_size) for _ in range(5)],
-                                       skip_special_tokens=rng.random() < 0.5)
+                                       skip_special_tokens=skip)
         deltas = _stream(detok, ids, rng)
-        assert "".join(deltas) == ours.decode(ids, skip_special_tokens=detok._skip_special)
+        assert "".join(deltas) == ours.decode(ids, skip_special_tokens=skip)
 
 
 def test_detokenizer_holds_split_characters(ours):
@@ -340,3 +342,98 @@ def test_tokens_after_stop_are_ignored_and_empty_stop_rejected(ours):
     assert detok.flush() == "" and detok.text == "a "
     with pytest.raises(ValueError, match="non-empty"):
         IncrementalDetokenizer(ours, [], stop=[""])
+
+
+# ---- other GGUF tokenizer kinds, on tiny files written here -----------------------------------
+
+_SP_PIECES = ["▁", "a", "b", "c", "d", "e", "é", "世", "▁a", "ab", "▁ab", "cd", "▁cd", "abc", "▁abc",
+              "de", "ee", "▁e", "▁▁", "▁▁▁", "<think>"]
+
+
+def _write_gguf(path: Path, kind: str, tokens: list[str], types: list[int], pre: str | None = None,
+                scores: list[float] | None = None, merges: list[str] | None = None) -> Path:
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tokenizer_model(kind)
+    if pre:
+        writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    if scores is not None:
+        writer.add_token_scores(scores)
+    if merges is not None:
+        writer.add_token_merges(merges)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _transformers_backend(kind: str, tokens, types, pre=None, scores=None, merges=None):
+    """transformers' own GGUF tokenizer builder (torch-free when handed the metadata dict)."""
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
+
+    d = {"tokenizer_type": kind, "tokens": tokens, "token_type": types, "bos_token_id": 1,
+         "eos_token_id": 2, "unk_token_id": 0}
+    for key, value in (("pre_tokenizer_type", pre), ("scores", scores), ("merges", merges)):
+        if value is not None:
+            d[key] = value
+    return convert_gguf_tokenizer("llama", d)[0]
+
+
+def _tiny_text(rng: random.Random, alphabet: str, n: int) -> str:
+    return "".join(rng.choice(alphabet) for _ in range(n))
+
+
+def test_sentencepiece_gguf_matches_transformers(tmp_path):
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + _SP_PIECES
+    types = [2, 3, 3] + [6] * 256 + [1] * (len(_SP_PIECES) - 1) + [4]
+    scores = [0.0] * 259 + [-float(i) for i in range(len(_SP_PIECES))]
+    tok = load_tokenizer(_write_gguf(tmp_path / "sp.gguf", "llama", tokens, types, scores=scores))
+    ref = _transformers_backend("llama", tokens, types, scores=scores)
+    rng = random.Random(random.randrange(1 << 30))
+    texts = ["abc", " abcde", "  ab cd", "é世x€z🤗", "</s>hi<s>", "a<think>b"]
+    texts += [_tiny_text(rng, "abcde  é世xyz€🤗", rng.randint(1, 30)) for _ in range(30)]
+    for text in texts:
+        ids = tok.encode(text, add_special_tokens=False)
+        assert ids == ref.encode(text, add_special_tokens=False).ids, text
+        assert tok.decode(ids) == ref.decode(ids, skip_special_tokens=False)
+        assert tok.encode(text) == [1, *ids]  # llama.cpp adds BOS to sentencepiece vocabularies
+    assert b"".join(tok.token_bytes(i) for i in tok.encode("ab é€", add_special_tokens=False)) == " ab é€".encode()
+    # Byte-fallback pieces of split characters stream without U+FFFD, and with prompt context the
+    # first token keeps its leading space.
+    for _ in range(20):
+        ids = tok.encode(_tiny_text(rng, "abcde é€世🤗", rng.randint(1, 25)), add_special_tokens=False)
+        detok = IncrementalDetokenizer(tok, [])
+        deltas = _stream(detok, ids, rng)
+        assert "".join(deltas) == tok.decode(ids, skip_special_tokens=True)
+        assert not any("\ufffd" in d for d in deltas)
+        prompt = tok.encode("cd", add_special_tokens=False)
+        detok = IncrementalDetokenizer(tok, prompt)
+        with_context = tok.decode(prompt + ids)[len(tok.decode(prompt)):]
+        assert "".join(_stream(detok, ids, rng)) == with_context
+
+
+def test_byte_level_gguf_with_llama3_split_matches_transformers(tmp_path):
+    from jaxllm.gguf_tokenizer import byte_encoder
+
+    alphabet = [byte_encoder()[b] for b in range(256)]
+    merges = ["Ġ t", "h e", "Ġt he", "1 2", "12 3", "Ġ Ġ", "i n", "Ġ in", "Ġ 1"]
+    merged = [m.replace(" ", "") for m in merges]
+    tokens = ["<unk>", "<|begin|>", "<|end|>", *alphabet, *merged]
+    types = [3, 3, 3] + [1] * (len(tokens) - 3)
+    tok = load_tokenizer(_write_gguf(tmp_path / "bl.gguf", "gpt2", tokens, types, pre="llama-bpe",
+                                     merges=merges))
+    ref = _transformers_backend("gpt2", tokens, types, pre="llama-bpe", merges=merges)
+    rng = random.Random(random.randrange(1 << 30))
+    texts = ["the 12345 thin in", "  the\n\n in  ", "I'll 123 ÉTÉ 世界🤗"]
+    texts += [_tiny_text(rng, "the in 12345'sll\n\t É世🤗", rng.randint(1, 40)) for _ in range(30)]
+    for text in texts:
+        ids = tok.encode(text)
+        assert ids == ref.encode(text, add_special_tokens=False).ids, text
+        assert tok.decode(ids) == text

@@ -157,3 +157,15 @@ def kv_cache_sharding(mesh: Mesh, rules: ShardingRules = DEFAULT_RULES,
                 f"devices of mesh axis {axis!r}: the KV-head count must be a multiple of {parts} "
                 "(use pad_heads_for_tp)")
     return NamedSharding(mesh, spec)
+
+
+def flat_param_shardings(shapes: Mapping[str, tuple[int, ...]], mesh: Mesh,
+                         rules: ShardingRules = DEFAULT_RULES) -> dict[str, NamedSharding]:
+    """{flat param name: NamedSharding}, for loaders that place each tensor as it is read.
+
+    `shapes` is e.g. jaxllm.models.params.expected_param_shapes(config) of the padded config.
+    """
+    from jaxllm.models.params import logical_axes
+
+    return {name: rules.sharding(mesh, logical_axes(name), tuple(shape))
+            for name, shape in shapes.items()}

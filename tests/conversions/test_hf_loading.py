@@ -8,9 +8,9 @@ import struct
 import ml_dtypes
 import numpy as np
 import pytest
+from jaxllm.conversions import LoadedCheckpoint, detect_format, load_checkpoint
 
 from jaxllm.config import ModelConfig
-from jaxllm.conversions import LoadedCheckpoint, detect_format, load_checkpoint
 from tests.conversions.tiny_hf import VARIANTS, expected_flat, make_model, save_model
 
 

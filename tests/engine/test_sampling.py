@@ -15,6 +15,7 @@ from jaxllm.sampling import (
     request_key_data,
     reset_rows,
     sample,
+    unseeded_request_seed,
     update_counts,
 )
 from jaxllm.sampling_params import MAX_LOGPROBS, SamplingParams
@@ -231,6 +232,8 @@ def test_different_seeds_and_steps_draw_different_tokens():
     assert len(set(by_step.tolist())) > rows // 2
     assert not np.array_equal(request_key_data(7), request_key_data(7, sample_index=1))
     np.testing.assert_array_equal(request_key_data(7), request_key_data(7))
+    engine_seeds = {unseeded_request_seed(0, i) for i in range(100)}
+    assert len(engine_seeds) == 100 and unseeded_request_seed(1, 0) not in engine_seeds
 
 
 def test_parameter_mixes_do_not_recompile():

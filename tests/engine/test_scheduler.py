@@ -304,7 +304,9 @@ def test_abort_in_every_state():
     assert s.sched.abort("wait") and not s.sched.abort("wait") and not s.sched.abort("nope")
     out = s.sched.schedule()  # in flight when aborted: its result is ignored
     assert s.sched.abort("dec")
+    before = list(reqs["dec"].output_token_ids)
     s.sched.update(out, s.device.step(out))
+    assert reqs["dec"].output_token_ids == before
     s.sched.check_invariants()
     assert reqs["dec"].status is RequestStatus.FINISHED_ABORTED
     # preempted: drive until some request is preempted, abort it while it waits
@@ -330,6 +332,23 @@ def test_preemption_keeps_outputs_and_matches_plenty_of_pages():
         results[num_pages] = ([r.output_token_ids for r in reqs], s.sched.num_preemptions)
     assert results[200][0] == results[12][0]
     assert results[200][1] == 0 and results[12][1] > 0
+
+
+def test_preemption_takes_the_newest_running_request():
+    s = make(num_pages=7, page_size=4, max_model_len=24)  # 6 usable pages
+    old, new = req("old", list(range(6, 13)), t=0.0, max_tokens=14, ignore_eos=True), \
+        req("new", list(range(20, 27)), t=1.0, max_tokens=14, ignore_eos=True)
+    drive_until = [old, new]
+    for r in drive_until:
+        s.sched.add_request(r)
+    victims = []
+    while s.sched.has_work():
+        out, _ = run_step(s)
+        if out.preempted:
+            assert old.status is RequestStatus.RUNNING or old.is_finished
+        victims += [v.request_id for v in out.preempted]
+    assert victims and set(victims) == {"new"}
+    assert_matches_reference(s, drive_until)
 
 
 def test_parallel_samples_share_prompt_pages():

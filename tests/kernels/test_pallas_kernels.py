@@ -15,11 +15,31 @@ from tests.kernels.ragged_cases import make_case, oracle, rel_err, rel_norm_err
 
 CASES = {
     # name: (seqs, Hq, Hkv, D, page_size, dtype, tol, sliding_window, soft_cap)
-    "gqa3_fp32": ([(37, 1), (20, 9), (50, 13), (3, 3)], 6, 2, 64, 16, jnp.float32, 1e-5, None, None),
+    "gqa3_fp32": (
+        [(37, 1), (20, 9), (50, 13), (3, 3)],
+        6,
+        2,
+        64,
+        16,
+        jnp.float32,
+        1e-5,
+        None,
+        None,
+    ),
     "mha_bf16_d128": ([(40, 1), (17, 17)], 2, 2, 128, 16, jnp.bfloat16, 2e-3, None, None),
     "gqa8_window_cap": ([(45, 6), (9, 1)], 8, 1, 64, 8, jnp.float32, 1e-5, 6, 4.0),
     # 20 page columns -> the GPU kernel splits the kv range (gpu_kv_splits).
-    "long_decode_split_bf16": ([(150, 1), (70, 1), (9, 2)], 4, 2, 64, 8, jnp.bfloat16, 2e-3, None, 9.0),
+    "long_decode_split_bf16": (
+        [(150, 1), (70, 1), (9, 2)],
+        4,
+        2,
+        64,
+        8,
+        jnp.bfloat16,
+        2e-3,
+        None,
+        9.0,
+    ),
 }
 PAIRS = [
     ("tpu", "gqa3_fp32"), ("tpu", "mha_bf16_d128"), ("tpu", "gqa8_window_cap"),

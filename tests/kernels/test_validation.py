@@ -48,7 +48,10 @@ BAD = {
     "page too big": ({"kv_cache": jnp.zeros((2, 512, 4, 64))}, "page_size"),
     "fp16": ({"q": jnp.ones((5, 4, 64), jnp.float16)}, "float32 or bfloat16"),
     "cache dtype": ({"kv_cache": jnp.zeros((6, 16, 4, 64), jnp.bfloat16)}, "must equal kv_cache"),
-    "lens dtype": ({"kv_lens": jnp.array([3, 2], jnp.int64 if jax.config.x64_enabled else jnp.float32)}, "int32"),
+    "lens dtype": (
+        {"kv_lens": jnp.array([3, 2], jnp.int64 if jax.config.x64_enabled else jnp.float32)},
+        "int32",
+    ),
     "table rows": ({"page_indices": jnp.zeros((3, 3), jnp.int32)}, "page_indices"),
     "cu length": ({"cu_q_lens": jnp.array([0, 5], jnp.int32)}, "cu_q_lens"),
     "num_seqs shape": ({"num_seqs": jnp.array([2, 2], jnp.int32)}, "num_seqs"),

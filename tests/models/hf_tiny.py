@@ -17,7 +17,7 @@ ARCH_CONFIGS = {
 }
 
 
-def make_tiny_hf_model(kind: str, seed: int):
+def make_tiny_hf_model(kind: str, seed: int, **overrides):
     """A randomly initialised torch model of `kind` (fp32, eval mode)."""
     import torch
     import transformers
@@ -27,6 +27,7 @@ def make_tiny_hf_model(kind: str, seed: int):
     base = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                 num_attention_heads=4, max_position_embeddings=256, tie_word_embeddings=True)
     base.update(spec)
+    base.update(overrides)
     cfg = cfg_cls(**base)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()

@@ -7,7 +7,6 @@ import json
 
 import httpx
 import pytest
-
 from jaxllm.server.server_config import ServerConfig
 
 from .conftest import asgi_client, make_app
@@ -264,3 +263,39 @@ async def test_no_chat_template_is_400() -> None:
         r = await c.post("/v1/chat/completions", json={"messages": [{"role": "user",
                                                                      "content": "x"}]})
         _assert_openai_error(r, 400)
+
+
+async def test_streamed_text_never_shows_a_cut_stop_string() -> None:
+    app, _ = make_app()
+    async with asgi_client(app) as c:
+        for path, body, get in [
+            ("/v1/completions", {"prompt": "SAY:one two three four", "stop": [" three", "x"]},
+             lambda ch: ch["choices"][0]["text"] if ch["choices"] else ""),
+            ("/v1/chat/completions", {"messages": [{"role": "user",
+                                                    "content": "SAY:one two three four"}],
+                                      "stop": " three"},
+             lambda ch: ch["choices"][0]["delta"].get("content") or "" if ch["choices"] else ""),
+        ]:
+            r = await c.post(path, json={**body, "stream": True, "max_tokens": 40})
+            chunks = [e for e in _sse_events(r.text) if isinstance(e, dict)]
+            assert "".join(get(ch) for ch in chunks) == "one two"
+        r = await c.post("/generate", json={"text": "SAY:one two three", "stream": True,
+                                            "sampling_params": {"stop": " tw"}})
+        texts = [e["text"] for e in _sse_events(r.text) if isinstance(e, dict)]
+        assert texts[-1] == "one" and all("one".startswith(t) for t in texts)
+
+
+async def test_continuous_usage_stats() -> None:
+    app, _ = make_app()
+    async with asgi_client(app) as c:
+        r = await c.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "x"}], "max_tokens": 5, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}})
+        chunks = [e for e in _sse_events(r.text) if isinstance(e, dict)]
+        used = [ch["usage"]["completion_tokens"] for ch in chunks]
+        assert used == sorted(used) and used[-1] == 5 and chunks[-1]["choices"] == []
+        r = await c.post("/v1/completions", json={
+            "prompt": "x", "max_tokens": 4, "stream": True,
+            "stream_options": {"continuous_usage_stats": True}})
+        chunks = [e for e in _sse_events(r.text) if isinstance(e, dict)]
+        assert [ch["usage"]["completion_tokens"] for ch in chunks] == [1, 2, 3, 4]

@@ -1,0 +1,159 @@
+"""Time ragged paged attention per implementation on the current backend.
+
+Usage: python benchmarks/attention_bench.py [--dtype float32|bfloat16] [--iters N] [--small]
+
+Shapes (SmolLM2-135M heads: 9 query / 3 KV heads, head_dim 64, page_size 16):
+  decode : S sequences x 1 new token over a cached context (64 x 2048 on accelerators,
+           32 x 256 and 32 x 1024 on CPU)
+  prefill: 4 chunks x 512 new tokens continuing a 512-token cached prefix (cap of causal work)
+Columns: median time, achieved KV-read bandwidth (bytes of the pages each token must read,
+counted once per sequence) and attention FLOP rate (4*Hq*D per query-key pair actually
+attended), and the ratio of the reference's time to this implementation's time (>1 = faster).
+Peer in the same run: `xla_dense`, jax.nn.dot_product_attention over the same K/V already laid
+out contiguously per sequence (no paging, no cache write) -- what paging costs on this backend.
+Kernels run only where they compile (Pallas TPU on TPU, Pallas GPU on GPU); interpret mode is a
+correctness tool, not timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import time
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxllm.kernels import ragged_paged_attention
+
+HQ, HKV, D, PAGE = 9, 3, 64, 16
+
+
+@dataclass
+class Shape:
+    name: str
+    num_seqs: int
+    q_len: int
+    kv_len: int  # after this step
+
+
+def shapes_for(backend: str) -> list[Shape]:
+    if backend == "cpu":
+        return [
+            Shape("decode 32x256", 32, 1, 256),
+            Shape("decode 32x1024", 32, 1, 1024),
+            Shape("prefill 4x512 (+512 cached)", 4, 512, 1024),
+        ]
+    return [
+        Shape("decode 64x2048", 64, 1, 2048),
+        Shape("decode 8x8192", 8, 1, 8192),
+        Shape("prefill 4x512 (+512 cached)", 4, 512, 1024),
+    ]
+
+
+def build(shape: Shape, dtype, rng: np.random.Generator):
+    pages_per_seq = -(-shape.kv_len // PAGE)
+    num_pages = shape.num_seqs * pages_per_seq + 1
+    page_indices = rng.permutation(num_pages)[: shape.num_seqs * pages_per_seq]
+    page_indices = page_indices.reshape(shape.num_seqs, pages_per_seq).astype(np.int32)
+    tokens = shape.num_seqs * shape.q_len
+    cache = rng.standard_normal((num_pages, PAGE, 2 * HKV, D), np.float32)
+    args = (
+        jnp.asarray(rng.standard_normal((tokens, HQ, D), np.float32), dtype),
+        jnp.asarray(rng.standard_normal((tokens, HKV, D), np.float32), dtype),
+        jnp.asarray(rng.standard_normal((tokens, HKV, D), np.float32), dtype),
+        jnp.asarray(cache, dtype),
+        jnp.full((shape.num_seqs,), shape.kv_len, jnp.int32),
+        jnp.asarray(page_indices),
+        jnp.arange(shape.num_seqs + 1, dtype=jnp.int32) * shape.q_len,
+        jnp.array([shape.num_seqs], jnp.int32),
+    )
+    return args
+
+
+def paged_fn(impl: str, inputs: tuple):
+    """A no-argument step that, like the runner, donates the cache and keeps the result."""
+
+    @functools.partial(jax.jit, donate_argnums=(3,))
+    def run(q, k, v, cache, kv_lens, pages, cu, n):
+        return ragged_paged_attention(
+            q, k, v, cache, kv_lens, pages, cu, n, sm_scale=D**-0.5, impl=impl
+        )
+
+    state = {"cache": jnp.array(inputs[3])}
+
+    def step():
+        out, state["cache"] = run(*inputs[:3], state["cache"], *inputs[4:])
+        return out
+
+    return step
+
+
+def dense_peer(shape: Shape, args):
+    """Same attention over contiguous per-sequence K/V with XLA's dot_product_attention."""
+    q, _, _, cache, _, pages, _, _ = args
+    kv = cache[pages].reshape(shape.num_seqs, -1, HKV, 2, D)[:, : shape.kv_len]
+    k, v = kv[..., 0, :], kv[..., 1, :]
+    q = q.reshape(shape.num_seqs, shape.q_len, HQ, D)
+    first = shape.kv_len - shape.q_len
+    mask = jnp.arange(shape.kv_len)[None, :] <= first + jnp.arange(shape.q_len)[:, None]
+    mask = mask[None, None]
+
+    @jax.jit
+    def run(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=D**-0.5)
+
+    return lambda: run(q, k, v)
+
+
+def median_time(fn, iters: int) -> float:
+    jax.block_until_ready(fn())  # compile + warm
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def work(shape: Shape, itemsize: int) -> tuple[float, float]:
+    """(bytes of KV each sequence must read, attention FLOPs) for a shape."""
+    kv_bytes = shape.num_seqs * shape.kv_len * 2 * HKV * D * itemsize
+    first = shape.kv_len - shape.q_len
+    pairs = shape.num_seqs * sum(first + j + 1 for j in range(shape.q_len))
+    return kv_bytes, 4.0 * pairs * HQ * D
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--iters", type=int, default=10)
+    args = parser.parse_args()
+    dtype = jnp.dtype(args.dtype)
+    backend = jax.default_backend()
+    impls = ["reference"] + {"tpu": ["tpu"], "gpu": ["gpu"]}.get(backend, [])
+    rng = np.random.default_rng(0)
+    print(f"backend={backend} device={jax.devices()[0].device_kind} dtype={args.dtype}")
+    header = f"{'shape':30s} {'impl':10s} {'ms':>9s} {'KV GB/s':>9s} {'GFLOP/s':>9s} {'vs ref':>7s}"
+    print(header)
+    print("-" * len(header))
+    for shape in shapes_for(backend):
+        inputs = build(shape, dtype, rng)
+        kv_bytes, flops = work(shape, dtype.itemsize)
+        ref_time = None
+        runs = [(impl, paged_fn(impl, inputs)) for impl in impls]
+        runs.append(("xla_dense", dense_peer(shape, inputs)))
+        for impl, fn in runs:
+            seconds = median_time(fn, args.iters)
+            ref_time = ref_time or seconds
+            print(
+                f"{shape.name:30s} {impl:10s} {seconds * 1e3:9.3f} "
+                f"{kv_bytes / seconds / 1e9:9.2f} {flops / seconds / 1e9:9.2f} "
+                f"{ref_time / seconds:7.2f}"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""The engine end to end on a tiny random model: equal to the plain decode, no leaks, no recompiles."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from jaxllm.config import EngineConfig
+from jaxllm.conversions import load_checkpoint
+from jaxllm.engine import LLMEngine
+from jaxllm.llm import LLM
+from jaxllm.models import build_model
+from jaxllm.plain_decode import forward_logits, plain_generate
+from jaxllm.sampling_params import SamplingParams
+
+SMALL = dict(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=256, page_size=8)
+
+
+def _fresh_seed() -> int:
+    return int(np.random.SeedSequence().entropy % 2**31)
+
+
+def _prompts(seed: int, lengths, vocab: int = 512) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, vocab, size=n).tolist() for n in lengths]
+
+
+@pytest.fixture(scope="module")
+def plain_model(tiny_model_dir):
+    cfg, params = load_checkpoint(tiny_model_dir, dtype="float32")
+    return build_model(cfg, params, "float32")
+
+
+def _assert_no_leaks(engine: LLMEngine) -> None:
+    engine.scheduler.check_invariants()
+    assert not engine.scheduler.requests
+    assert engine.scheduler.allocator.num_used_pages == 0
+
+
+@pytest.mark.parametrize("variant", [
+    dict(),
+    dict(prefill_chunk_size=8),
+    dict(enable_prefix_caching=False),
+    dict(num_pages=12),  # forces preemption: 11 usable pages of 8 tokens for 6 requests
+])
+def test_greedy_equals_plain_decode(tiny_model_dir, plain_model, variant):
+    seed = _fresh_seed()
+    prompts = _prompts(seed, [5, 17, 1, 30, 9, 23])
+    prompts.append(prompts[1][:12] + [7, 8])  # shares a prefix with prompt 1
+    expected = plain_generate(plain_model, prompts, max_new_tokens=12)
+    llm = LLM(str(tiny_model_dir), **{**SMALL, **variant})
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    got = [o.outputs[0].token_ids for o in outs]
+    assert got == expected, f"seed={seed} variant={variant}"
+    assert all(o.outputs[0].finish_reason == "length" for o in outs)
+    _assert_no_leaks(llm.engine)
+    assert llm.engine.runner.recompiles == 0
+    if "num_pages" in variant:
+        assert llm.engine.scheduler.num_preemptions > 0
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    return LLMEngine(EngineConfig(model=str(tiny_model_dir), **SMALL))
+
+
+def _run(engine: LLMEngine, ids: list[str]) -> dict:
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    return {i: done[i] for i in ids if i in done}
+
+
+def test_seeded_sampling_independent_of_batch(engine):
+    seed = _fresh_seed()
+    prompt = _prompts(seed, [11])[0]
+    params = SamplingParams(temperature=1.0, top_p=0.9, seed=seed, max_tokens=10, ignore_eos=True)
+    engine.add_request("alone", prompt, params)
+    alone = _run(engine, ["alone"])["alone"].outputs[0].token_ids
+    others = _prompts(seed + 1, [3, 25, 8])
+    for i, p in enumerate(others):
+        engine.add_request(f"other{i}", p, SamplingParams(temperature=0.8, max_tokens=14,
+                                                          ignore_eos=True))
+    engine.add_request("crowd", prompt, params)
+    crowd = _run(engine, ["crowd"])["crowd"].outputs[0].token_ids
+    assert alone == crowd, f"seed={seed}"
+    _assert_no_leaks(engine)
+
+
+def test_abort_in_every_state_frees_pages(engine):
+    seed = _fresh_seed()
+    prompts = _prompts(seed, [40, 3, 60, 12, 7])
+    for i, p in enumerate(prompts):
+        engine.add_request(f"r{i}", p, SamplingParams(max_tokens=30, ignore_eos=True))
+    engine.abort_request("r4")  # waiting
+    engine.step()
+    engine.step()
+    engine.abort_request("r0")  # running / mid-prefill
+    for _ in range(3):
+        engine.step()
+    engine.abort_request("r1")  # decoding
+    engine.scheduler.check_invariants()
+    _run(engine, [])
+    _assert_no_leaks(engine)
+    assert engine.runner.recompiles == 0
+
+
+def test_logprobs_match_log_softmax(engine, plain_model):
+    seed = _fresh_seed()
+    prompt = _prompts(seed, [9])[0]
+    engine.add_request("lp", prompt, SamplingParams(temperature=0.0, max_tokens=4, logprobs=3,
+                                                    prompt_logprobs=2, ignore_eos=True))
+    out = _run(engine, ["lp"])["lp"]
+    seq = prompt + out.outputs[0].token_ids
+    logits = forward_logits(plain_model, [seq])[0].astype(np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    for j, entry in enumerate(out.outputs[0].logprobs):
+        pos = len(prompt) - 1 + j
+        tok = out.outputs[0].token_ids[j]
+        assert abs(entry[tok].logprob - logp[pos, tok]) < 1e-4
+        assert entry[tok].rank == 1  # greedy
+        top = sorted(((lp.rank, t) for t, lp in entry.items() if lp.rank <= 3))
+        assert [t for _, t in top][:3] == list(np.argsort(-logp[pos])[:3])
+    assert out.prompt_logprobs[0] is None
+    for pos in range(1, len(prompt)):
+        tok = prompt[pos]
+        assert abs(out.prompt_logprobs[pos][tok].logprob - logp[pos - 1, tok]) < 1e-4
+
+
+def test_n_samples_and_stop_strings(engine):
+    seed = _fresh_seed()
+    prompt = _prompts(seed, [21])[0]
+    engine.add_request("n3", prompt, SamplingParams(n=3, temperature=1.0, seed=seed,
+                                                    max_tokens=8, ignore_eos=True))
+    out = _run(engine, ["n3"])["n3"]
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    assert all(len(c.token_ids) == 8 for c in out.outputs)
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1
+    _assert_no_leaks(engine)
+    # a stop string taken from a greedy run's text ends the request right before it
+    engine.add_request("g", prompt, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
+    text = _run(engine, ["g"])["g"].outputs[0].text
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    if stop.strip():
+        engine.add_request("s", prompt, SamplingParams(temperature=0.0, max_tokens=12,
+                                                       ignore_eos=True, stop=[stop]))
+        res = _run(engine, ["s"])["s"].outputs[0]
+        assert res.finish_reason == "stop" and res.stop_reason == stop
+        assert res.text == text[:text.index(stop)]
+    _assert_no_leaks(engine)
+
+
+def test_bad_input_rejected_without_side_effects(engine):
+    with pytest.raises(ValueError, match="empty"):
+        engine.add_request("e", [], SamplingParams())
+    with pytest.raises(ValueError, match="max_model_len"):
+        engine.add_request("long", list(range(3, 300)), SamplingParams(max_tokens=4))
+    with pytest.raises(ValueError, match="vocabulary"):
+        engine.add_request("v", [10**6], SamplingParams())
+    engine.add_request("dup", [5, 6], SamplingParams(max_tokens=2))
+    with pytest.raises(ValueError, match="in use"):
+        engine.add_request("dup", [5, 6], SamplingParams(max_tokens=2))
+    _run(engine, ["dup"])
+    _assert_no_leaks(engine)

@@ -1,0 +1,41 @@
+"""Flags of `python -m jaxllm.server` -> EngineConfig / ServerConfig."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from jaxllm.server.cli_args import parse_args
+from jaxllm.server.server_config import ServerConfig
+
+from jaxllm.config import EngineConfig
+
+
+def test_defaults_match_the_dataclasses() -> None:
+    engine, server = parse_args([])
+    assert dataclasses.asdict(engine) == dataclasses.asdict(EngineConfig())
+    assert server == ServerConfig()
+
+
+def test_flags() -> None:
+    engine, server = parse_args([
+        "--model", "/m.gguf", "--port", "9000", "--api-key", "k", "--max-num-seqs", "8",
+        "--no-enable-prefix-caching", "--allowed-origins", '["http://a", "http://b"]',
+        "--num-pages", "100", "--dtype", "bfloat16", "--uds", "/tmp/s.sock",
+        "--reasoning-parser", "think", "--tool-call-parser", "none", "--max-waiting-requests",
+        "5", "--served-model-name", "m"])
+    assert (engine.model, engine.port, engine.api_key, engine.max_num_seqs) == ("/m.gguf", 9000,
+                                                                                 "k", 8)
+    assert engine.enable_prefix_caching is False and engine.num_pages == 100
+    assert engine.allowed_origins == ["http://a", "http://b"] and engine.uds == "/tmp/s.sock"
+    assert engine.max_waiting_requests == 5 and engine.served_model_name == "m"
+    assert server.reasoning_parser == "think" and server.tool_call_parser is None
+
+
+@pytest.mark.parametrize("argv", [["--max-num-seqs", "0"], ["--dtype", "float8"],
+                                  ["--port", "x"], ["--num-pages", "3", "--memory-fraction", "0.3"],
+                                  ["--page-size", "1"], ["--max-logprobs", "50"]])
+def test_bad_flags_exit_with_usage(argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        parse_args(argv)
+    assert e.value.code == 2
