@@ -27,7 +27,7 @@ from jaxllm.detokenizer import IncrementalDetokenizer
 from jaxllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from jaxllm.request import Request, RequestStatus
 from jaxllm.runner import ModelRunner, StepResult
-from jaxllm.sampling import engine_seed, request_key_data
+from jaxllm.sampling import request_key_data, unseeded_request_seed
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from jaxllm.step_inputs import SamplingTensorBuilder
@@ -164,7 +164,7 @@ class LLMEngine:
             cache_salt = f"prompt-logprobs-{uuid.uuid4().hex}"
         seed = params.seed
         if seed is None:
-            seed = engine_seed(self.config.seed, self._request_counter)
+            seed = unseeded_request_seed(self.config.seed, self._request_counter)
         self._request_counter += 1
         seq_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
         seqs = [Request(request_id=sid, prompt_token_ids=ids, sampling_params=params,

@@ -55,17 +55,19 @@ class ModelRunner:
         attn = _attention(attention_impl)
         self.attention_fn = attention_wrapper(attn) if attention_wrapper is not None else attn
         self._step_fn = jax.jit(self._step, donate_argnums=(1,))
+        # The sampler is its own program, compiled once per row count rather than once per
+        # (tokens, seqs, pages) bucket: compile time is what users wait for at start-up.
+        self._sample_fn = jax.jit(functools.partial(sample, max_logprobs=max_logprobs))
         self._prompt_logprobs_fn = jax.jit(self._prompt_logprobs)
         self.warm_compiles: int | None = None
         self.recompiles = 0
 
     # -- jitted bodies -------------------------------------------------------------------
-    def _step(self, state, kv_caches, input_ids, positions, md, logits_indices, tensors):
+    def _step(self, state, kv_caches, input_ids, positions, md, logits_indices):
         model = nnx.merge(self.graphdef, state)
         hidden, kv_caches = model(input_ids, positions, kv_caches, md, self.attention_fn)
         logits = model.compute_logits(hidden[logits_indices])
-        out = sample(logits, tensors, max_logprobs=self.max_logprobs)
-        return out, kv_caches, hidden
+        return logits, kv_caches, hidden
 
     def _prompt_logprobs(self, state, hidden, rows, targets):
         """Log-probabilities of `targets` and the top-k after hidden states `hidden[rows]`."""
@@ -82,11 +84,12 @@ class ModelRunner:
         md = AttentionMetadata(
             kv_lens=jnp.asarray(arrays["kv_lens"]), page_indices=jnp.asarray(arrays["page_indices"]),
             cu_q_lens=jnp.asarray(arrays["cu_q_lens"]), num_seqs=jnp.asarray(arrays["num_seqs"]))
-        before = self._step_fn._cache_size()
-        out, self.kv_caches, hidden = self._step_fn(
+        before = self.compile_count
+        logits, self.kv_caches, hidden = self._step_fn(
             self.state, self.kv_caches, jnp.asarray(arrays["input_ids"]),
-            jnp.asarray(arrays["positions"]), md, jnp.asarray(arrays["logits_indices"]), tensors)
-        self._note_compiles(before, self._step_fn._cache_size(), "step", arrays["input_ids"].shape)
+            jnp.asarray(arrays["positions"]), md, jnp.asarray(arrays["logits_indices"]))
+        out = self._sample_fn(logits, tensors)
+        self._note_compiles(before, self.compile_count, "step", arrays["page_indices"].shape)
         return out, hidden
 
     @staticmethod
@@ -131,7 +134,8 @@ class ModelRunner:
 
     @property
     def compile_count(self) -> int:
-        return self._step_fn._cache_size() + self._prompt_logprobs_fn._cache_size()
+        return (self._step_fn._cache_size() + self._sample_fn._cache_size()
+                + self._prompt_logprobs_fn._cache_size())
 
     def _note_compiles(self, before: int, after: int, what: str, shape) -> None:
         if after > before and self.warm_compiles is not None:

@@ -15,6 +15,7 @@ use); cu_q_lens [S+1]; num_seqs [1] or scalar; all int32. Token j of sequence s 
 kv_lens[s] - q_len[s] + j, is written to page page_indices[s, pos // page_size], slot
 pos % page_size, and attends causally to positions <= pos of its own sequence (within
 (pos - sliding_window, pos] when a window is set); soft_cap c maps logits to c*tanh(logits/c).
+Dtypes: float32 or bfloat16; k_new/v_new must have kv_cache's dtype; math runs in float32.
 Padding tokens and sequences write nothing and give zeros. The updated cache is returned
 (donate it under jit so XLA updates in place).
 

@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from jaxllm.errors import EngineDeadError
@@ -26,16 +27,9 @@ async def health(request: Request) -> Response:
     try:
         await get_ctx(request).engine.check_health()
     except EngineDeadError as e:
-        return Response(content=_json(error_body(str(e) or "engine is dead",
-                                                 "service_unavailable_error", None,
-                                                 "engine_dead")),
-                        status_code=503, media_type="application/json")
+        return JSONResponse(error_body(str(e) or "engine is dead", "service_unavailable_error",
+                                       None, "engine_dead"), status_code=503)
     return Response(status_code=200)
-
-
-def _json(obj: Any) -> str:
-    import json
-    return json.dumps(obj)
 
 
 def _model_card(ctx: Any) -> dict[str, Any]:
@@ -97,7 +91,7 @@ async def tokenize(req: TokenizeRequest, request: Request) -> dict[str, Any]:
             text = ctx.tokenizer.apply_chat_template(
                 messages_for_template(req.messages),
                 add_generation_prompt=req.add_generation_prompt)
-        except (ValueError, TypeError, KeyError) as e:
+        except Exception as e:  # noqa: BLE001 -- template errors are input errors
             raise bad_request(f"cannot apply the chat template: {e}", param="messages") from e
         ids = ctx.tokenizer.encode(text, add_special_tokens=False)
     else:

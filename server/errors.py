@@ -88,7 +88,8 @@ def _format_validation_errors(exc: RequestValidationError) -> tuple[str, str | N
         where = ".".join(loc)
         param = param or (where or None)
         parts.append(f"{where}: {e.get('msg', 'invalid')}" if where else str(e.get("msg", "invalid")))
-    return "; ".join(parts) or "invalid request", param
+    shown = parts[:4] + ([f"... and {len(parts) - 4} more"] if len(parts) > 4 else [])
+    return "; ".join(shown) or "invalid request", param
 
 
 def install_exception_handlers(app: FastAPI) -> None:

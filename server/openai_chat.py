@@ -120,13 +120,20 @@ def _build_prompt(ctx: ServingContext, req: ChatCompletionRequest) -> tuple[str,
             messages_for_template(req.messages),
             add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
             tools=tools, **kwargs)
-    except (ValueError, TypeError, KeyError) as e:
+    except Exception as e:  # noqa: BLE001 -- template errors (jinja raise_exception) are input errors
         raise bad_request(f"cannot apply the chat template: {e}", param="messages") from e
-    prefix = ""
+    return prompt + _forced_tool_prefix(req), _forced_tool_prefix(req)
+
+
+def _forced_tool_prefix(req: ChatCompletionRequest) -> str:
+    """Without constrained decoding, tool_choice "required" / named is enforced by opening
+    the Hermes tool-call block (and its name) in the prompt for the model to complete."""
     if isinstance(req.tool_choice, NamedToolChoice):
         name = json.dumps(req.tool_choice.function.name, ensure_ascii=False)
-        prefix = '<tool_call>\n{"name": ' + name + ', "arguments": '
-    return prompt + prefix, prefix
+        return '<tool_call>\n{"name": ' + name + ', "arguments": '
+    if req.tool_choice == "required" and req.tools:
+        return '<tool_call>\n{"name": "'
+    return ""
 
 
 def _processor(ctx: ServingContext, req: ChatCompletionRequest, prefix: str) -> ChatChoiceProcessor:
@@ -193,8 +200,9 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request) -
         content, reasoning = c1 + c2, r1 + r2
         message: dict[str, Any] = {"role": "assistant",
                                    "content": content if (content or not proc.tool_calls) else None}
-        if proc.tool_calls:
-            message["tool_calls"] = [tool_call_json(c) for c in proc.tool_calls]
+        calls = proc.tool_calls if req.parallel_tool_calls is not False else proc.tool_calls[:1]
+        if calls:
+            message["tool_calls"] = [tool_call_json(c) for c in calls]
         if reasoning_on:
             message["reasoning_content"] = reasoning or None
         logprobs = None
@@ -260,6 +268,8 @@ async def _stream(ctx: ServingContext, req: ChatCompletionRequest, prefix: str, 
                 delta["reasoning_content"] = reasoning
             if content:
                 delta["content"] = content
+            if req.parallel_tool_calls is False:
+                calls = [c for c in calls if c.index == 0]
             if calls:
                 delta["tool_calls"] = [tool_call_delta_json(c) for c in calls]
             logprobs = None

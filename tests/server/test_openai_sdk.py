@@ -211,3 +211,18 @@ def test_mid_stream_error_raises_in_the_sdk(client: openai.OpenAI) -> None:
     with pytest.raises(openai.APIError):
         for _ in stream:
             pass
+
+
+def test_chat_required_tool_choice_and_no_parallel_calls(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(
+        model=MODEL, tools=TOOLS, tool_choice="required", messages=[
+            {"role": "user", "content": 'SAY:get_weather", "arguments": {"city": "Rome"}}'
+                                        '</tool_call><tool_call>{"name": "get_weather", '
+                                        '"arguments": {}}</tool_call>'}])
+    assert r.choices[0].finish_reason == "tool_calls"
+    assert [json.loads(c.function.arguments) for c in r.choices[0].message.tool_calls] == [
+        {"city": "Rome"}, {}]
+    r = client.chat.completions.create(
+        model=MODEL, tools=TOOLS, messages=[{"role": "user", "content": "SAY:" + TOOL_TEXT * 2}],
+        parallel_tool_calls=False)
+    assert len(r.choices[0].message.tool_calls) == 1
