@@ -70,7 +70,7 @@ def start_server(app: Any) -> tuple[uvicorn.Server, threading.Thread, str]:
 @pytest.fixture(scope="module")
 def live_server() -> Iterator[LiveServer]:
     key = "test-key"
-    app, engine = make_app(api_key=key, max_model_len=None)
+    app, engine = make_app(FakeEngine(max_model_len=1024), api_key=key)
     server, thread, url = start_server(app)
     try:
         yield LiveServer(url, engine, key)

@@ -196,7 +196,7 @@ def test_errors_have_the_right_types(client: openai.OpenAI, live_server: LiveSer
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=MODEL, prompt="x", temperature=-3)
     with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model=MODEL, prompt="x" * 300, max_tokens=10)
+        client.completions.create(model=MODEL, prompt="x" * 1020, max_tokens=10)
     assert "maximum context length" in str(e.value)
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
