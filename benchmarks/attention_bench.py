@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from jaxllm.kernels import ragged_paged_attention
 
 HQ, HKV, D, PAGE = 9, 3, 64, 16

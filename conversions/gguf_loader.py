@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from jaxllm.conversions.common import LoadedCheckpoint, resolve_dtype
 from tqdm.auto import tqdm
 
 from jaxllm.config import ModelConfig
+from jaxllm.conversions.common import LoadedCheckpoint, resolve_dtype
 from jaxllm.models.params import check_params, expected_param_shapes
 
 logger = logging.getLogger(__name__)

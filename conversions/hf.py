@@ -2,21 +2,22 @@
 
 Every tensor is checked against `expected_param_shapes` before any is read, so a missing or
 misshapen tensor fails fast with its HF name and file; then tensors are read one at a time
-from memory-mapped files, transposed from PyTorch's [out, in] to [in, out] and cast.
+through the `safetensors` library, transposed from PyTorch's [out, in] to [in, out] and cast.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
-from jaxllm.conversions.common import LoadedCheckpoint, resolve_dtype
-from jaxllm.conversions.safetensors_reader import SafetensorsFile
 from tqdm.auto import tqdm
 
 from jaxllm.config import ModelConfig
+from jaxllm.conversions.common import LoadedCheckpoint, resolve_dtype
+from jaxllm.conversions.safetensors_reader import SafetensorsFile
 from jaxllm.models.params import check_params, expected_param_shapes
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,8 @@ _TOP_NAMES: dict[str, tuple[str, bool]] = {
     "model.norm.weight": ("final_norm.scale", False),
     "lm_head.weight": ("lm_head.kernel", True),
 }
+# Safetensors dtype codes we load as weights -> numpy dtype names.
+_FLOAT_CODES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 # Buffers some older checkpoints saved that carry no learned information.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -74,7 +77,11 @@ def is_hf_dir(path: Path) -> bool:
 
 
 def _open_files(path: Path) -> dict[str, SafetensorsFile]:
-    """HF tensor name -> the open file holding it (single file or sharded via the index)."""
+    """HF tensor name -> the open file holding it (single file or sharded via the index).
+
+    On error, files opened so far are closed; on success the caller closes them (see
+    `_close_all`).
+    """
     if (path / INDEX_FILE).is_file():
         try:
             weight_map = json.loads((path / INDEX_FILE).read_text())["weight_map"]
@@ -82,13 +89,17 @@ def _open_files(path: Path) -> dict[str, SafetensorsFile]:
             raise ValueError(f"{path / INDEX_FILE}: not a valid safetensors index ({e})") from e
         files: dict[str, SafetensorsFile] = {}
         by_name: dict[str, SafetensorsFile] = {}
-        for name, fname in weight_map.items():
-            if fname not in files:
-                files[fname] = SafetensorsFile(path / fname)
-            if name not in files[fname].keys():
-                raise ValueError(f"{path / INDEX_FILE}: tensor {name} is listed in {fname} "
-                                 f"but that file does not contain it")
-            by_name[name] = files[fname]
+        try:
+            for name, fname in weight_map.items():
+                if fname not in files:
+                    files[fname] = SafetensorsFile(path / fname)
+                if name not in files[fname]:
+                    raise ValueError(f"{path / INDEX_FILE}: tensor {name} is listed in {fname} "
+                                     f"but that file does not contain it")
+                by_name[name] = files[fname]
+        except BaseException:
+            _close_all(files.values())
+            raise
         return by_name
     if (path / SINGLE_FILE).is_file():
         f = SafetensorsFile(path / SINGLE_FILE)
@@ -99,14 +110,18 @@ def _open_files(path: Path) -> dict[str, SafetensorsFile]:
     raise FileNotFoundError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE}")
 
 
+def _close_all(files: Iterable[SafetensorsFile]) -> None:
+    for f in {id(f): f for f in files}.values():
+        f.close()
+
+
 def _checkpoint_dtype(cfg: ModelConfig, files: dict[str, SafetensorsFile]) -> str:
     """The dtype the weights are stored in (the embedding's), falling back to config.json."""
     name = "model.embed_tokens.weight"
     if name in files:
-        dt = files[name].dtype(name)
-        for candidate in ("float32", "float16", "bfloat16"):
-            if dt.name == candidate:
-                return candidate
+        stored = _FLOAT_CODES.get(files[name].dtype_code(name))
+        if stored in ("float32", "float16", "bfloat16"):
+            return stored
     return cfg.torch_dtype
 
 
@@ -116,8 +131,22 @@ def load_hf_dir(path: str | Path, dtype: str = "auto", progress: bool = False) -
     hf_config = json.loads((path / "config.json").read_text())
     cfg = ModelConfig.from_hf_dict(hf_config)
     files = _open_files(path)
-    expected = expected_param_shapes(cfg)
+    try:
+        params = _read_params(path, cfg, files, dtype, progress)
+    finally:
+        _close_all(files.values())
+    check_params(cfg, params, str(path))
 
+    gen_path = path / "generation_config.json"
+    generation_config = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+    return LoadedCheckpoint(config=cfg, params=params, generation_config=generation_config,
+                            tokenizer_path=path, source_format="hf", hf_config=hf_config)
+
+
+def _read_params(path: Path, cfg: ModelConfig, files: dict[str, SafetensorsFile], dtype: str,
+                 progress: bool) -> dict[str, np.ndarray]:
+    """Validate every tensor's name, shape and dtype against `cfg`, then read them one by one."""
+    expected = expected_param_shapes(cfg)
     plan: list[tuple[str, str, bool]] = []
     for hf_name, f in files.items():
         mapped = hf_to_jaxllm_name(hf_name)
@@ -136,8 +165,9 @@ def load_hf_dir(path: str | Path, dtype: str = "auto", progress: bool = False) -
         if f.shape(hf_name) != want:
             raise ValueError(f"{f.path}: tensor {hf_name} has shape {f.shape(hf_name)}, "
                              f"expected {want} from config.json")
-        if f.dtype(hf_name).kind != "f" and f.dtype(hf_name).name != "bfloat16":
-            raise ValueError(f"{f.path}: tensor {hf_name} has non-float dtype {f.dtype(hf_name)}")
+        if f.dtype_code(hf_name) not in _FLOAT_CODES:
+            raise ValueError(f"{f.path}: tensor {hf_name} has non-float dtype "
+                             f"{f.dtype_code(hf_name)}")
         plan.append((hf_name, name, transpose))
     missing = sorted(set(expected) - {name for _, name, _ in plan})
     if missing:
@@ -149,11 +179,6 @@ def load_hf_dir(path: str | Path, dtype: str = "auto", progress: bool = False) -
     out_dtype = resolve_dtype(dtype, ckpt_dtype)
     params: dict[str, np.ndarray] = {}
     for hf_name, name, transpose in tqdm(plan, desc="loading", unit="tensor", disable=not progress):
-        a = files[hf_name].get(hf_name)
-        params[name] = np.array(a.T if transpose else a, dtype=out_dtype, order="C")
-    check_params(cfg, params, str(path))
-
-    gen_path = path / "generation_config.json"
-    generation_config = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
-    return LoadedCheckpoint(config=cfg, params=params, generation_config=generation_config,
-                            tokenizer_path=path, source_format="hf", hf_config=hf_config)
+        a = files[hf_name].get(hf_name)  # a fresh array; cast/transpose copy at most once more
+        params[name] = np.ascontiguousarray(a.T if transpose else a, dtype=out_dtype)
+    return params

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from jaxllm.conversions.common import LoadedCheckpoint, dtype_name, resolve_dtype
 
 from jaxllm.config import ModelConfig
+from jaxllm.conversions.common import LoadedCheckpoint, dtype_name, resolve_dtype
 from jaxllm.models.params import check_params
 
 logger = logging.getLogger(__name__)

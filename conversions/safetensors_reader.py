@@ -1,99 +1,76 @@
-"""A memory-mapped safetensors reader that returns numpy arrays, bfloat16 included.
+"""One .safetensors file read through the `safetensors` library, with errors that name it.
 
-`safetensors`' own numpy backend cannot return bfloat16, and its other backends would pull
-in torch or place arrays on a device. The format is a little-endian u64 header length, a
-JSON header `{name: {dtype, shape, data_offsets}}` and one flat data region, so reading it
-with `np.memmap` is short, touches only the tensors asked for, and lets us validate every
-offset (a truncated or corrupt file becomes a clear error instead of garbage weights).
+The library does the parsing and validation (header, offsets, truncation) and returns one
+tensor at a time as a fresh numpy array, bfloat16 included; this wrapper only turns its
+`SafetensorError`s into `ValueError`s that name the file and tensor, and caches the names.
 """
 
 from __future__ import annotations
 
-import json
-import struct
 from pathlib import Path
+from types import TracebackType
 
-import ml_dtypes
+# safetensors' numpy backend builds bfloat16 arrays with np.dtype("bfloat16"), a name numpy
+# only knows once ml_dtypes is imported (it registers the type). Import it before any read.
+import ml_dtypes  # noqa: F401
 import numpy as np
-
-_DTYPES: dict[str, np.dtype] = {
-    "F64": np.dtype(np.float64),
-    "F32": np.dtype(np.float32),
-    "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-    "I64": np.dtype(np.int64),
-    "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16),
-    "I8": np.dtype(np.int8),
-    "U8": np.dtype(np.uint8),
-    "BOOL": np.dtype(np.bool_),
-}
-
-_MAX_HEADER_BYTES = 100 << 20
+from safetensors import SafetensorError, safe_open
 
 
 class SafetensorsFile:
-    """Header of one .safetensors file plus lazy, validated access to its tensors."""
+    """An open .safetensors file: tensor names, header shape/dtype, and per-tensor reads.
+
+    Opening parses only the header; `get` copies one tensor out of the memory-mapped file,
+    so peak memory while loading is about one tensor. Use as a context manager or `close()`.
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"safetensors file not found: {self.path}")
-        size = self.path.stat().st_size
-        with self.path.open("rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ValueError(f"{self.path}: corrupt safetensors file (shorter than 8 bytes)")
-            (header_len,) = struct.unpack("<Q", head)
-            if header_len > min(size - 8, _MAX_HEADER_BYTES):
-                raise ValueError(f"{self.path}: corrupt safetensors file (header length "
-                                 f"{header_len} does not fit in {size} bytes)")
-            raw = f.read(header_len)
         try:
-            header = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{self.path}: corrupt safetensors file (bad JSON header: {e})") from e
-        if not isinstance(header, dict):
-            raise ValueError(f"{self.path}: corrupt safetensors file (header is not an object)")
-        header.pop("__metadata__", None)
-        self._data_start = 8 + header_len
-        self._data_len = size - self._data_start
-        self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
-        for name, entry in header.items():
-            self._entries[name] = self._validate(name, entry)
+            self._handle = safe_open(self.path, framework="numpy")
+        except SafetensorError as e:
+            raise ValueError(f"{self.path}: corrupt or truncated safetensors file ({e})") from e
+        self._keys = tuple(self._handle.keys())
+        self._names = frozenset(self._keys)
 
-    def _validate(self, name: str, entry: object) -> tuple[np.dtype, tuple[int, ...], int, int]:
+    def keys(self) -> tuple[str, ...]:
+        return self._keys
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    def _slice(self, name: str):
+        if name not in self._names:
+            raise KeyError(f"tensor {name} not in {self.path}")
         try:
-            dtype_s, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-            shape = tuple(int(s) for s in shape)
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{self.path}: corrupt header entry for tensor {name}") from e
-        if dtype_s not in _DTYPES:
-            raise ValueError(f"{self.path}: tensor {name} has unsupported dtype {dtype_s}")
-        dtype = _DTYPES[dtype_s]
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        if not (0 <= begin <= end <= self._data_len) or end - begin != nbytes:
-            raise ValueError(f"{self.path}: corrupt or truncated safetensors file: tensor {name} "
-                             f"claims bytes [{begin}, {end}) but the data region has "
-                             f"{self._data_len} bytes and the tensor needs {nbytes}")
-        return dtype, shape, begin, end
-
-    def keys(self) -> list[str]:
-        return list(self._entries)
+            return self._handle.get_slice(name)
+        except SafetensorError as e:
+            raise ValueError(f"{self.path}: cannot read header of tensor {name} ({e})") from e
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self._entries[name][1]
+        return tuple(self._slice(name).get_shape())
 
-    def dtype(self, name: str) -> np.dtype:
-        return self._entries[name][0]
+    def dtype_code(self, name: str) -> str:
+        """The safetensors dtype code from the header ("F32", "BF16", "I64", ...)."""
+        return self._slice(name).get_dtype()
 
     def get(self, name: str) -> np.ndarray:
-        """The tensor as a read-only memory-mapped array (no copy until the caller makes one)."""
-        if name not in self._entries:
+        """The tensor as a new numpy array (a copy; the file may be closed afterwards)."""
+        if name not in self._names:
             raise KeyError(f"tensor {name} not in {self.path}")
-        dtype, shape, begin, end = self._entries[name]
-        if end == begin:
-            return np.zeros(shape, dtype)
-        mm = np.memmap(self.path, dtype=np.uint8, mode="r", offset=self._data_start + begin,
-                       shape=(end - begin,))
-        return mm.view(dtype).reshape(shape)
+        try:
+            return self._handle.get_tensor(name)
+        except (SafetensorError, TypeError) as e:
+            raise ValueError(f"{self.path}: cannot read tensor {name} ({e})") from e
+
+    def close(self) -> None:
+        self._handle.__exit__(None, None, None)
+
+    def __enter__(self) -> SafetensorsFile:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()

@@ -24,6 +24,7 @@ from jaxllm.cache.kv_cache import allocate_kv_caches, bytes_per_page, pages_for_
 from jaxllm.cache.manager import KVCacheManager
 from jaxllm.config import EngineConfig
 from jaxllm.detokenizer import IncrementalDetokenizer
+from jaxllm.loading import EngineParts, load_engine_parts
 from jaxllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from jaxllm.request import Request, RequestStatus
 from jaxllm.runner import ModelRunner, StepResult
@@ -95,11 +96,10 @@ class _Tracked:
 class LLMEngine:
     """Owns the tokenizer, scheduler, runner and per-request output state."""
 
-    def __init__(self, config: EngineConfig) -> None:
-        from jaxllm.loading import load_engine_parts
-
+    def __init__(self, config: EngineConfig, parts: EngineParts | None = None) -> None:
+        """`parts`: pre-built model and hooks (a data-parallel slice); None loads from config."""
         self.config = config
-        parts = load_engine_parts(config)
+        parts = parts if parts is not None else load_engine_parts(config)
         self.model_config = parts.model_config
         self.tokenizer: Tokenizer = parts.tokenizer
         self.generation_config: dict[str, Any] = parts.generation_config
@@ -122,7 +122,8 @@ class LLMEngine:
             cache, self.buckets)
         kv = allocate_kv_caches(self.model_config, num_pages, self.page_size, self.dtype,
                                 sharding=parts.kv_sharding)
-        self.runner = ModelRunner(parts.model, kv, attention_impl=config.attention_impl,
+        make_runner = parts.make_runner or ModelRunner  # multi-host leaders broadcast steps
+        self.runner = make_runner(parts.model, kv, attention_impl=config.attention_impl,
                                   attention_wrapper=parts.attention_wrapper)
         self.tensors = SamplingTensorBuilder(self.model_config.vocab_size)
         self._tracked: dict[str, _Tracked] = {}

@@ -1,7 +1,11 @@
 """Everything the engine needs before it can run: model, tokenizer and resolved sizes.
 
-Kept apart from the engine so the loop reads as scheduling and stepping only. Tensor / data
-parallel placement hooks in here (`kv_sharding`, `attention_wrapper`) when a mesh is used.
+Kept apart from the engine so the loop reads as scheduling and stepping only. Tensor parallel
+placement happens here: the checkpoint is read once to host memory, attention heads are
+padded to fit the tensor-parallel size (jaxllm.parallel.head_padding), each parameter is
+placed on its slice of the mesh by the named rules, and the engine gets the KV-cache sharding
+and the shard_map attention wrapper through `EngineParts`. Data parallel builds one
+`EngineParts` per data slice of the mesh from the same host copy (`load_engine_parts_per_slice`).
 """
 
 from __future__ import annotations
@@ -14,9 +18,21 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxllm.config import EngineConfig, ModelConfig
 from jaxllm.models.llama import LlamaModel, build_model, resolve_dtype
+from jaxllm.parallel import (
+    data_slice_meshes,
+    flat_param_shardings,
+    kv_cache_sharding,
+    make_mesh,
+    pad_heads_for_tp,
+    place_array,
+    shard_attention,
+    shard_model,
+)
 from jaxllm.tokenizer import Tokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -26,6 +42,9 @@ DEFAULT_MAX_MODEL_LEN = 4096
 
 @dataclass
 class EngineParts:
+    """What one engine runs on. `model_config` is the config of the model as built: under
+    tensor parallelism its head counts are the padded ones (the KV cache is sized from it)."""
+
     model_config: ModelConfig
     model: LlamaModel
     tokenizer: Tokenizer
@@ -36,6 +55,10 @@ class EngineParts:
     dtype: jnp.dtype
     kv_sharding: Any = None
     attention_wrapper: Callable | None = None
+    mesh: Mesh | None = None  # None: single device, no sharding machinery at all
+    # Builds the ModelRunner (same signature as ModelRunner); None: ModelRunner itself.
+    # Multi-host leaders use it to broadcast each step's inputs (jaxllm.multihost).
+    make_runner: Callable | None = None
 
 
 def resolve_model_path(model: str | None) -> Path:
@@ -51,26 +74,137 @@ def resolve_model_path(model: str | None) -> Path:
     return path
 
 
-def load_engine_parts(config: EngineConfig) -> EngineParts:
-    from jaxllm.conversions import load_checkpoint
+def engine_mesh(config: EngineConfig) -> Mesh | None:
+    """The [data, model] mesh the config asks for; None for one device in one process.
 
+    In one process, the first tp * dp devices are used (more may exist, e.g. simulated
+    CPU devices). Across processes every device must be in the mesh: a process without a
+    device in it would have nothing to run.
+    """
+    tp, dp = config.tensor_parallel_size, config.data_parallel_size
+    if tp * dp == 1 and config.num_processes == 1:
+        return None
+    devices = jax.devices()
+    want = tp * dp
+    if config.num_processes > 1 or jax.process_count() > 1:
+        if len(devices) != want:
+            raise ValueError(
+                f"tensor_parallel_size={tp} x data_parallel_size={dp} = {want} must equal the "
+                f"{len(devices)} devices of all {jax.process_count()} processes")
+    elif len(devices) < want:
+        raise ValueError(
+            f"tensor_parallel_size={tp} x data_parallel_size={dp} needs {want} devices, but "
+            f"only {len(devices)} {jax.default_backend()} device(s) are available")
+    elif len(devices) > want:
+        logger.info("using %d of %d devices for tp=%d x dp=%d", want, len(devices), tp, dp)
+    return make_mesh(tp, dp, devices[:want])
+
+
+@dataclass
+class _HostModel:
+    """A checkpoint read to host memory, heads padded for the tensor-parallel size."""
+
+    config: ModelConfig
+    params: dict[str, np.ndarray]
+    tokenizer: Tokenizer
+    generation_config: dict[str, Any]
+    name: str
+    dtype: jnp.dtype
+
+
+def _enable_compilation_cache(config: EngineConfig) -> None:
     if config.compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def _load_host_model(config: EngineConfig) -> _HostModel:
+    from jaxllm.conversions import load_checkpoint
+
     path = resolve_model_path(config.model)
     ckpt = load_checkpoint(path, dtype=config.dtype)
-    cfg = ckpt.config
-    dtype = resolve_dtype(config.dtype, cfg.torch_dtype)
+    dtype = jnp.dtype(resolve_dtype(config.dtype, ckpt.config.torch_dtype))
     tokenizer = load_tokenizer(ckpt.tokenizer_path or path)
+    cfg, params = ckpt.config, ckpt.params
+    if config.tensor_parallel_size > 1:
+        padded, params = pad_heads_for_tp(cfg, params, config.tensor_parallel_size)
+        if (padded.num_heads, padded.num_kv_heads) != (cfg.num_heads, cfg.num_kv_heads):
+            logger.info("heads %d q / %d kv rearranged to %d q / %d kv for tensor_parallel_size=%d",
+                        cfg.num_heads, cfg.num_kv_heads, padded.num_heads, padded.num_kv_heads,
+                        config.tensor_parallel_size)
+        cfg = padded
+    name = path.stem if path.is_file() else path.name
+    return _HostModel(cfg, params, tokenizer, dict(ckpt.generation_config), name, dtype)
+
+
+def _parts_on(config: EngineConfig, host: _HostModel, mesh: Mesh | None) -> EngineParts:
+    """Build the model (placed on `mesh` when given) and the engine's hooks for it."""
+    cfg = host.config
     max_len = config.max_model_len or min(cfg.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
     if max_len > cfg.max_position_embeddings:
         logger.warning("max_model_len %d exceeds the model's max_position_embeddings %d",
                        max_len, cfg.max_position_embeddings)
-    page_size = config.page_size or (16 if jax.default_backend() == "cpu" else 64)
-    model = build_model(cfg, ckpt.params, dtype)
-    del ckpt.params
-    name = path.stem if path.is_file() else path.name
-    return EngineParts(model_config=cfg, model=model, tokenizer=tokenizer,
-                       generation_config=dict(ckpt.generation_config), default_name=name,
-                       max_model_len=max_len, page_size=page_size, dtype=jnp.dtype(dtype))
+    backend = jax.default_backend()
+    page_size = config.page_size or (16 if backend == "cpu" else 64)
+    kv_sharding = attention_wrapper = None
+    if mesh is None:
+        model = build_model(cfg, host.params, host.dtype)
+    else:
+        # Each parameter goes straight to its slices (no full copy on one device first).
+        shardings = flat_param_shardings({k: v.shape for k, v in host.params.items()}, mesh)
+        placed = {k: place_array(v, shardings[k]) for k, v in host.params.items()}
+        model = shard_model(build_model(cfg, placed, host.dtype), mesh)
+        kv_sharding = _without_trailing_none(kv_cache_sharding(mesh))
+        attention_wrapper = _AttentionWrapper(mesh)
+    return EngineParts(model_config=cfg, model=model, tokenizer=host.tokenizer,
+                       generation_config=dict(host.generation_config), default_name=host.name,
+                       max_model_len=max_len, page_size=page_size, dtype=host.dtype,
+                       kv_sharding=kv_sharding, attention_wrapper=attention_wrapper, mesh=mesh)
+
+
+def _without_trailing_none(sharding: NamedSharding) -> NamedSharding:
+    """The same sharding spelled as jit spells its outputs (P(None, None, 'model'), not
+    P(None, None, 'model', None)): the step donates the caches and gets them back, and an
+    input sharding that merely compares unequal would compile every bucket a second time."""
+    spec = list(sharding.spec)
+    while spec and spec[-1] is None:
+        spec.pop()
+    return NamedSharding(sharding.mesh, PartitionSpec(*spec))
+
+
+@dataclass(frozen=True)
+class _AttentionWrapper:
+    """attention fn -> the same fn run per `model` shard on its local heads (shard_map)."""
+
+    mesh: Mesh
+
+    def __call__(self, attn_fn: Callable) -> Callable:
+        return shard_attention(attn_fn, self.mesh)
+
+
+def load_engine_parts(config: EngineConfig, mesh: Mesh | None = None) -> EngineParts:
+    """Parts of one engine: on `mesh` if given, else on the mesh the config asks for.
+
+    A config with data_parallel_size > 1 needs one engine per data slice: use
+    `load_engine_parts_per_slice` (the data-parallel engine does).
+    """
+    _enable_compilation_cache(config)
+    if mesh is None:
+        if config.data_parallel_size > 1:
+            raise ValueError(
+                "data_parallel_size > 1 runs one engine per data slice, which is a serving "
+                "feature: use jaxllm.dp_engine.create_async_engine (or the server); "
+                "an offline LLM runs one engine (data_parallel_size=1)")
+        mesh = engine_mesh(config)
+    return _parts_on(config, _load_host_model(config), mesh)
+
+
+def load_engine_parts_per_slice(config: EngineConfig) -> list[EngineParts]:
+    """One `EngineParts` per data slice of the config's mesh; the checkpoint is read once."""
+    _enable_compilation_cache(config)
+    host = _load_host_model(config)
+    mesh = engine_mesh(config)
+    if mesh is None:
+        return [_parts_on(config, host, None)]
+    return [_parts_on(config, host, sub) for sub in data_slice_meshes(mesh)]

@@ -9,11 +9,13 @@ that cannot compile it (CPU) runs it in Pallas interpret mode.
 from __future__ import annotations
 
 import jax
+
+from jaxllm.kernels.cpu import ragged_paged_attention_cpu
 from jaxllm.kernels.metadata import AttentionMetadata
 from jaxllm.kernels.reference import ragged_paged_attention_reference
 from jaxllm.kernels.validation import validate_inputs
 
-IMPLEMENTATIONS = ("reference", "tpu", "gpu")
+IMPLEMENTATIONS = ("reference", "cpu", "tpu", "gpu")
 
 
 def default_impl(backend: str | None = None) -> str:
@@ -56,6 +58,8 @@ def ragged_paged_attention(
     opts = dict(sm_scale=float(sm_scale), sliding_window=sliding_window, soft_cap=soft_cap)
     if impl == "reference":
         return ragged_paged_attention_reference(*args, **opts)
+    if impl == "cpu":
+        return ragged_paged_attention_cpu(*args, **opts)
     backend = jax.default_backend()
     if impl == "tpu":
         from jaxllm.kernels.tpu import ragged_paged_attention_tpu

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
+
 from jaxllm.kernels.block_sizes import gpu_kv_splits, gpu_query_block
 from jaxllm.kernels.ragged_layout import (
     block_sequence_ranges,

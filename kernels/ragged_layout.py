@@ -14,9 +14,11 @@ import jax
 import jax.numpy as jnp
 
 
+@jax.tree_util.register_dataclass
 @dataclass(frozen=True)
 class TokenLayout:
-    """Per-token view of a ragged batch (all arrays have length T)."""
+    """Per-token view of a ragged batch (all arrays have length T); a pytree, so it can cross
+    lax.cond / jit boundaries."""
 
     seq_ids: jax.Array  # int32 [T]: sequence of the token (clamped into [0, S) for padding)
     positions: jax.Array  # int32 [T]: absolute position of the token in its sequence

@@ -18,6 +18,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
 from jaxllm.kernels.block_sizes import reference_token_block
 from jaxllm.kernels.ragged_layout import TokenLayout, token_layout, write_new_kv
 

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+
 from jaxllm.kernels.block_sizes import tpu_query_block
 from jaxllm.kernels.ragged_layout import (
     block_sequence_ranges,

@@ -9,8 +9,8 @@ import importlib.metadata
 
 import numpy as np
 import pytest
-from jaxllm.conversions import load_checkpoint, main
 
+from jaxllm.conversions import load_checkpoint, main
 from jaxllm.default_model import INSTALL_HINT, default_model_path
 
 pytestmark = pytest.mark.slow

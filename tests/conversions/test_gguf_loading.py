@@ -5,10 +5,10 @@ from __future__ import annotations
 import gguf
 import numpy as np
 import pytest
-from jaxllm.conversions import detect_format, load_checkpoint, save_checkpoint
-from jaxllm.conversions.gguf_loader import unpermute_rope_rows
 
 from jaxllm.config import ModelConfig
+from jaxllm.conversions import detect_format, load_checkpoint, save_checkpoint
+from jaxllm.conversions.gguf_loader import unpermute_rope_rows
 from tests.conversions.tiny_gguf import llama_cpp_permute, quant_roundtrip, write_llama_gguf
 from tests.conversions.tiny_hf import expected_flat
 

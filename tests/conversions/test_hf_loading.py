@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 import struct
 
 import ml_dtypes
 import numpy as np
 import pytest
-from jaxllm.conversions import LoadedCheckpoint, detect_format, load_checkpoint
 
 from jaxllm.config import ModelConfig
+from jaxllm.conversions import LoadedCheckpoint, detect_format, load_checkpoint
 from tests.conversions.tiny_hf import VARIANTS, expected_flat, make_model, save_model
 
 
@@ -130,7 +131,43 @@ def test_corrupt_safetensors(tmp_path, damage):
     else:
         data = struct.pack("<Q", 1 << 40) + data[8:]
     path.write_bytes(data)
-    with pytest.raises(ValueError, match="corrupt"):
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: corrupt"):
+        load_checkpoint(tmp_path)
+
+
+def test_sharded_errors_name_the_shard(tmp_path):
+    save_model(make_model("llama_tied", seed=9), tmp_path, max_shard_size="20KB")
+    index_path = tmp_path / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    rng = np.random.default_rng()
+    victim = tmp_path / shards[rng.integers(len(shards))]
+    victim.write_bytes(victim.read_bytes()[: -int(rng.integers(1, 64))])
+    with pytest.raises(ValueError, match=rf"{re.escape(str(victim))}: corrupt or truncated"):
+        load_checkpoint(tmp_path)
+    victim.unlink()
+    with pytest.raises(FileNotFoundError, match=re.escape(str(victim))):
+        load_checkpoint(tmp_path)
+
+
+def test_index_entry_absent_from_its_shard(tmp_path):
+    save_model(make_model("llama_tied", seed=10), tmp_path, max_shard_size="20KB")
+    index_path = tmp_path / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"]["model.layers.0.mlp.extra.weight"] = sorted(index["weight_map"].values())[0]
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="model.layers.0.mlp.extra.weight is listed in"):
+        load_checkpoint(tmp_path)
+
+
+def test_non_float_tensor_is_named(tmp_path):
+    save_model(make_model("llama_tied", seed=12), tmp_path)
+    name = "model.norm.weight"
+
+    def to_int(t):
+        t[name] = np.arange(t[name].size, dtype=np.int32)
+    _rewrite_safetensors(tmp_path / "model.safetensors", to_int)
+    with pytest.raises(ValueError, match=rf"{name} has non-float dtype I32"):
         load_checkpoint(tmp_path)
 
 

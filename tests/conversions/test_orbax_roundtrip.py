@@ -8,10 +8,10 @@ import jax
 import ml_dtypes
 import numpy as np
 import pytest
-from jaxllm.conversions import load_checkpoint, main, save_checkpoint
-from jaxllm.conversions.orbax_io import flatten, model_config_to_hf_dict, nest
 
 from jaxllm.config import ModelConfig
+from jaxllm.conversions import load_checkpoint, main, save_checkpoint
+from jaxllm.conversions.orbax_io import flatten, model_config_to_hf_dict, nest
 from tests.conversions.tiny_hf import VARIANTS, make_model, save_model
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jaxllm.kernels import ragged_paged_attention
 
+from jaxllm.kernels import ragged_paged_attention
 from tests.kernels.ragged_cases import make_case, oracle, rel_err, rel_norm_err
 
 CASES = {

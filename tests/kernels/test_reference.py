@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jaxllm.kernels import AttentionMetadata, ragged_paged_attention_from_metadata
 
+from jaxllm.kernels import AttentionMetadata, ragged_paged_attention_from_metadata
 from tests.kernels.ragged_cases import make_case, oracle, rel_err
 
 MIXED = [(37, 1), (20, 20), (50, 13), (100, 1), (3, 3)]  # decode, prefill, chunk, long, tiny

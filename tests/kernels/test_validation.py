@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
 from jaxllm.kernels import (
     AttentionMetadata,
     default_impl,

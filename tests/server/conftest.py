@@ -13,10 +13,10 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
-from jaxllm.server.app import build_app
-from jaxllm.server.server_config import ServerConfig
 
 from jaxllm.config import EngineConfig
+from jaxllm.server.app import build_app
+from jaxllm.server.server_config import ServerConfig
 
 from .fake_engine import FakeEngine
 

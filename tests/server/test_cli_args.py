@@ -5,10 +5,10 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from jaxllm.server.cli_args import parse_args
-from jaxllm.server.server_config import ServerConfig
 
 from jaxllm.config import EngineConfig
+from jaxllm.server.cli_args import parse_args
+from jaxllm.server.server_config import ServerConfig
 
 
 def test_defaults_match_the_dataclasses() -> None:

@@ -7,6 +7,7 @@ import json
 
 import httpx
 import pytest
+
 from jaxllm.server.server_config import ServerConfig
 
 from .conftest import asgi_client, make_app

@@ -7,6 +7,7 @@ import json
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from jaxllm.server.chat_output import ChatChoiceProcessor
 from jaxllm.server.reasoning import split_reasoning
 from jaxllm.server.tool_parser import HermesToolParser, parse_tool_calls

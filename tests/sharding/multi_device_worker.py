@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jaxllm.kernels import ragged_paged_attention
 
 from jaxllm.cache.kv_cache import kv_cache_shape
+from jaxllm.kernels import ragged_paged_attention
 from jaxllm.models import build_model
 from jaxllm.models.dense_attention import DenseMetadata, dense_causal_attention
 from jaxllm.parallel import (

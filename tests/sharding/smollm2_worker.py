@@ -11,8 +11,8 @@ import sys
 
 import jax
 import numpy as np
-from jaxllm.conversions import load_checkpoint
 
+from jaxllm.conversions import load_checkpoint
 from jaxllm.models import build_model
 from jaxllm.parallel import data_slice_meshes, make_mesh, pad_heads_for_tp, shard_model
 from jaxllm.plain_decode import forward_logits, plain_generate

@@ -1,0 +1,94 @@
+"""The CPU implementation against its twin, the reference, and the float64 oracle.
+
+Decode steps (token i = sequence i, T == S) take the CPU's own loop-free path; steps with
+prefill chunks, or more tokens than sequence slots, take the general path. Both are checked,
+as is the on-device choice between them (a step that looks like decode but is not).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxllm.kernels import ragged_paged_attention
+from jaxllm.kernels.cpu import is_decode_step
+from jaxllm.kernels.ragged_layout import token_layout
+from tests.kernels.ragged_cases import make_case, oracle, rel_err
+
+
+def _both(case, dtype, **opts):
+    args = case.args(dtype)
+    ref = ragged_paged_attention(*args, sm_scale=case.sm_scale, impl="reference", **opts)
+    cpu = ragged_paged_attention(*args, sm_scale=case.sm_scale, impl="cpu", **opts)
+    return ref, cpu
+
+
+def _check(case, dtype, tol, **opts):
+    (ref_out, ref_cache), (out, cache) = _both(case, dtype, **opts)
+    want_out, _ = oracle(case, dtype, **opts)
+    real = int(case.cu_q_lens[int(case.num_seqs.reshape(-1)[0])])
+    assert out.dtype == dtype and out.shape == case.q.shape
+    assert rel_err(out[:real], want_out[:real]) <= tol
+    assert rel_err(out[:real], np.asarray(ref_out[:real].astype(jnp.float32))) <= tol
+    assert np.all(np.isfinite(np.asarray(out.astype(jnp.float32))))
+    assert np.all(np.asarray(out[real:].astype(jnp.float32)) == 0.0)  # padding tokens
+    got, want = (np.asarray(c.astype(jnp.float32)) for c in (cache, ref_cache))
+    np.testing.assert_array_equal(got, want)  # same slots written, NaN == NaN elsewhere
+
+
+def _decode_case(rng, num_seqs, pad_seqs, **kw):
+    """num_seqs decodes at random contexts, padded with padding sequences (and tokens) so that
+    the token axis is as long as the sequence axis, as in the engine's decode buckets."""
+    seqs = [(int(rng.integers(1, 90)), 1) for _ in range(num_seqs)]
+    return make_case(rng, seqs, pad_tokens=pad_seqs, pad_seqs=pad_seqs, **kw)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_decode_path_matches_reference_fp32(seed):
+    rng = np.random.default_rng(seed + 4100)
+    num_seqs, pad = int(rng.integers(1, 12)), int(rng.integers(0, 5))
+    case = _decode_case(
+        rng, num_seqs, pad, num_q_heads=9, num_kv_heads=3, head_dim=64, page_size=16
+    )
+    layout = token_layout(case.q.shape[0], *(jnp.asarray(x) for x in (
+        case.kv_lens, case.cu_q_lens, case.num_seqs)))  # fmt: skip
+    assert bool(is_decode_step(layout))
+    _check(case, jnp.float32, 1e-5)
+
+
+def test_decode_path_bf16_sliding_window_soft_cap():
+    rng = np.random.default_rng(4200)
+    case = _decode_case(rng, 6, 2, num_q_heads=8, num_kv_heads=2, head_dim=32, page_size=8)
+    _check(case, jnp.bfloat16, 2e-2, sliding_window=19, soft_cap=7.5)
+
+
+def test_decode_path_sliding_window_fp32():
+    rng = np.random.default_rng(4300)
+    case = _decode_case(rng, 5, 0, num_q_heads=4, num_kv_heads=4, head_dim=16, page_size=4)
+    _check(case, jnp.float32, 1e-5, sliding_window=9)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_prefill_in_decode_shaped_bucket_takes_general_path(seed):
+    """T == S but one sequence has several tokens: must not be treated as decode."""
+    rng = np.random.default_rng(seed + 4400)
+    seqs = [(int(rng.integers(5, 60)), 1), (40, 4), (int(rng.integers(1, 30)), 1)]
+    case = make_case(
+        rng, seqs, num_q_heads=6, num_kv_heads=2, head_dim=32, page_size=8, pad_seqs=3
+    )
+    assert case.q.shape[0] == case.kv_lens.shape[0]
+    layout = token_layout(case.q.shape[0], *(jnp.asarray(x) for x in (
+        case.kv_lens, case.cu_q_lens, case.num_seqs)))  # fmt: skip
+    assert not bool(is_decode_step(layout))
+    _check(case, jnp.float32, 1e-5)
+
+
+def test_mixed_batch_more_tokens_than_seqs():
+    rng = np.random.default_rng(4500)
+    seqs = [(37, 1), (20, 20), (50, 13), (3, 3)]
+    case = make_case(
+        rng, seqs, num_q_heads=9, num_kv_heads=3, head_dim=64, page_size=16, pad_tokens=4,
+        pad_seqs=1,
+    )  # fmt: skip
+    _check(case, jnp.float32, 1e-5)
