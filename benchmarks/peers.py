@@ -170,6 +170,7 @@ class LoadRun:
     itl_p50_ms: float
     itl_p99_ms: float
     output_tok_s: float
+    output_tokens_mean: float  # per request, as aiperf's tokenizer counts the streamed text
     wall_s: float
     load_tool_cpu_s: float
     raw: dict = field(default_factory=dict, repr=False)
@@ -274,10 +275,12 @@ def run_aiperf(argv: Sequence[str], artifact_dir: Path, concurrency: int, reques
 
 
 def find_export(artifact_dir: Path) -> Path:
-    found = sorted(artifact_dir.rglob("profile_export_aiperf.json"))
-    if not found:
-        raise FileNotFoundError(f"no profile_export_aiperf.json under {artifact_dir}")
-    return found[-1]
+    """The profiling phase's summary (aiperf 0.13 also writes one per phase under phases/)."""
+    for candidate in (artifact_dir / "profile_export_aiperf.json",
+                      artifact_dir / "phases" / "profiling" / "profile_export_aiperf.json"):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"no profile_export_aiperf.json in {artifact_dir}")
 
 
 def _metric(data: dict, name: str, stat: str) -> float:
@@ -292,9 +295,12 @@ def parse_aiperf_export(path: Path) -> dict:
     data = json.loads(path.read_text())
     completed = _metric(data, "request_count", "avg")
     errors = _metric(data, "error_request_count", "avg")
+    if errors != errors:  # absent when nothing failed; the summary lists errors by kind
+        errors = sum(int(e.get("count", 0)) for e in data.get("error_summary") or [])
     return {
         "completed": 0 if completed != completed else int(completed),
-        "failed": 0 if errors != errors else int(errors),
+        "failed": int(errors),
+        "output_tokens_mean": _metric(data, "output_sequence_length", "avg"),
         "ttft_p50_ms": _metric(data, "time_to_first_token", "p50"),
         "ttft_p99_ms": _metric(data, "time_to_first_token", "p99"),
         "itl_p50_ms": _metric(data, "inter_token_latency", "p50"),

@@ -177,22 +177,29 @@ def plot(jax_runs: dict[int, LoadRun], peer_runs: dict[int, LoadRun], path: Path
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator
 
     fig, (ax_tput, ax_ttft) = plt.subplots(1, 2, figsize=(10, 4))
-    for name, runs, style in (("jaxllm", jax_runs, "o-"), ("llama-server", peer_runs, "s--")):
+    levels = sorted(set(jax_runs) | set(peer_runs))
+    for name, runs, marker, color in (("jaxllm", jax_runs, "o", "C0"),
+                                      ("llama-server", peer_runs, "s", "C1")):
         if not runs:
             continue
         cs = sorted(runs)
-        ax_tput.plot(cs, [runs[c].output_tok_s for c in cs], style, label=name)
-        ax_ttft.plot(cs, [runs[c].ttft_p50_ms / 1e3 for c in cs], style, label=f"{name} p50")
-        ax_ttft.plot(cs, [runs[c].ttft_p99_ms / 1e3 for c in cs], style, alpha=0.4,
-                     label=f"{name} p99")
-    ax_tput.set(xscale="log", xlabel="concurrency", ylabel="output tokens / s",
-                title="throughput")
-    ax_ttft.set(xscale="log", yscale="log", xlabel="concurrency", ylabel="seconds",
-                title="time to first token")
+        ax_tput.plot(cs, [runs[c].output_tok_s for c in cs], marker + "-", color=color, label=name)
+        ax_ttft.plot(cs, [runs[c].ttft_p50_ms / 1e3 for c in cs], marker + "-", color=color,
+                     label=f"{name} p50")
+        ax_ttft.plot(cs, [runs[c].ttft_p99_ms / 1e3 for c in cs], marker + ":", color=color,
+                     alpha=0.6, label=f"{name} p99")
+    ax_tput.set(xlabel="concurrency", ylabel="output tokens / s", title="throughput")
+    ax_tput.set_ylim(bottom=0)
+    ax_ttft.set(xlabel="concurrency", ylabel="seconds", title="time to first token",
+                yscale="log")
     for ax in (ax_tput, ax_ttft):
-        ax.grid(True, which="both", alpha=0.3)
+        ax.set_xscale("log")
+        ax.set_xticks(levels, [str(c) for c in levels])
+        ax.xaxis.set_minor_locator(NullLocator())  # only the measured levels as ticks
+        ax.grid(True, alpha=0.3)
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -262,7 +269,7 @@ def _summary(r: LoadRun) -> dict:
     return {"request_count": r.request_count, "completed": r.completed, "failed": r.failed,
             "output_tok_s": r.output_tok_s, "ttft_p50_ms": r.ttft_p50_ms,
             "ttft_p99_ms": r.ttft_p99_ms, "itl_p50_ms": r.itl_p50_ms, "itl_p99_ms": r.itl_p99_ms,
-            "wall_s": r.wall_s, "load_tool_cpu_s": r.load_tool_cpu_s,
+            "output_tokens_mean": r.output_tokens_mean, "wall_s": r.wall_s, "load_tool_cpu_s": r.load_tool_cpu_s,
             "load_tool_cores": r.load_tool_cores}
 
 

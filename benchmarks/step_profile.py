@@ -1,7 +1,8 @@
 """Time one full engine step (model + attention + sampler) on the default model.
 
-Usage: python benchmarks/step_profile.py [--impl reference|cpu|...] [--batches 1,8,32]
-           [--ctx 192] [--kv-dtype float32|bfloat16] [--iters 10] [--repeats 3] [--compile]
+Usage: python benchmarks/step_profile.py [--impl reference,cpu] [--batches 1,8,32]
+           [--ctx 192] [--kv-dtype float32|bfloat16] [--iters 5] [--repeats 5] [--compile]
+       python benchmarks/step_profile.py --warmup [--impl ...] [--token-bucket-ratio 4]
 
 For each batch size it runs decode steps (every sequence one new token at context --ctx, page
 table width = the bucket's) through `ModelRunner.execute` and prints the median step time, the
@@ -27,7 +28,7 @@ from jaxllm.runner import ModelRunner
 from jaxllm.step_inputs import SamplingTensorBuilder
 
 PAGE = 16
-NUM_PAGES = 1200
+NUM_PAGES = 600
 
 
 def no_attention(_attn):
@@ -61,54 +62,74 @@ def decode_arrays(batch: int, ctx: int, buckets: BucketSet) -> dict[str, np.ndar
                 logits_indices=logits_indices)
 
 
-def time_steps(runner: ModelRunner, arrays, tensors, iters: int, repeats: int) -> float:
-    """Median over repeats of the median step time (ms); first call compiles."""
-    jax.block_until_ready(runner.execute(arrays, tensors)[0])
-    medians = []
+def time_rounds(runs: dict, arrays, tensors, iters: int, repeats: int) -> dict[str, float]:
+    """Median over rounds of each variant's median step time (ms). Variants alternate within
+    a round, so load from other processes hits them alike; the first call compiles."""
+    for runner in runs.values():
+        jax.block_until_ready(runner.execute(arrays, tensors)[0])
+    medians: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
-        times = []
-        for _ in range(iters):
-            start = time.perf_counter()
-            jax.block_until_ready(runner.execute(arrays, tensors)[0])
-            times.append(time.perf_counter() - start)
-        medians.append(statistics.median(times))
-    return 1e3 * statistics.median(medians)
+        for name, runner in runs.items():
+            times = []
+            for _ in range(iters):
+                start = time.perf_counter()
+                jax.block_until_ready(runner.execute(arrays, tensors)[0])
+                times.append(time.perf_counter() - start)
+            medians[name].append(statistics.median(times))
+    return {name: 1e3 * statistics.median(m) for name, m in medians.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--impl", default="cpu")
+    parser.add_argument("--impl", default="reference,cpu", help="comma-separated impls")
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--ctx", type=int, default=192)
     parser.add_argument("--kv-dtype", default=None, help="KV cache dtype (default: model's)")
-    parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-floor", action="store_true", help="skip the no-attention run")
-    parser.add_argument("--compile", action="store_true", help="time one bucket's compile")
+    parser.add_argument("--compile", action="store_true", help="time each bucket's first call")
+    parser.add_argument("--warmup", action="store_true",
+                        help="only time ModelRunner.warm_up over every bucket, per impl")
+    parser.add_argument("--token-bucket-ratio", type=int, default=2)
     args = parser.parse_args()
     parts = load_engine_parts(EngineConfig())
     cfg = parts.model_config
     kv_dtype = args.kv_dtype or parts.dtype
-    buckets = BucketSet(512, 64, 4096, PAGE)
+    buckets = BucketSet(512, 64, 4096, PAGE, token_bucket_ratio=args.token_bucket_ratio)
     tensors = SamplingTensorBuilder(cfg.vocab_size)
-    batches = [int(b) for b in args.batches.split(",")]
-    variants = [(args.impl, None)] + ([] if args.no_floor else [("no-attn", no_attention)])
-    print(f"impl={args.impl} kv_dtype={kv_dtype} ctx={args.ctx} {buckets.describe()}")
-    print(f"{'variant':10s} {'batch':>5s} {'bucket':>14s} {'step ms':>8s} {'tok/s':>7s}")
-    for name, wrapper in variants:
-        kv = allocate_kv_caches(cfg, NUM_PAGES, PAGE, kv_dtype)
-        impl = None if name == "no-attn" else args.impl
-        runner = ModelRunner(parts.model, kv, attention_impl=impl, attention_wrapper=wrapper)
-        for batch in batches:
-            arrays = decode_arrays(batch, args.ctx, buckets)
-            rows = arrays["page_indices"].shape[0]
-            if args.compile:
-                start = time.perf_counter()
-                jax.block_until_ready(runner.execute(arrays, tensors.dummy(rows))[0])
-                print(f"{name:10s} {batch:5d} first call (compile) {time.perf_counter() - start:.2f} s")
-            ms = time_steps(runner, arrays, tensors.dummy(rows), args.iters, args.repeats)
-            shape = f"{len(arrays['input_ids'])}x{rows}x{arrays['page_indices'].shape[1]}"
-            print(f"{name:10s} {batch:5d} {shape:>14s} {ms:8.1f} {1e3 * batch / ms:7.0f}")
+    if args.warmup:
+        for impl in args.impl.split(","):
+            runner = ModelRunner(parts.model, allocate_kv_caches(cfg, 64, PAGE, kv_dtype),
+                                 attention_impl=impl)
+            seconds = runner.warm_up(buckets.all(), tensors.dummy)
+            print(f"warm-up impl={impl} {buckets.describe()}: {seconds:.1f} s, "
+                  f"{runner.compile_count} programs")
+        return
+    variants = [(impl, impl, None) for impl in args.impl.split(",")]
+    if not args.no_floor:
+        variants.append(("no-attn", None, no_attention))
+    print(f"kv_dtype={kv_dtype} ctx={args.ctx} {buckets.describe()}")
+    runs = {name: ModelRunner(parts.model, allocate_kv_caches(cfg, NUM_PAGES, PAGE, kv_dtype),
+                              attention_impl=impl, attention_wrapper=wrapper)
+            for name, impl, wrapper in variants}
+    print(f"{'variant':10s} {'batch':>5s} {'bucket':>12s} {'step ms':>8s} {'tok/s':>7s} "
+          f"{'compile s':>9s}")
+    for batch in (int(b) for b in args.batches.split(",")):
+        arrays = decode_arrays(batch, args.ctx, buckets)
+        rows = arrays["page_indices"].shape[0]
+        dummy = tensors.dummy(rows)
+        compile_s = {}
+        for name, runner in runs.items():
+            start = time.perf_counter()
+            jax.block_until_ready(runner.execute(arrays, dummy)[0])
+            compile_s[name] = time.perf_counter() - start
+        ms = time_rounds(runs, arrays, dummy, args.iters, args.repeats)
+        shape = f"{len(arrays['input_ids'])}x{rows}x{arrays['page_indices'].shape[1]}"
+        for name in runs:
+            first = f"{compile_s[name]:9.2f}" if args.compile else ""
+            print(f"{name:10s} {batch:5d} {shape:>12s} {ms[name]:8.1f} "
+                  f"{1e3 * batch / ms[name]:7.0f} {first}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
 """The fixed set of step shapes (tokens, sequences, page-table width) the runner compiles.
 
 Every distinct shape is one XLA compilation of the whole model, so the set stays small:
-- token buckets T: powers of two from `min_token_bucket` up to max_num_batched_tokens (which
-  is itself included even when not a power of two);
+- token buckets T: `min_token_bucket` times powers of `token_bucket_ratio` (2 by default)
+  up to max_num_batched_tokens (which is itself included even when not such a power). On XLA
+  CPU a step's cost barely grows from 8 to 32 tokens (weight reads dominate) while each bucket
+  costs a compile, so a ratio of 4 there nearly halves warm-up (benchmarks/step_profile.py).
+  max_num_seqs is added as a bucket so a full decode batch never pads to a bigger one;
 - the sequence bucket is tied to T: S = min(T, max_num_seqs) (a step never has more
   sequences than tokens);
 - page-table widths P: ceil(max_model_len / page_size) and that divided by `page_width_ratio`
@@ -35,6 +38,7 @@ class BucketSet:
         page_size: int,
         *,
         min_token_bucket: int = 8,
+        token_bucket_ratio: int = 2,
         page_width_ratio: int = 4,
         min_page_width: int = 8,
     ) -> None:
@@ -44,6 +48,8 @@ class BucketSet:
                         ("min_page_width", min_page_width)):
             if v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
+        if token_bucket_ratio < 2:
+            raise ValueError(f"token_bucket_ratio must be >= 2, got {token_bucket_ratio}")
         if page_width_ratio < 2:
             raise ValueError(f"page_width_ratio must be >= 2, got {page_width_ratio}")
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -55,9 +61,11 @@ class BucketSet:
         t = min(min_token_bucket, max_num_batched_tokens)
         while t < max_num_batched_tokens:
             tokens.append(t)
-            t *= 2
+            t *= token_bucket_ratio
         tokens.append(max_num_batched_tokens)
-        self.token_buckets: tuple[int, ...] = tuple(tokens)
+        if tokens[0] < max_num_seqs < max_num_batched_tokens:
+            tokens.append(max_num_seqs)  # a full decode batch gets a bucket of exactly its size
+        self.token_buckets: tuple[int, ...] = tuple(sorted(set(tokens)))
 
         widths = [-(-max_model_len // page_size)]
         while widths[-1] // page_width_ratio >= min_page_width:

@@ -53,7 +53,7 @@ class EngineStats:
     steps_total: int = 0
     num_preemptions: int = 0
     step_time_s: float = 0.0  # last step, wall
-    host_gap_s: float = 0.0  # last step: time the device waited on the host (approx.)
+    host_gap_s: float = 0.0  # last step: device idle between the previous result and this dispatch
     warmup_time_s: float = 0.0
 
     @property
@@ -132,7 +132,7 @@ class LLMEngine:
         self._stats = EngineStats()
         self._sleeping_specs = None
         self._profiling = False
-        self._last_step_end: float | None = None
+        self._last_result_time: float | None = None  # when the previous step's result arrived
         self._stats.warmup_time_s = self.runner.warm_up(self.buckets.all(), self.tensors.dummy)
         logger.info("warm-up compiled %d shapes in %.1f s", self.runner.compile_count,
                     self._stats.warmup_time_s)
@@ -235,10 +235,14 @@ class LLMEngine:
         tensors = self.tensors.build(sched, [t.params for t in rows],
                                      [self._sample_of(s.request).key_data for s in sched.seqs],
                                      sched.bucket.num_seqs)
-        host_gap = start - self._last_step_end if self._last_step_end else 0.0
         dev_out, hidden = self.runner.execute(arrays, tensors)
+        # Host work between the previous result and this dispatch (output processing, the
+        # scheduler, input packing) is time the device sat idle.
+        dispatched = time.perf_counter()
+        host_gap = dispatched - self._last_result_time if self._last_result_time else 0.0
         self._prompt_logprobs(sched, arrays, hidden)
         result = self.runner.fetch(dev_out)
+        self._last_result_time = time.perf_counter()
         before = [s.request.num_output_tokens for s in sched.seqs]
         self.scheduler.update(sched, result.token_ids)
         now = time.time()
@@ -251,9 +255,10 @@ class LLMEngine:
             tracked.touched = True
             if s.request.num_output_tokens > before[i]:
                 self._on_token(tracked, self._sample_of(s.request), result, i, now)
+        if not self.scheduler.has_work():
+            self._last_result_time = None  # idle time until the next request is not a host gap
         self._stats.steps_total += 1
-        self._last_step_end = time.perf_counter()
-        self._stats.step_time_s = self._last_step_end - start
+        self._stats.step_time_s = time.perf_counter() - start
         self._stats.host_gap_s = host_gap
         return self._collect()
 

@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxllm.config import EngineConfig, ModelConfig
@@ -28,10 +29,10 @@ from jaxllm.parallel import (
     flat_param_shardings,
     kv_cache_sharding,
     make_mesh,
+    model_shardings,
     pad_heads_for_tp,
     place_array,
     shard_attention,
-    shard_model,
 )
 from jaxllm.tokenizer import Tokenizer, load_tokenizer
 
@@ -154,13 +155,28 @@ def _parts_on(config: EngineConfig, host: _HostModel, mesh: Mesh | None) -> Engi
         # Each parameter goes straight to its slices (no full copy on one device first).
         shardings = flat_param_shardings({k: v.shape for k, v in host.params.items()}, mesh)
         placed = {k: place_array(v, shardings[k]) for k, v in host.params.items()}
-        model = shard_model(build_model(cfg, placed, host.dtype), mesh)
+        model = _place_remaining(build_model(cfg, placed, host.dtype), mesh)
         kv_sharding = _without_trailing_none(kv_cache_sharding(mesh))
         attention_wrapper = _AttentionWrapper(mesh)
     return EngineParts(model_config=cfg, model=model, tokenizer=host.tokenizer,
                        generation_config=dict(host.generation_config), default_name=host.name,
                        max_model_len=max_len, page_size=page_size, dtype=host.dtype,
                        kv_sharding=kv_sharding, attention_wrapper=attention_wrapper, mesh=mesh)
+
+
+def _place_remaining(model: LlamaModel, mesh: Mesh) -> LlamaModel:
+    """shard_model for what is not yet where the rules want it (buffers such as rope
+    frequencies); arrays already placed are kept: across processes they cannot be read back."""
+    state = nnx.state(model)
+    targets = model_shardings(model, mesh)
+
+    def place(value: Any, target: NamedSharding) -> Any:
+        if isinstance(value, jax.Array) and value.sharding.is_equivalent_to(target, value.ndim):
+            return value
+        return place_array(value, target)
+
+    nnx.update(model, jax.tree.map(place, state, targets))
+    return model
 
 
 def _without_trailing_none(sharding: NamedSharding) -> NamedSharding:

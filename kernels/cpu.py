@@ -4,9 +4,9 @@ general path for steps that carry prefill chunks.
 Why a separate path for decode: in a decode step every sequence has one query token, so token
 i of the step is sequence i's query whenever the scheduler lists decodes first (it does). Then
 each token needs exactly its own sequence's pages, gathered straight from the page table with
-no per-token index, no token blocks (lax.map) and no shared-vs-per-token branch. Keys are
-consumed by broadcast-multiply-reduce loops that XLA fuses with the page gather, so the cache
-pages are read once and never copied into a [S, P*page, ...] temporary.
+no per-token index, no token blocks (lax.map) and no shared-vs-per-token branch; the scores
+and the weighted values are two batched matmuls over the gathered pages (measured against
+broadcast-multiply-reduce forms in benchmarks/attention_bench.py).
 
 Which path runs is decided on device (lax.cond) from the step's own tables: the decode path
 only when every valid token i belongs to sequence i. Buckets with more tokens than sequence
@@ -29,17 +29,7 @@ from jaxllm.kernels.reference import attend as reference_attend
 _MASK_VALUE = -1e30
 
 
-def _gather_sequence_kv(kv_cache: jax.Array, page_indices: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """K, V of every sequence's listed pages: [S, P*page_size, Hkv, D] each, in float32."""
-    num_pages, page_size, two_hkv, head_dim = kv_cache.shape
-    seqs, width = page_indices.shape
-    pages = jnp.clip(page_indices, 0, num_pages - 1)
-    kv = kv_cache[pages].reshape(seqs, width * page_size, two_hkv // 2, 2, head_dim)
-    kv = kv.astype(jnp.float32)
-    return kv[..., 0, :], kv[..., 1, :]
-
-
-def decode_attend(
+def own_pages_attend(
     q: jax.Array,
     kv_cache: jax.Array,
     page_indices: jax.Array,
@@ -49,39 +39,40 @@ def decode_attend(
     sliding_window: int | None,
     soft_cap: float | None,
 ) -> jax.Array:
-    """Attention for a step whose token i is sequence i's single query (T == S).
+    """Every token against its own sequence's pages, for all T tokens at once (no loop).
 
-    q [S, Hq, D]; the cache already holds the new K/V. Masked keys are dropped from the logits
-    and zeroed in the values, so garbage or NaN in unused slots never reaches the output.
+    q [T, Hq, D]; the cache already holds the new K/V. Reads T * P pages, so it is meant for
+    buckets with T == S, where that is exactly what a decode step needs. Written as
+    broadcast-multiply-reduce (not batched matmuls) so XLA fuses the page gather into the two
+    reductions instead of copying the pages out first. Masked keys are dropped from the
+    logits and zeroed in the values, so NaN in unused slots never reaches the output.
     """
-    seqs, num_q_heads, head_dim = q.shape
-    num_kv_heads = kv_cache.shape[2] // 2
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_pages, page_size, two_hkv, _ = kv_cache.shape
+    num_kv_heads = two_hkv // 2
     group = num_q_heads // num_kv_heads
-    kv_capacity = page_indices.shape[1] * kv_cache.shape[1]
-    qf = (q.astype(jnp.float32) * sm_scale).reshape(seqs, 1, num_kv_heads, group, head_dim)
-    k, v = _gather_sequence_kv(kv_cache, page_indices)
+    kv_capacity = page_indices.shape[1] * page_size
+    pages = jnp.clip(page_indices[layout.seq_ids], 0, num_pages - 1)  # [T, P]
+    kv = kv_cache[pages].reshape(num_tokens, kv_capacity, num_kv_heads, 2, head_dim)
+    kv = kv.astype(jnp.float32)
+    k, v = kv[..., 0, :], kv[..., 1, :]  # [T, L, Hkv, D]
     key_pos = jnp.arange(kv_capacity, dtype=jnp.int32)[None, :]
     mask = layout.valid[:, None] & (key_pos <= layout.positions[:, None])
     if sliding_window is not None:
         mask = mask & (key_pos > layout.positions[:, None] - sliding_window)
-    mask = mask[:, :, None, None]  # [S, L, 1, 1]
-    logits = jnp.sum(qf * k[:, :, :, None, :], axis=-1)  # [S, L, Hkv, G]
+    mask = mask[:, :, None, None]  # [T, L, 1, 1]
+    qf = (q.astype(jnp.float32) * sm_scale).reshape(num_tokens, 1, num_kv_heads, group, head_dim)
+    logits = jnp.sum(qf * k[:, :, :, None, :], axis=-1)  # [T, L, Hkv, G]
     if soft_cap is not None:
         logits = soft_cap * jnp.tanh(logits / soft_cap)
     logits = jnp.where(mask, logits, _MASK_VALUE)
     row_max = jnp.max(logits, axis=1, keepdims=True)
     probs = jnp.where(mask, jnp.exp(logits - row_max), 0.0)
-    denom = jnp.sum(probs, axis=1)  # [S, Hkv, G]
+    denom = jnp.sum(probs, axis=1)  # [T, Hkv, G]
     v = jnp.where(mask, v, 0.0)
-    out = jnp.sum(probs[..., None] * v[:, :, :, None, :], axis=1)  # [S, Hkv, G, D]
+    out = jnp.sum(probs[..., None] * v[:, :, :, None, :], axis=1)  # [T, Hkv, G, D]
     out = out / jnp.where(denom > 0, denom, 1.0)[..., None]
-    return out.reshape(seqs, num_q_heads, head_dim).astype(q.dtype)
-
-
-def is_decode_step(layout: TokenLayout) -> jax.Array:
-    """True when every valid token i belongs to sequence i (each sequence has <= 1 token)."""
-    tokens = jnp.arange(layout.seq_ids.shape[0], dtype=jnp.int32)
-    return jnp.all(~layout.valid | (layout.seq_ids == tokens))
+    return out.reshape(num_tokens, num_q_heads, head_dim).astype(q.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap"))
@@ -103,13 +94,6 @@ def ragged_paged_attention_cpu(
     layout = token_layout(q.shape[0], kv_lens, cu_q_lens, num_seqs)
     kv_cache = write_new_kv(kv_cache, k_new, v_new, page_indices, layout)
     opts = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
-    general = functools.partial(reference_attend, **opts)
-    if q.shape[0] != kv_lens.shape[0]:
-        return general(q, kv_cache, page_indices, layout), kv_cache
-    out = jax.lax.cond(
-        is_decode_step(layout),
-        functools.partial(decode_attend, **opts),
-        general,
-        q, kv_cache, page_indices, layout,
-    )  # fmt: skip
-    return out, kv_cache
+    if q.shape[0] <= kv_lens.shape[0]:
+        return own_pages_attend(q, kv_cache, page_indices, layout, **opts), kv_cache
+    return reference_attend(q, kv_cache, page_indices, layout, **opts), kv_cache

@@ -38,9 +38,9 @@ def build_app(config: EngineConfig, engine: Any | None = None,
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         eng = engine
         if eng is None:
-            from jaxllm.async_engine import AsyncEngine
+            from jaxllm.dp_engine import create_async_engine  # one engine, DP or multi-host
 
-            eng = await AsyncEngine.from_config(config)
+            eng = await create_async_engine(config)
             app.state.ctx = ServingContext(eng, config, server_config, ServerMetrics(eng))
             app.state.metrics_holder["metrics"] = app.state.ctx.metrics
         try:

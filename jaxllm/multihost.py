@@ -1,0 +1,252 @@
+"""Multi-host serving: the leader schedules and broadcasts each step, followers replay it.
+
+Process 0 (the leader) runs HTTP, tokenizer and scheduler; its `BroadcastingRunner` sends
+every device call's host inputs -- the runner's step arrays and the sampling tensors, or the
+rows of a prompt-logprobs call -- to the followers with a StepBroadcaster before running it.
+Each follower (`run_follower`) holds the same model and KV-cache shards and runs the same
+jitted programs in the same order (multi-controller SPMD), so the cross-host collectives
+inside the step line up. Warm-up is broadcast like any step.
+
+Failure: the leader's broadcasts run under a CollectiveWatchdog (a follower that stops
+answering fails the step instead of hanging it), and followers beat a heartbeat that a
+leader-side thread watches, so a dead follower makes `check_health` fail within seconds
+even while the leader is idle.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxllm.async_engine import AsyncEngine
+from jaxllm.config import EngineConfig
+from jaxllm.errors import EngineDeadError
+from jaxllm.parallel import CollectiveWatchdog, HeartbeatMonitor, StepBroadcaster
+from jaxllm.runner import ModelRunner
+from jaxllm.sampling import SamplingTensors
+
+logger = logging.getLogger(__name__)
+
+OP_SETUP, OP_STEP, OP_PROMPT_LOGPROBS = 1, 2, 3
+
+# The runner's step arrays (see ModelRunner.execute / warm_up), then the sampling tensors.
+_STEP_ARRAYS = {"input_ids": 1, "positions": 1, "kv_lens": 1, "page_indices": 2,
+                "cu_q_lens": 1, "num_seqs": 1, "logits_indices": 1}
+_SAMPLING = {"temperature": (np.float32, 1), "top_k": (np.int32, 1), "top_p": (np.float32, 1),
+             "min_p": (np.float32, 1), "presence_penalty": (np.float32, 1),
+             "frequency_penalty": (np.float32, 1), "repetition_penalty": (np.float32, 1),
+             "greedy": (np.int32, 1), "key_data": (np.uint32, 2), "step": (np.int32, 1),
+             "num_logprobs": (np.int32, 1), "output_counts": (np.int32, 2),
+             "prompt_mask": (np.uint8, 2)}
+STEP_SCHEMA: dict[str, tuple[Any, int]] = {
+    "op": (np.int32, 1), "setup": (np.int32, 1), "rows": (np.int32, 1), "targets": (np.int32, 1),
+    **{f"a.{k}": (np.int32, nd) for k, nd in _STEP_ARRAYS.items()},
+    **{f"s.{k}": v for k, v in _SAMPLING.items()},
+}
+_EMPTY = np.zeros(1, np.int32)
+
+
+@dataclass(frozen=True)
+class MultiHostOptions:
+    """Timeouts of the leader/follower protocol (seconds)."""
+
+    # A broadcast the followers do not join within this is a lost follower. Must exceed one
+    # step's compile time: followers compile each program while the leader compiles its own.
+    collective_timeout_s: float = 300.0
+    heartbeat_interval_s: float = 0.5
+    max_heartbeat_silence_s: float = 3.0
+
+
+def _blank(n_dims: int, dtype: Any = np.int32) -> np.ndarray:
+    return np.zeros((1,) * n_dims, dtype)
+
+
+def _message(op: int, *, setup: np.ndarray = _EMPTY, rows: np.ndarray = _EMPTY,
+             targets: np.ndarray = _EMPTY, arrays: dict[str, np.ndarray] | None = None,
+             tensors: SamplingTensors | None = None) -> dict[str, np.ndarray]:
+    """One broadcast: every schema field, unused ones as size-1 blanks."""
+    msg = {"op": np.array([op], np.int32), "setup": setup, "rows": rows, "targets": targets}
+    if arrays is not None and set(arrays) != set(_STEP_ARRAYS):
+        raise ValueError(f"runner step arrays {sorted(arrays)} differ from the multi-host "
+                         f"schema {sorted(_STEP_ARRAYS)}: update jaxllm.multihost._STEP_ARRAYS")
+    for k, nd in _STEP_ARRAYS.items():
+        msg[f"a.{k}"] = np.asarray(arrays[k]) if arrays is not None else _blank(nd)
+    penalties = False
+    if tensors is not None:
+        host = {k: np.asarray(getattr(tensors, k)) for k in _SAMPLING}
+        penalties = bool(np.any(host["presence_penalty"] != 0) or np.any(host["frequency_penalty"] != 0)
+                         or np.any(host["repetition_penalty"] != 1))
+    for k, (dt, nd) in _SAMPLING.items():
+        if tensors is None or (k in ("output_counts", "prompt_mask") and not penalties):
+            msg[f"s.{k}"] = _blank(nd, dt)  # follower uses zeros: no vocab-sized transfer
+        else:
+            msg[f"s.{k}"] = host[k].astype(dt)
+    return msg
+
+
+def _unpack_step(msg: dict[str, np.ndarray], vocab_size: int
+                 ) -> tuple[dict[str, np.ndarray], SamplingTensors]:
+    arrays = {k: msg[f"a.{k}"] for k in _STEP_ARRAYS}
+    rows = msg["s.temperature"].shape[0]
+    s = {k: msg[f"s.{k}"] for k in _SAMPLING}
+    if s["output_counts"].shape != (rows, vocab_size):
+        s["output_counts"] = np.zeros((rows, vocab_size), np.int32)
+        s["prompt_mask"] = np.zeros((rows, vocab_size), bool)
+    s["greedy"] = s["greedy"].astype(bool)
+    s["prompt_mask"] = s["prompt_mask"].astype(bool)
+    return arrays, SamplingTensors(**{k: jnp.asarray(v) for k, v in s.items()})
+
+
+class BroadcastingRunner(ModelRunner):
+    """The leader's runner: broadcasts each device call's inputs, then runs it itself."""
+
+    def __init__(self, model, kv_caches, *, caster: StepBroadcaster, **kwargs: Any) -> None:
+        self.caster = caster
+        # Followers size their caches from the leader's (free memory differs per host).
+        caster.send(_message(OP_SETUP, setup=np.array([kv_caches[0].shape[0]], np.int32)))
+        super().__init__(model, kv_caches, **kwargs)
+
+    def execute(self, arrays: dict[str, np.ndarray], tensors: SamplingTensors):
+        self.caster.send(_message(OP_STEP, arrays=arrays, tensors=tensors))
+        return super().execute(arrays, tensors)
+
+    def prompt_logprobs(self, hidden, rows: np.ndarray, targets: np.ndarray):
+        self.caster.send(_message(OP_PROMPT_LOGPROBS, rows=np.asarray(rows, np.int32),
+                                  targets=np.asarray(targets, np.int32)))
+        return super().prompt_logprobs(hidden, rows, targets)
+
+
+class LeaderAsyncEngine(AsyncEngine):
+    """AsyncEngine of the leader: unhealthy once a follower is lost; stops followers on exit."""
+
+    def __init__(self, engine, watchdog: CollectiveWatchdog, caster: StepBroadcaster,
+                 monitor: HeartbeatMonitor | None, options: MultiHostOptions) -> None:
+        self.watchdog = watchdog
+        self.caster = caster
+        self._follower_error: str | None = None
+        self._watching = threading.Event()
+        super().__init__(engine)
+        if monitor is not None:
+            threading.Thread(target=self._watch, args=(monitor, options), daemon=True,
+                             name="jaxllm-follower-watch").start()
+
+    def _watch(self, monitor: HeartbeatMonitor, options: MultiHostOptions) -> None:
+        while not self._watching.wait(options.heartbeat_interval_s):
+            silent = monitor.silent_followers(options.max_heartbeat_silence_s)
+            if silent:
+                self._follower_error = (
+                    f"follower process(es) {silent} sent no heartbeat for more than "
+                    f"{options.max_heartbeat_silence_s:g}s: the process group is broken; "
+                    "restart all processes")
+                logger.error(self._follower_error)
+                return
+
+    def _lost(self) -> str | None:
+        return self._follower_error or self.watchdog.error
+
+    async def check_health(self) -> None:
+        lost = self._lost()
+        if lost is not None:
+            raise EngineDeadError(f"multi-host engine is unhealthy: {lost}")
+        await super().check_health()
+
+    @property
+    def is_healthy(self) -> bool:
+        return self._lost() is None and super().is_healthy
+
+    async def generate(self, *args: Any, **kwargs: Any):
+        lost = self._lost()
+        if lost is not None:
+            raise EngineDeadError(f"multi-host engine is unhealthy: {lost}")
+        async for out in super().generate(*args, **kwargs):
+            yield out
+
+    async def shutdown(self, drain_timeout: float | None = None) -> None:
+        await super().shutdown(drain_timeout)
+        self._watching.set()
+        if self._lost() is None:
+            try:
+                self.caster.send_stop()
+            except Exception:  # noqa: BLE001 -- followers already gone: nothing to stop
+                logger.warning("could not tell followers to stop", exc_info=True)
+
+
+def _check_multihost(config: EngineConfig) -> None:
+    import jax
+
+    if jax.process_count() != config.num_processes:
+        raise ValueError(f"config says {config.num_processes} processes but jax has "
+                         f"{jax.process_count()}: call initialize_distributed(config) first")
+    if config.data_parallel_size > 1:
+        raise ValueError("multi-host runs one engine: data_parallel_size must be 1")
+
+
+def build_leader_engine(config: EngineConfig, options: MultiHostOptions = MultiHostOptions()):
+    """(LLMEngine, watchdog, caster) of process 0; blocks until followers took each step."""
+    from jaxllm.engine import LLMEngine
+    from jaxllm.loading import load_engine_parts
+
+    _check_multihost(config)
+    watchdog = CollectiveWatchdog(options.collective_timeout_s)
+    caster = StepBroadcaster(STEP_SCHEMA, leader=True, watchdog=watchdog)
+    parts = load_engine_parts(config)
+
+    def make_runner(model, kv, **kwargs):
+        return BroadcastingRunner(model, kv, caster=caster, **kwargs)
+
+    parts.make_runner = make_runner
+    return LLMEngine(config, parts), watchdog, caster
+
+
+async def leader_async_engine(config: EngineConfig,
+                              options: MultiHostOptions = MultiHostOptions()) -> LeaderAsyncEngine:
+    """The serving engine of process 0 (create_async_engine calls this)."""
+    import asyncio
+
+    engine, watchdog, caster = await asyncio.to_thread(build_leader_engine, config, options)
+    return LeaderAsyncEngine(engine, watchdog, caster, HeartbeatMonitor(config.num_processes),
+                             options)
+
+
+def run_follower(config: EngineConfig, options: MultiHostOptions = MultiHostOptions()) -> None:
+    """A follower's whole life: load the model shards, then replay the leader's steps until
+    it says stop. Returns when the leader stops; raises if a step fails."""
+    from jaxllm.cache.kv_cache import allocate_kv_caches
+    from jaxllm.loading import load_engine_parts
+
+    _check_multihost(config)
+    parts = load_engine_parts(config)
+    caster = StepBroadcaster(STEP_SCHEMA, leader=False)  # idle leaders are normal: no deadline
+    monitor = HeartbeatMonitor(config.num_processes)
+    stop_beating = monitor.start_beating(config.process_id, options.heartbeat_interval_s)
+    try:
+        msg = caster.receive()
+        if msg is None:
+            return
+        if int(msg["op"][0]) != OP_SETUP:
+            raise RuntimeError(f"expected the leader's setup message, got op {int(msg['op'][0])}")
+        num_pages = int(msg["setup"][0])
+        kv = allocate_kv_caches(parts.model_config, num_pages, parts.page_size, parts.dtype,
+                                sharding=parts.kv_sharding)
+        runner = ModelRunner(parts.model, kv, attention_impl=config.attention_impl,
+                             attention_wrapper=parts.attention_wrapper)
+        logger.info("follower %d ready: %d KV pages", config.process_id, num_pages)
+        hidden = None
+        while (msg := caster.receive()) is not None:
+            op = int(msg["op"][0])
+            if op == OP_STEP:
+                arrays, tensors = _unpack_step(msg, parts.model_config.vocab_size)
+                out, hidden = runner.execute(arrays, tensors)
+                runner.fetch(out)  # keep in lockstep: one step in flight, as on the leader
+            elif op == OP_PROMPT_LOGPROBS:
+                runner.prompt_logprobs(hidden, msg["rows"], msg["targets"])
+            else:
+                raise RuntimeError(f"unknown step op {op} from the leader")
+        logger.info("follower %d: leader stopped", config.process_id)
+    finally:
+        stop_beating.set()
