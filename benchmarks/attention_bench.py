@@ -12,7 +12,7 @@ attended), and the ratio of the reference's time to this implementation's time (
 Peer in the same run: `xla_dense`, jax.nn.dot_product_attention over the same K/V already laid
 out contiguously per sequence (no paging, no cache write) -- what paging costs on this backend.
 Kernels run only where they compile (Pallas TPU on TPU, Pallas GPU on GPU); interpret mode is a
-correctness tool, not timed.
+correctness tool, not timed. On CPU the `cpu` implementation (kernels/cpu.py) is timed too.
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def main() -> None:
     args = parser.parse_args()
     dtype = jnp.dtype(args.dtype)
     backend = jax.default_backend()
-    impls = ["reference"] + {"tpu": ["tpu"], "gpu": ["gpu"]}.get(backend, [])
+    impls = ["reference"] + {"tpu": ["tpu"], "gpu": ["gpu"]}.get(backend, ["cpu"])
     rng = np.random.default_rng(0)
     print(f"backend={backend} device={jax.devices()[0].device_kind} dtype={args.dtype}")
     header = f"{'shape':30s} {'impl':10s} {'ms':>9s} {'KV GB/s':>9s} {'GFLOP/s':>9s} {'vs ref':>7s}"

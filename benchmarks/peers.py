@@ -174,6 +174,7 @@ class LoadRun:
     wall_s: float
     load_tool_cpu_s: float
     raw: dict = field(default_factory=dict, repr=False)
+    engine: dict = field(default_factory=dict)  # jaxllm's own /metrics as aiperf scraped them
 
     @property
     def load_tool_cores(self) -> float:
@@ -271,7 +272,8 @@ def run_aiperf(argv: Sequence[str], artifact_dir: Path, concurrency: int, reques
         raise RuntimeError(f"aiperf exited with {rc}; see {log_path}")
     summary = parse_aiperf_export(find_export(artifact_dir))
     return LoadRun(concurrency=concurrency, request_count=request_count, wall_s=wall,
-                   load_tool_cpu_s=cpu.cpu_s, **summary)
+                   load_tool_cpu_s=cpu.cpu_s, engine=parse_engine_metrics(artifact_dir),
+                   **summary)
 
 
 def find_export(artifact_dir: Path) -> Path:
@@ -308,3 +310,31 @@ def parse_aiperf_export(path: Path) -> dict:
         "output_tok_s": _metric(data, "output_token_throughput", "avg"),
         "raw": data,
     }
+
+
+def _series_stats(metrics: dict, name: str) -> dict:
+    series = (metrics.get(name) or {}).get("series") or []
+    return series[0].get("stats", {}) if series else {}
+
+
+def parse_engine_metrics(artifact_dir: Path) -> dict:
+    """Where jaxllm's time went, from its Prometheus counters that aiperf scraped during the
+    profiling phase: steps per second, tokens per step, mean running batch. Empty for servers
+    without jaxllm's metrics."""
+    path = artifact_dir / "server_metrics_export.json"
+    if not path.is_file():
+        return {}
+    metrics = json.loads(path.read_text()).get("metrics") or {}
+    steps = _series_stats(metrics, "jaxllm_engine_steps")
+    tokens = _series_stats(metrics, "jaxllm_engine_generation_tokens")
+    running = _series_stats(metrics, "jaxllm_num_requests_running")
+    compiles = _series_stats(metrics, "jaxllm_compile_count")
+    if not steps.get("total"):
+        return {}
+    out = {"steps": steps["total"], "steps_per_s": steps.get("rate", float("nan")),
+           "generated_tokens": tokens.get("total", float("nan")),
+           "mean_running": running.get("avg", float("nan")),
+           "compiles_during_run": compiles.get("total", float("nan"))}
+    out["tokens_per_step"] = out["generated_tokens"] / out["steps"]
+    out["ms_per_step"] = 1e3 / out["steps_per_s"] if out["steps_per_s"] else float("nan")
+    return out

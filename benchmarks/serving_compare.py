@@ -177,7 +177,7 @@ def plot(jax_runs: dict[int, LoadRun], peer_runs: dict[int, LoadRun], path: Path
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullLocator
+    from matplotlib.ticker import NullLocator, ScalarFormatter
 
     fig, (ax_tput, ax_ttft) = plt.subplots(1, 2, figsize=(10, 4))
     levels = sorted(set(jax_runs) | set(peer_runs))
@@ -195,6 +195,8 @@ def plot(jax_runs: dict[int, LoadRun], peer_runs: dict[int, LoadRun], path: Path
     ax_tput.set_ylim(bottom=0)
     ax_ttft.set(xlabel="concurrency", ylabel="seconds", title="time to first token",
                 yscale="log")
+    ax_ttft.yaxis.set_major_formatter(ScalarFormatter())
+    ax_ttft.yaxis.set_minor_formatter(ScalarFormatter())
     for ax in (ax_tput, ax_ttft):
         ax.set_xscale("log")
         ax.set_xticks(levels, [str(c) for c in levels])
@@ -248,6 +250,12 @@ def main(argv=None) -> int:
         peer_runs, info["llama_server"] = run_peer(binary, gguf, tokdir, levels, args, work, seed)
     table = format_table(jax_runs, peer_runs)
     print(table)
+    for c, r in sorted(jax_runs.items()):
+        e = r.engine
+        if e:
+            print(f"jaxllm c={c}: {e['steps_per_s']:.2f} steps/s = {e['ms_per_step']:.0f} ms/step, "
+                  f"{e['tokens_per_step']:.1f} generated tokens/step, mean running "
+                  f"{e['mean_running']:.1f}, compilations during the run {e['compiles_during_run']:.0f}")
     args.out.mkdir(parents=True, exist_ok=True)
     result = {
         "benchmark": "serving_compare", "date": stamp, "seed": seed, "model": str(gguf),
@@ -270,7 +278,7 @@ def _summary(r: LoadRun) -> dict:
             "output_tok_s": r.output_tok_s, "ttft_p50_ms": r.ttft_p50_ms,
             "ttft_p99_ms": r.ttft_p99_ms, "itl_p50_ms": r.itl_p50_ms, "itl_p99_ms": r.itl_p99_ms,
             "output_tokens_mean": r.output_tokens_mean, "wall_s": r.wall_s, "load_tool_cpu_s": r.load_tool_cpu_s,
-            "load_tool_cores": r.load_tool_cores}
+            "load_tool_cores": r.load_tool_cores, "engine": r.engine}
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ logger = logging.getLogger(__name__)
 
 OP_SETUP, OP_STEP, OP_PROMPT_LOGPROBS = 1, 2, 3
 
-# The runner's step arrays (see ModelRunner.execute / warm_up), then the sampling tensors.
+# The step arrays ModelRunner.execute reads (host-only extras such as the scheduler's
+# sample_mask are not sent): a field the runner starts reading must be added here.
 _STEP_ARRAYS = {"input_ids": 1, "positions": 1, "kv_lens": 1, "page_indices": 2,
                 "cu_q_lens": 1, "num_seqs": 1, "logits_indices": 1}
 _SAMPLING = {"temperature": (np.float32, 1), "top_k": (np.int32, 1), "top_p": (np.float32, 1),
@@ -71,9 +72,9 @@ def _message(op: int, *, setup: np.ndarray = _EMPTY, rows: np.ndarray = _EMPTY,
              tensors: SamplingTensors | None = None) -> dict[str, np.ndarray]:
     """One broadcast: every schema field, unused ones as size-1 blanks."""
     msg = {"op": np.array([op], np.int32), "setup": setup, "rows": rows, "targets": targets}
-    if arrays is not None and set(arrays) != set(_STEP_ARRAYS):
-        raise ValueError(f"runner step arrays {sorted(arrays)} differ from the multi-host "
-                         f"schema {sorted(_STEP_ARRAYS)}: update jaxllm.multihost._STEP_ARRAYS")
+    if arrays is not None and not set(_STEP_ARRAYS) <= set(arrays):
+        raise ValueError(f"runner step arrays {sorted(arrays)} lack multi-host schema fields "
+                         f"{sorted(set(_STEP_ARRAYS) - set(arrays))}")
     for k, nd in _STEP_ARRAYS.items():
         msg[f"a.{k}"] = np.asarray(arrays[k]) if arrays is not None else _blank(nd)
     penalties = False

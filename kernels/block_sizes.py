@@ -25,6 +25,22 @@ def reference_token_block(
     return block
 
 
+def cpu_single_pass(
+    num_tokens: int, num_seqs: int, kv_capacity: int, num_kv_heads: int, head_dim: int
+) -> bool:
+    """Whether the CPU implementation attends all tokens in one loop-free pass (each token
+    gathering its own sequence's pages) instead of the reference's blocked path.
+
+    Only where that pass reads no more than a decode step of the bucket must (T <= S), and the
+    per-token page gather stays within the reference's one-block budget: beyond it (long
+    page tables) the blocked path's shared-sequence blocks read far fewer pages for prefill
+    chunks and for warm-up's all-padding steps.
+    """
+    return num_tokens <= num_seqs and num_tokens == reference_token_block(
+        num_tokens, kv_capacity, num_kv_heads, head_dim
+    )
+
+
 def tpu_query_block(num_tokens: int, queries_per_kv: int) -> int:
     """Tokens per grid step of the TPU kernel; rows per step = tokens * queries_per_kv.
 
