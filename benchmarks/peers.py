@@ -254,7 +254,11 @@ def run_aiperf(argv: Sequence[str], artifact_dir: Path, concurrency: int, reques
                timeout_s: float = 3600.0) -> LoadRun:
     """Run aiperf, sampling its process tree's CPU; parse its JSON export into a LoadRun."""
     artifact_dir.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, AIPERF_HTTP_KEEPALIVE_TIMEOUT="3")
+    # A fresh connection per request (aiperf wants keepalive_timeout 0 = unset for that):
+    # servers close idle keep-alive connections on their own schedule, and a request written
+    # into one that is closing counts as failed ("Cannot write to closing transport"), which
+    # is the load tool's race, not the server's failure.
+    env = dict(os.environ, AIPERF_HTTP_FORCE_CLOSE="true", AIPERF_HTTP_KEEPALIVE_TIMEOUT="0")
     env.pop("HF_HUB_OFFLINE", None)  # aiperf rejects local tokenizer paths with it set
     log_path = artifact_dir / "aiperf.log"
     with open(log_path, "w") as log:

@@ -19,9 +19,10 @@ Dtypes: float32 or bfloat16; k_new/v_new must have kv_cache's dtype; math runs i
 Padding tokens and sequences write nothing and give zeros. The updated cache is returned
 (donate it under jit so XLA updates in place).
 
-impl: None picks by backend (TPU: Pallas TPU kernel; CPU and, until a passing on-hardware run
-is recorded, NVIDIA GPU: the reference); "reference" | "tpu" | "gpu" force one, running the
-Pallas kernels in interpret mode where they cannot compile.
+impl: None picks by backend (CPU: "cpu", the reference's math with per-token page reads;
+TPU and NVIDIA GPU: the reference until a passing on-hardware run of their Pallas kernel is
+recorded in benchmarks/RESULTS.md); "reference" | "cpu" | "tpu" | "gpu" force one, running
+the Pallas kernels in interpret mode where they cannot compile.
 """
 
 from jaxllm.kernels.dispatch import (

@@ -86,3 +86,17 @@ def test_mixed_batch_more_tokens_than_seqs():
         pad_seqs=1,
     )  # fmt: skip
     _check(case, jnp.float32, 1e-5)
+
+
+def test_single_token_bucket_and_all_padding_tokens():
+    """T == 1 skips the token loop; a bucket whose real tokens are few runs mostly padding
+    steps, which must stay zero whatever (NaN) their pages hold."""
+    rng = np.random.default_rng(4600)
+    single = make_case(
+        rng, [(int(rng.integers(2, 70)), 1)], num_q_heads=9, num_kv_heads=3, head_dim=64,
+        page_size=16,
+    )  # fmt: skip
+    assert single.q.shape[0] == 1
+    _check(single, jnp.float32, 1e-5)
+    sparse = _decode_case(rng, 1, 7, num_q_heads=6, num_kv_heads=3, head_dim=32, page_size=8)
+    _check(sparse, jnp.float32, 1e-5)

@@ -93,6 +93,6 @@ def test_metadata_is_a_pytree_and_default_impl():
         )
     )(md)
     assert out.shape == (5, 4, 64) and np.all(np.isfinite(np.asarray(out)))
-    assert default_impl("cpu") == "reference"
+    assert default_impl("cpu") == "cpu"
     assert default_impl("gpu") == "reference"  # until an on-hardware run is recorded
-    assert default_impl("tpu") == "tpu"
+    assert default_impl("tpu") == "reference"  # until an on-hardware run is recorded
