@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
       default=d.enable_prefix_caching)
     a("--compilation-cache-dir", default=None)
     a("--seed", type=int, default=d.seed)
-    a("--attention-impl", default=None, choices=["reference", "tpu", "gpu"])
+    a("--attention-impl", default=None, choices=["reference", "cpu", "tpu", "gpu"])
     a("--distributed-coordinator", default=None)
     a("--num-processes", type=int, default=d.num_processes)
     a("--process-id", type=int, default=d.process_id)
