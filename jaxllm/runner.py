@@ -80,14 +80,17 @@ class ModelRunner:
 
     # -- host API ------------------------------------------------------------------------
     def execute(self, arrays: dict[str, np.ndarray], tensors: SamplingTensors):
-        """Dispatch one step (asynchronously); returns device outputs and hidden states."""
+        """Dispatch one step (asynchronously); returns device outputs and hidden states.
+
+        Host arrays go to jit as numpy: its C++ dispatch moves them in one go, measurably
+        cheaper than a jnp.asarray per array (the host gap between steps)."""
         md = AttentionMetadata(
-            kv_lens=jnp.asarray(arrays["kv_lens"]), page_indices=jnp.asarray(arrays["page_indices"]),
-            cu_q_lens=jnp.asarray(arrays["cu_q_lens"]), num_seqs=jnp.asarray(arrays["num_seqs"]))
+            kv_lens=arrays["kv_lens"], page_indices=arrays["page_indices"],
+            cu_q_lens=arrays["cu_q_lens"], num_seqs=arrays["num_seqs"])
         before = self.compile_count
         logits, self.kv_caches, hidden = self._step_fn(
-            self.state, self.kv_caches, jnp.asarray(arrays["input_ids"]),
-            jnp.asarray(arrays["positions"]), md, jnp.asarray(arrays["logits_indices"]))
+            self.state, self.kv_caches, arrays["input_ids"], arrays["positions"], md,
+            arrays["logits_indices"])
         out = self._sample_fn(logits, tensors)
         self._note_compiles(before, self.compile_count, "step", arrays["page_indices"].shape)
         return out, hidden

@@ -65,25 +65,23 @@ class SamplingTensorBuilder:
                 if req.output_token_ids:
                     np.add.at(counts[i], np.asarray(req.output_token_ids, np.int64), 1)
                 mask[i, np.asarray(req.prompt_token_ids, np.int64)] = True
-            state = (jnp.asarray(counts), jnp.asarray(mask))
+            state = (jnp.asarray(counts), jnp.asarray(mask))  # device, like the cached zeros
         else:
             state = self._zeros(rows)
         return SamplingTensors(
-            temperature=jnp.asarray(temperature), top_k=jnp.asarray(top_k),
-            top_p=jnp.asarray(top_p), min_p=jnp.asarray(min_p),
-            presence_penalty=jnp.asarray(presence), frequency_penalty=jnp.asarray(frequency),
-            repetition_penalty=jnp.asarray(repetition), greedy=jnp.asarray(greedy),
-            key_data=jnp.asarray(keys), step=jnp.asarray(step),
-            num_logprobs=jnp.asarray(num_logprobs), output_counts=state[0], prompt_mask=state[1])
+            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+            presence_penalty=presence, frequency_penalty=frequency,
+            repetition_penalty=repetition, greedy=greedy, key_data=keys, step=step,
+            num_logprobs=num_logprobs, output_counts=state[0], prompt_mask=state[1])
 
     def dummy(self, rows: int) -> SamplingTensors:
-        """All-greedy padding tensors for warm-up."""
+        """All-greedy padding tensors for warm-up (host arrays, as `build` passes them: jit
+        keys its cache on where inputs live, so warm-up must match the real steps)."""
         zeros = np.zeros(rows, np.float32)
         k0, m0 = self._zeros(rows)
         return SamplingTensors(
-            temperature=jnp.asarray(zeros), top_k=jnp.zeros(rows, jnp.int32),
-            top_p=jnp.ones(rows, jnp.float32), min_p=jnp.asarray(zeros),
-            presence_penalty=jnp.asarray(zeros), frequency_penalty=jnp.asarray(zeros),
-            repetition_penalty=jnp.ones(rows, jnp.float32), greedy=jnp.ones(rows, bool),
-            key_data=jnp.zeros((rows, 2), jnp.uint32), step=jnp.zeros(rows, jnp.int32),
-            num_logprobs=jnp.full(rows, -1, jnp.int32), output_counts=k0, prompt_mask=m0)
+            temperature=zeros, top_k=np.zeros(rows, np.int32), top_p=np.ones(rows, np.float32),
+            min_p=zeros, presence_penalty=zeros, frequency_penalty=zeros,
+            repetition_penalty=np.ones(rows, np.float32), greedy=np.ones(rows, bool),
+            key_data=np.zeros((rows, 2), np.uint32), step=np.zeros(rows, np.int32),
+            num_logprobs=np.full(rows, -1, np.int32), output_counts=k0, prompt_mask=m0)

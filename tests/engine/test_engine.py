@@ -166,3 +166,18 @@ def test_bad_input_rejected_without_side_effects(engine):
         engine.add_request("dup", [5, 6], SamplingParams(max_tokens=2))
     _run(engine, ["dup"])
     _assert_no_leaks(engine)
+
+
+def test_penalties_and_logprob_mixes_do_not_recompile(engine):
+    seed = _fresh_seed()
+    prompts = _prompts(seed, [6, 13, 4])
+    mixes = [SamplingParams(max_tokens=5, ignore_eos=True, repetition_penalty=1.3),
+             SamplingParams(max_tokens=5, ignore_eos=True, temperature=0.7, top_k=5,
+                            frequency_penalty=0.5, presence_penalty=0.2, logprobs=2),
+             SamplingParams(max_tokens=5, ignore_eos=True, min_p=0.1, top_p=0.8, seed=seed)]
+    for i, (p, sp) in enumerate(zip(prompts, mixes, strict=True)):
+        engine.add_request(f"mix{i}", p, sp)
+    done = _run(engine, [f"mix{i}" for i in range(3)])
+    assert all(len(o.outputs[0].token_ids) == 5 for o in done.values())
+    assert engine.runner.recompiles == 0
+    _assert_no_leaks(engine)
