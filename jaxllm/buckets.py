@@ -8,9 +8,9 @@ Every distinct shape is one XLA compilation of the whole model, so the set stays
   max_num_seqs is added as a bucket so a full decode batch never pads to a bigger one;
 - the sequence bucket is tied to T: S = min(T, max_num_seqs) (a step never has more
   sequences than tokens);
-- page-table widths P: ceil(max_model_len / page_size) and that divided by `page_width_ratio`
-  repeatedly while >= `min_page_width`, so short-context steps gather few pages (attention
-  cost grows with S * P * page_size).
+- page-table widths P: `min_page_width` times powers of `page_width_ratio` below
+  ceil(max_model_len / page_size), which is always included, so short-context steps gather
+  few pages (attention cost grows with S * P * page_size).
 The set is the product T x P.
 """
 
@@ -40,7 +40,7 @@ class BucketSet:
         min_token_bucket: int = 8,
         token_bucket_ratio: int = 2,
         page_width_ratio: int = 4,
-        min_page_width: int = 8,
+        min_page_width: int = 16,
     ) -> None:
         for name, v in (("max_num_batched_tokens", max_num_batched_tokens),
                         ("max_num_seqs", max_num_seqs), ("max_model_len", max_model_len),
@@ -67,9 +67,15 @@ class BucketSet:
             tokens.append(max_num_seqs)  # a full decode batch gets a bucket of exactly its size
         self.token_buckets: tuple[int, ...] = tuple(sorted(set(tokens)))
 
-        widths = [-(-max_model_len // page_size)]
-        while widths[-1] // page_width_ratio >= min_page_width:
-            widths.append(-(-widths[-1] // page_width_ratio))
+        # Anchored at the narrow end: the common short contexts get the same narrow widths
+        # whatever max_model_len is (a top-anchored ladder gave max_model_len=512 a 32-page
+        # table for a 192-token context: twice the attention work of a 16-page one).
+        widest = -(-max_model_len // page_size)
+        widths = {widest}
+        w = min_page_width
+        while w < widest:
+            widths.add(w)
+            w *= page_width_ratio
         self.page_widths: tuple[int, ...] = tuple(sorted(widths))
 
     @classmethod
