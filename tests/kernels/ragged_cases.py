@@ -135,3 +135,10 @@ def rel_norm_err(actual, expected) -> float:
     """||actual - expected|| / ||expected||: robust to single bf16 rounding flips."""
     a = np.asarray(jnp.asarray(actual).astype(jnp.float32), np.float64)
     return float(np.linalg.norm(a - expected) / max(np.linalg.norm(expected), 1e-30))
+
+
+def fresh_rng() -> np.random.Generator:
+    """A generator on a new seed each run; the seed is printed, so a failure names it."""
+    seed = int(np.random.SeedSequence().entropy % 2**32)
+    print(f"random seed: {seed}")
+    return np.random.default_rng(seed)

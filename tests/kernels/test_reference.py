@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jaxllm.kernels import AttentionMetadata, ragged_paged_attention_from_metadata
-from tests.kernels.ragged_cases import make_case, oracle, rel_err
+from tests.kernels.ragged_cases import fresh_rng, make_case, oracle, rel_err
 
 MIXED = [(37, 1), (20, 20), (50, 13), (100, 1), (3, 3)]  # decode, prefill, chunk, long, tiny
 
@@ -35,7 +35,7 @@ def _check(case, dtype, tol, **opts):
 
 @pytest.mark.parametrize("num_q_heads,num_kv_heads", [(4, 4), (9, 3), (8, 1)])
 def test_mixed_batch_fp32_gqa(num_q_heads, num_kv_heads):
-    rng = np.random.default_rng(1000 + num_q_heads)
+    rng = fresh_rng()
     case = make_case(
         rng, MIXED, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=64,
         page_size=16, pad_tokens=5, pad_seqs=2,
@@ -44,7 +44,7 @@ def test_mixed_batch_fp32_gqa(num_q_heads, num_kv_heads):
 
 
 def test_head_dim_128_large_pages_bf16():
-    rng = np.random.default_rng(7)
+    rng = fresh_rng()
     seqs = [(70, 1), (33, 33), (129, 40)]
     case = make_case(
         rng, seqs, num_q_heads=6, num_kv_heads=2, head_dim=128, page_size=64, pad_tokens=3
@@ -53,7 +53,7 @@ def test_head_dim_128_large_pages_bf16():
 
 
 def test_head_dim_128_fp32_page_32():
-    rng = np.random.default_rng(8)
+    rng = fresh_rng()
     seqs = [(95, 1), (64, 17), (5, 5)]
     case = make_case(rng, seqs, num_q_heads=4, num_kv_heads=2, head_dim=128, page_size=32)
     _check(case, jnp.float32, 1e-5)
@@ -71,7 +71,7 @@ def test_sliding_window_and_soft_cap(sliding_window, soft_cap):
 
 def test_many_token_blocks_mix_shared_and_per_token_paths():
     """More tokens than one reference block: long prefill blocks plus blocks of decodes."""
-    rng = np.random.default_rng(11)
+    rng = fresh_rng()
     seqs = [(300, 150)] + [(int(n), 1) for n in rng.integers(1, 90, size=20)] + [(80, 70)]
     case = make_case(
         rng, seqs, num_q_heads=4, num_kv_heads=2, head_dim=64, page_size=16, pad_tokens=9,
@@ -81,7 +81,7 @@ def test_many_token_blocks_mix_shared_and_per_token_paths():
 
 
 def test_tiny_pages_and_scalar_num_seqs():
-    rng = np.random.default_rng(12)
+    rng = fresh_rng()
     case = make_case(
         rng, [(9, 4), (2, 1), (6, 6)], num_q_heads=2, num_kv_heads=1, head_dim=64, page_size=2
     )
@@ -90,7 +90,7 @@ def test_tiny_pages_and_scalar_num_seqs():
 
 
 def test_all_padding_batch_writes_nothing():
-    rng = np.random.default_rng(13)
+    rng = fresh_rng()
     case = make_case(rng, [(10, 2)], num_q_heads=2, num_kv_heads=1, head_dim=64, page_size=16,
                      pad_tokens=4, pad_seqs=1)  # fmt: skip
     case.num_seqs = np.array([0], np.int32)
@@ -98,3 +98,13 @@ def test_all_padding_batch_writes_nothing():
     out, cache = _run(*case.args(jnp.float32), sm_scale=case.sm_scale)
     assert np.all(np.asarray(out) == 0.0)
     np.testing.assert_array_equal(np.asarray(cache), case.kv_cache)
+
+
+@pytest.mark.parametrize("page_size", [128, 256])
+def test_large_pages_fp32(page_size):
+    rng = fresh_rng()
+    seqs = [(int(rng.integers(page_size + 1, 2 * page_size + 40)), 1),
+            (int(rng.integers(20, 90)), int(rng.integers(5, 20))), (7, 7)]
+    case = make_case(rng, seqs, num_q_heads=9, num_kv_heads=3, head_dim=64,
+                     page_size=page_size, pad_tokens=3, pad_seqs=1)
+    _check(case, jnp.float32, 1e-5)
