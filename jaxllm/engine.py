@@ -283,9 +283,15 @@ class LLMEngine:
                 result.top_ids[row, :params.logprobs], result.top_logprobs[row, :params.logprobs]))
             sample.cumulative_logprob += float(result.logprobs[row])
         sample.text += sample.detok.step([token])
-        if sample.detok.stop_hit is not None and not seq.is_finished:
-            self.scheduler.finish(seq.request_id, RequestStatus.FINISHED_STOPPED,
-                                  sample.detok.stop_hit)
+        if sample.detok.stop_hit is not None:
+            if not seq.is_finished:
+                self.scheduler.finish(seq.request_id, RequestStatus.FINISHED_STOPPED,
+                                      sample.detok.stop_hit)
+            elif seq.status is RequestStatus.FINISHED_LENGTH:
+                # The token that reached max_tokens also completed a stop string: the stop
+                # wins, as in vLLM (the pages are already free; only the reason changes).
+                seq.status = RequestStatus.FINISHED_STOPPED
+                seq.stop_reason = sample.detok.stop_hit
         if seq.is_finished and seq.status is not RequestStatus.FINISHED_ABORTED:
             if sample.detok.stop_hit is None:
                 sample.text += sample.detok.flush()

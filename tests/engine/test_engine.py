@@ -181,3 +181,32 @@ def test_penalties_and_logprob_mixes_do_not_recompile(engine):
     assert all(len(o.outputs[0].token_ids) == 5 for o in done.values())
     assert engine.runner.recompiles == 0
     _assert_no_leaks(engine)
+
+
+def test_stop_string_completed_by_the_last_allowed_token_reports_stop(engine):
+    seed = _fresh_seed()
+    tok = engine.tokenizer
+    for attempt in range(20):
+        prompt = _prompts(seed + attempt, [17])[0]
+        rid = f"full{attempt}"
+        engine.add_request(rid, prompt, SamplingParams(temperature=0.0, max_tokens=10,
+                                                       ignore_eos=True))
+        ids = _run(engine, [rid])[rid].outputs[0].token_ids
+        # find k and a stop string that first appears in the text of exactly k tokens
+        for k in range(1, 11):
+            before = tok.decode(ids[:k - 1], skip_special_tokens=True)
+            text = tok.decode(ids[:k], skip_special_tokens=True)
+            stop = text[len(before):][-2:]
+            if stop.strip() and text.endswith(stop) and stop not in before and \
+                    stop not in text[:-len(stop)] and "\ufffd" not in text:
+                break
+        else:
+            continue
+        engine.add_request("sk", prompt, SamplingParams(temperature=0.0, max_tokens=k,
+                                                        ignore_eos=True, stop=[stop]))
+        res = _run(engine, ["sk"])["sk"].outputs[0]
+        assert (res.finish_reason, res.stop_reason) == ("stop", stop), f"seed={seed}"
+        assert res.text == text[:-len(stop)]
+        _assert_no_leaks(engine)
+        return
+    raise AssertionError(f"seed={seed}: no greedy text gave a usable stop string")
