@@ -150,6 +150,29 @@ def reset_rows(state: jax.Array, rows: jax.Array) -> jax.Array:
 
 # --- host-side builder --------------------------------------------------------------------
 
+def param_columns(params: Sequence[SamplingParams | None], rows: int,
+                  vocab_size: int) -> dict[str, np.ndarray]:
+    """The per-row parameter columns of `SamplingTensors` as host arrays; rows past the
+    given params (and None entries) are padding: greedy with neutral penalties."""
+    neutral = SamplingParams(temperature=0.0)
+    full = [p if p is not None else neutral for p in params] + [neutral] * (rows - len(params))
+
+    def col(fn, dtype):
+        return np.array([fn(p) for p in full], dtype=dtype)
+
+    return {
+        "temperature": col(lambda p: p.temperature, np.float32),
+        "top_k": col(lambda p: p.top_k_or_off if p.top_k_or_off < vocab_size else 0, np.int32),
+        "top_p": col(lambda p: p.top_p, np.float32),
+        "min_p": col(lambda p: p.min_p, np.float32),
+        "presence_penalty": col(lambda p: p.presence_penalty, np.float32),
+        "frequency_penalty": col(lambda p: p.frequency_penalty, np.float32),
+        "repetition_penalty": col(lambda p: p.repetition_penalty, np.float32),
+        "greedy": col(lambda p: p.greedy, bool),
+        "num_logprobs": col(lambda p: -1 if p.logprobs is None else p.logprobs, np.int32),
+    }
+
+
 def build_sampling_tensors(
     params: Sequence[SamplingParams | None],
     *,
@@ -170,18 +193,12 @@ def build_sampling_tensors(
     rows = n if num_rows is None else num_rows
     if rows < n:
         raise ValueError(f"num_rows ({rows}) is smaller than the number of requests ({n})")
-    neutral = SamplingParams(temperature=0.0)
-    full = [p if p is not None else neutral for p in params] + [neutral] * (rows - n)
-
-    def col(fn, dtype):
-        return np.array([fn(p) for p in full], dtype=dtype)
-
     keys = np.zeros((rows, 2), np.uint32)
     if key_data is not None:
         keys[:n] = np.asarray(key_data, np.uint32).reshape(n, 2)
     else:
-        for i, p in enumerate(full[:n]):
-            if p.seed is not None:
+        for i, p in enumerate(params):
+            if p is not None and p.seed is not None:
                 keys[i] = request_key_data(p.seed)
     step = np.zeros(rows, np.int32)
     if steps is not None:
@@ -192,22 +209,9 @@ def build_sampling_tensors(
         np.add.at(counts[i], np.asarray(toks, np.int64), 1)
     for i, toks in enumerate(prompt_token_ids or []):
         mask[i, np.asarray(toks, np.int64)] = True
-    top_k = col(lambda p: p.top_k_or_off if p.top_k_or_off < vocab_size else 0, np.int32)
-    return SamplingTensors(
-        temperature=jnp.asarray(col(lambda p: p.temperature, np.float32)),
-        top_k=jnp.asarray(top_k),
-        top_p=jnp.asarray(col(lambda p: p.top_p, np.float32)),
-        min_p=jnp.asarray(col(lambda p: p.min_p, np.float32)),
-        presence_penalty=jnp.asarray(col(lambda p: p.presence_penalty, np.float32)),
-        frequency_penalty=jnp.asarray(col(lambda p: p.frequency_penalty, np.float32)),
-        repetition_penalty=jnp.asarray(col(lambda p: p.repetition_penalty, np.float32)),
-        greedy=jnp.asarray(col(lambda p: p.greedy, bool)),
-        key_data=jnp.asarray(keys),
-        step=jnp.asarray(step),
-        num_logprobs=jnp.asarray(col(lambda p: -1 if p.logprobs is None else p.logprobs, np.int32)),
-        output_counts=jnp.asarray(counts),
-        prompt_mask=jnp.asarray(mask),
-    )
+    columns = {k: jnp.asarray(v) for k, v in param_columns(params, rows, vocab_size).items()}
+    return SamplingTensors(**columns, key_data=jnp.asarray(keys), step=jnp.asarray(step),
+                           output_counts=jnp.asarray(counts), prompt_mask=jnp.asarray(mask))
 
 
 # --- filtering ----------------------------------------------------------------------------
