@@ -163,6 +163,8 @@ class LLMEngine:
             raise ValueError("sampling params must be a SamplingParams")
         if request_id in self._tracked:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if self._sleeping_specs is not None:
+            raise ValueError("the engine is asleep (its KV cache is released): call wake_up() first")
         text, ids = self._tokenize(prompt)
         if params.prompt_logprobs is not None:
             # Prompt logprobs need every prompt position computed: never serve it from cache.

@@ -210,3 +210,13 @@ def test_stop_string_completed_by_the_last_allowed_token_reports_stop(engine):
         _assert_no_leaks(engine)
         return
     raise AssertionError(f"seed={seed}: no greedy text gave a usable stop string")
+
+
+def test_sleep_refuses_requests_until_wake_up(engine):
+    engine.sleep(1)
+    with pytest.raises(ValueError, match="asleep"):
+        engine.add_request("zz", [5, 6, 7], SamplingParams(max_tokens=2))
+    engine.wake_up()
+    engine.add_request("zz", [5, 6, 7], SamplingParams(max_tokens=2, ignore_eos=True))
+    assert len(_run(engine, ["zz"])["zz"].outputs[0].token_ids) == 2
+    _assert_no_leaks(engine)
