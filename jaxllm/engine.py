@@ -285,6 +285,11 @@ class LLMEngine:
                 result.top_ids[row, :params.logprobs], result.top_logprobs[row, :params.logprobs]))
             sample.cumulative_logprob += float(result.logprobs[row])
         sample.text += sample.detok.step([token])
+        if seq.is_finished and seq.status is not RequestStatus.FINISHED_ABORTED:
+            if sample.detok.stop_hit is None:
+                # Text held back (bytes of an unfinished character) is released now, and
+                # may itself complete a stop string.
+                sample.text += sample.detok.flush()
         if sample.detok.stop_hit is not None:
             if not seq.is_finished:
                 self.scheduler.finish(seq.request_id, RequestStatus.FINISHED_STOPPED,
@@ -294,9 +299,6 @@ class LLMEngine:
                 # wins, as in vLLM (the pages are already free; only the reason changes).
                 seq.status = RequestStatus.FINISHED_STOPPED
                 seq.stop_reason = sample.detok.stop_hit
-        if seq.is_finished and seq.status is not RequestStatus.FINISHED_ABORTED:
-            if sample.detok.stop_hit is None:
-                sample.text += sample.detok.flush()
 
     def _logprob_entry(self, token: int, logprob: float, rank: int, top_ids, top_vals
                        ) -> dict[int, Logprob]:
