@@ -116,6 +116,11 @@ class BroadcastingRunner(ModelRunner):
         self.caster.send(_message(OP_STEP, arrays=arrays, tensors=tensors))
         return super().execute(arrays, tensors)
 
+    def warm_up(self, buckets, dummy_tensors, **kwargs: Any) -> float:
+        # Run (and so broadcast) a dummy step per bucket: the followers compile in lockstep
+        # instead of stalling the first real step's collectives while they compile.
+        return self.warm_up_by_running(buckets, dummy_tensors)
+
     def prompt_logprobs(self, hidden, rows: np.ndarray, targets: np.ndarray):
         self.caster.send(_message(OP_PROMPT_LOGPROBS, rows=np.asarray(rows, np.int32),
                                   targets=np.asarray(targets, np.int32)))

@@ -11,6 +11,7 @@ import functools
 import logging
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import jax
@@ -38,6 +39,24 @@ class StepResult:
     top_logprobs: np.ndarray  # [S, K]
 
 
+def _blank_step_arrays(b: Bucket) -> dict[str, np.ndarray]:
+    """A step of bucket b's shapes with no sequences: what warm-up traces and runs."""
+    return {
+        "input_ids": np.zeros(b.num_tokens, np.int32),
+        "positions": np.zeros(b.num_tokens, np.int32),
+        "kv_lens": np.zeros(b.num_seqs, np.int32),
+        "page_indices": np.zeros((b.num_seqs, b.pages_per_seq), np.int32),
+        "cu_q_lens": np.zeros(b.num_seqs + 1, np.int32),
+        "num_seqs": np.zeros(1, np.int32),
+        "logits_indices": np.zeros(b.num_seqs, np.int32),
+    }
+
+
+def _metadata(arrays: dict[str, np.ndarray]) -> AttentionMetadata:
+    return AttentionMetadata(kv_lens=arrays["kv_lens"], page_indices=arrays["page_indices"],
+                             cu_q_lens=arrays["cu_q_lens"], num_seqs=arrays["num_seqs"])
+
+
 def _attention(impl: str | None):
     return functools.partial(ragged_paged_attention_from_metadata, impl=impl)
 
@@ -59,8 +78,12 @@ class ModelRunner:
         # (tokens, seqs, pages) bucket: compile time is what users wait for at start-up.
         self._sample_fn = jax.jit(functools.partial(sample, max_logprobs=max_logprobs))
         self._prompt_logprobs_fn = jax.jit(self._prompt_logprobs)
-        self.warm_compiles: int | None = None
+        self.warm_compiles: int | None = None  # programs compiled by warm-up
         self.recompiles = 0
+        self._warm_steps: set[tuple[int, int, int]] = set()  # (tokens, seqs, pages) warmed
+        self._warm_sample_rows: set[int] = set()
+        self._warm_prompt_rows: set[int] = set()
+        self._first_calls: set[tuple[str, object]] = set()
 
     # -- jitted bodies -------------------------------------------------------------------
     def _step(self, state, kv_caches, input_ids, positions, md, logits_indices):
@@ -84,15 +107,17 @@ class ModelRunner:
 
         Host arrays go to jit as numpy: its C++ dispatch moves them in one go, measurably
         cheaper than a jnp.asarray per array (the host gap between steps)."""
-        md = AttentionMetadata(
-            kv_lens=arrays["kv_lens"], page_indices=arrays["page_indices"],
-            cu_q_lens=arrays["cu_q_lens"], num_seqs=arrays["num_seqs"])
-        before = self.compile_count
+        step_before = self._step_fn._cache_size()
+        sample_before = self._sample_fn._cache_size()
         logits, self.kv_caches, hidden = self._step_fn(
-            self.state, self.kv_caches, arrays["input_ids"], arrays["positions"], md,
-            arrays["logits_indices"])
+            self.state, self.kv_caches, arrays["input_ids"], arrays["positions"],
+            _metadata(arrays), arrays["logits_indices"])
         out = self._sample_fn(logits, tensors)
-        self._note_compiles(before, self.compile_count, "step", arrays["page_indices"].shape)
+        t, s = arrays["input_ids"].shape[0], arrays["logits_indices"].shape[0]
+        self._note_compiles(step_before, self._step_fn._cache_size(), "step",
+                            (t, s, arrays["page_indices"].shape[1]), self._warm_steps)
+        self._note_compiles(sample_before, self._sample_fn._cache_size(), "sampler", s,
+                            self._warm_sample_rows)
         return out, hidden
 
     @staticmethod
@@ -111,39 +136,81 @@ class ModelRunner:
         pr[:n], pt[:n] = rows, targets
         before = self._prompt_logprobs_fn._cache_size()
         res = self._prompt_logprobs_fn(self.state, hidden, jnp.asarray(pr), jnp.asarray(pt))
-        self._note_compiles(before, self._prompt_logprobs_fn._cache_size(), "prompt_logprobs", (t,))
+        self._note_compiles(before, self._prompt_logprobs_fn._cache_size(), "prompt_logprobs", t,
+                            self._warm_prompt_rows)
         chosen, rank, ids, vals = (np.asarray(x)[:n] for x in jax.device_get(res))
         return chosen, rank, ids, vals
 
-    def warm_up(self, buckets: Iterable[Bucket], dummy_tensors) -> float:
-        """Compile every bucket shape (and its prompt-logprobs twin); returns seconds taken."""
+    def warm_up(self, buckets: Iterable[Bucket], dummy_tensors, *, compile_threads: int = 2
+                ) -> float:
+        """Compile every bucket's step, sampler and prompt-logprobs programs ahead of time;
+        returns seconds taken.
+
+        Programs are traced and lowered here, then compiled on `compile_threads` threads (XLA
+        releases the GIL while compiling), without running them: executing a dummy step of
+        the widest buckets took seconds each. The executables land in JAX's in-memory cache
+        (and the persistent one, when enabled), so a step's first real call only re-traces.
+        """
         start = time.perf_counter()
         buckets = list(buckets)
-        for b in tqdm(buckets, desc="compiling step buckets", unit="shape"):
-            arrays = {
-                "input_ids": np.zeros(b.num_tokens, np.int32),
-                "positions": np.zeros(b.num_tokens, np.int32),
-                "kv_lens": np.zeros(b.num_seqs, np.int32),
-                "page_indices": np.zeros((b.num_seqs, b.pages_per_seq), np.int32),
-                "cu_q_lens": np.zeros(b.num_seqs + 1, np.int32),
-                "num_seqs": np.zeros(1, np.int32),
-                "logits_indices": np.zeros(b.num_seqs, np.int32),
-            }
+        lowered = []
+        for b in tqdm(buckets, desc="tracing step buckets", unit="shape"):
+            step = self._trace_step(b).lower()
+            logits, _, hidden = step.out_info
+            lowered.append(step)
+            if b.num_seqs not in self._warm_sample_rows:
+                self._warm_sample_rows.add(b.num_seqs)
+                lowered.append(self._sample_fn.trace(logits, dummy_tensors(b.num_seqs)).lower())
+            if b.num_tokens not in self._warm_prompt_rows:
+                self._warm_prompt_rows.add(b.num_tokens)
+                rows = jax.ShapeDtypeStruct((b.num_tokens,), jnp.int32)
+                lowered.append(self._prompt_logprobs_fn.trace(self.state, hidden, rows, rows).lower())
+            self._warm_steps.add((b.num_tokens, b.num_seqs, b.pages_per_seq))
+        with ThreadPoolExecutor(max(1, compile_threads)) as pool:
+            list(tqdm(pool.map(lambda low: low.compile(), lowered), total=len(lowered),
+                      desc="compiling step buckets", unit="program"))
+        self.warm_compiles = len(lowered)
+        return time.perf_counter() - start
+
+    def warm_up_by_running(self, buckets: Iterable[Bucket], dummy_tensors) -> float:
+        """Compile every bucket by executing a dummy step through `execute`: for runners
+        whose execute does more than run the step (multi-host leaders broadcast it, so the
+        followers compile in lockstep)."""
+        start = time.perf_counter()
+        for b in tqdm(list(buckets), desc="compiling step buckets", unit="shape"):
+            arrays = _blank_step_arrays(b)
             out, hidden = self.execute(arrays, dummy_tensors(b.num_seqs))
             jax.block_until_ready(out)
             self.prompt_logprobs(hidden, np.zeros(1, np.int32), np.zeros(1, np.int32))
-        self.warm_compiles = self.compile_count
+        self.warm_compiles = self._jit_cache_entries()
         return time.perf_counter() - start
+
+    def _trace_step(self, b: Bucket):
+        arrays = _blank_step_arrays(b)
+        return self._step_fn.trace(self.state, self.kv_caches, arrays["input_ids"],
+                                   arrays["positions"], _metadata(arrays), arrays["logits_indices"])
 
     @property
     def compile_count(self) -> int:
+        """Programs compiled so far: by warm-up, and after it (recompiles)."""
+        return (self.warm_compiles or 0) + self.recompiles
+
+    def _jit_cache_entries(self) -> int:
         return (self._step_fn._cache_size() + self._sample_fn._cache_size()
                 + self._prompt_logprobs_fn._cache_size())
 
-    def _note_compiles(self, before: int, after: int, what: str, shape) -> None:
-        if after > before and self.warm_compiles is not None:
-            self.recompiles += after - before
-            logger.error("recompiled %s for shape %s after warm-up (%d so far)", what, shape,
+    def _note_compiles(self, before: int, after: int, what: str, key, warmed: set) -> None:
+        """Count jit cache entries added after warm-up, except the one entry a warmed shape
+        adds on its first call (its executable comes from warm-up's compile)."""
+        if after <= before or self.warm_compiles is None:
+            return
+        added = after - before
+        if key in warmed and (what, key) not in self._first_calls:
+            self._first_calls.add((what, key))
+            added -= 1
+        if added > 0:
+            self.recompiles += added
+            logger.error("recompiled %s for shape %s after warm-up (%d so far)", what, key,
                          self.recompiles)
 
     def drop_kv_caches(self) -> list[tuple[tuple[int, ...], jnp.dtype, object]]:
