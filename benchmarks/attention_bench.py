@@ -1,18 +1,22 @@
 """Time ragged paged attention per implementation on the current backend.
 
-Usage: python benchmarks/attention_bench.py [--dtype float32|bfloat16] [--iters N] [--small]
+Usage: python benchmarks/attention_bench.py [--dtype float32|bfloat16] [--iters N]
+           [--impl reference,cpu,cpu_native] [--shapes decode,prefill]
 
 Shapes (SmolLM2-135M heads: 9 query / 3 KV heads, head_dim 64, page_size 16):
   decode : S sequences x 1 new token over a cached context (64 x 2048 on accelerators,
-           32 x 256 and 32 x 1024 on CPU)
-  prefill: 4 chunks x 512 new tokens continuing a 512-token cached prefix (cap of causal work)
+           32 x 256 -- the 32x32x16 decode bucket -- and 32 x 1024 on CPU)
+  prefill: 4 chunks x 512 new tokens continuing a 512-token cached prefix (cap of causal work);
+           on CPU also one fresh 512-token prompt (the engine's 512-token prefill bucket)
 Columns: median time, achieved KV-read bandwidth (bytes of the pages each token must read,
 counted once per sequence) and attention FLOP rate (4*Hq*D per query-key pair actually
-attended), and the ratio of the reference's time to this implementation's time (>1 = faster).
+attended), and the ratio of the first impl's time to this implementation's time (>1 = faster).
 Peer in the same run: `xla_dense`, jax.nn.dot_product_attention over the same K/V already laid
 out contiguously per sequence (no paging, no cache write) -- what paging costs on this backend.
 Kernels run only where they compile (Pallas TPU on TPU, Pallas GPU on GPU); interpret mode is a
-correctness tool, not timed. On CPU the `cpu` implementation (kernels/cpu.py) is timed too.
+correctness tool, not timed. On CPU the `cpu` (kernels/cpu.py) and `cpu_native` (kernels/
+cpu_native.py, the C++ FFI kernel) implementations are timed too; --impl picks a subset (the
+first one listed is the "vs" baseline).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ def shapes_for(backend: str) -> list[Shape]:
         return [
             Shape("decode 32x256", 32, 1, 256),
             Shape("decode 32x1024", 32, 1, 1024),
+            Shape("prefill 1x512", 1, 512, 512),
             Shape("prefill 4x512 (+512 cached)", 4, 512, 1024),
         ]
     return [
@@ -131,16 +136,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--impl", default=None, help="comma-separated impls (first = baseline)")
+    parser.add_argument(
+        "--shapes",
+        default=None,
+        help="only shapes whose name starts with one "
+        "of these comma-separated prefixes (e.g. decode,prefill 1x)",
+    )
     args = parser.parse_args()
     dtype = jnp.dtype(args.dtype)
     backend = jax.default_backend()
-    impls = ["reference"] + {"tpu": ["tpu"], "gpu": ["gpu"]}.get(backend, ["cpu"])
+    defaults = {"tpu": ["tpu"], "gpu": ["gpu"]}.get(backend, ["cpu", "cpu_native"])
+    impls = args.impl.split(",") if args.impl else ["reference", *defaults]
+    prefixes = tuple(args.shapes.split(",")) if args.shapes else ("",)
     rng = np.random.default_rng(0)
     print(f"backend={backend} device={jax.devices()[0].device_kind} dtype={args.dtype}")
-    header = f"{'shape':30s} {'impl':10s} {'ms':>9s} {'KV GB/s':>9s} {'GFLOP/s':>9s} {'vs ref':>7s}"
+    header = f"{'shape':30s} {'impl':10s} {'ms':>9s} {'KV GB/s':>9s} {'GFLOP/s':>9s} {'vs 1st':>7s}"
     print(header)
     print("-" * len(header))
-    for shape in shapes_for(backend):
+    for shape in (s for s in shapes_for(backend) if s.name.startswith(prefixes)):
         inputs = build(shape, dtype, rng)
         kv_bytes, flops = work(shape, dtype.itemsize)
         ref_time = None

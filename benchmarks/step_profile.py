@@ -1,6 +1,6 @@
 """Time one full engine step (model + attention + sampler) on the default model.
 
-Usage: python benchmarks/step_profile.py [--impl reference,cpu] [--batches 1,8,32]
+Usage: python benchmarks/step_profile.py [--impl reference,cpu,cpu_native] [--batches 1,8,32]
            [--ctx 192] [--kv-dtype float32|bfloat16] [--iters 5] [--repeats 5] [--compile]
        python benchmarks/step_profile.py --warmup [--impl ...] [--token-bucket-ratio 4]
 
@@ -9,6 +9,7 @@ table width = the bucket's) through `ModelRunner.execute` and prints the median 
 same with attention replaced by a no-op (the floor: what the rest of the step costs) and the
 attention share. --compile also times the first call of one bucket (trace + compile) per impl.
 Median of --repeats medians: the machine is shared, so single runs drift.
+--impl takes any of kernels.IMPLEMENTATIONS ("cpu_native": the C++ FFI kernel, built on first use).
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ def time_rounds(runs: dict, arrays, tensors, iters: int, repeats: int) -> dict[s
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--impl", default="reference,cpu", help="comma-separated impls")
+    parser.add_argument("--impl", default="reference,cpu",
+                        help="comma-separated impls, e.g. cpu,cpu_native")
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--ctx", type=int, default=192)
     parser.add_argument("--kv-dtype", default=None, help="KV cache dtype (default: model's)")

@@ -191,7 +191,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     compilation_cache_dir: str | None = None
     seed: int = 0
-    attention_impl: str | None = None  # None: by backend; "reference" | "tpu" | "gpu"
+    attention_impl: str | None = None  # None: by backend; one of jaxllm.kernels.IMPLEMENTATIONS
     # server
     host: str = "127.0.0.1"
     port: int = 8000

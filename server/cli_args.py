@@ -7,6 +7,7 @@ import json
 from collections.abc import Sequence
 
 from jaxllm.config import EngineConfig
+from jaxllm.kernels import IMPLEMENTATIONS
 
 from .server_config import ServerConfig
 
@@ -59,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
       default=d.enable_prefix_caching)
     a("--compilation-cache-dir", default=None)
     a("--seed", type=int, default=d.seed)
-    a("--attention-impl", default=None, choices=["reference", "cpu", "tpu", "gpu"])
+    a("--attention-impl", default=None, choices=list(IMPLEMENTATIONS))
     a("--distributed-coordinator", default=None)
     a("--num-processes", type=int, default=d.num_processes)
     a("--process-id", type=int, default=d.process_id)

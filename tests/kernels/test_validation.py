@@ -93,6 +93,8 @@ def test_metadata_is_a_pytree_and_default_impl():
         )
     )(md)
     assert out.shape == (5, 4, 64) and np.all(np.isfinite(np.asarray(out)))
-    assert default_impl("cpu") == "cpu"
+    from jaxllm.kernels.native_build import native_attention_available
+
+    assert default_impl("cpu") == ("cpu_native" if native_attention_available() else "cpu")
     assert default_impl("gpu") == "reference"  # until an on-hardware run is recorded
     assert default_impl("tpu") == "reference"  # until an on-hardware run is recorded

@@ -1,0 +1,452 @@
+// Ragged paged attention for XLA CPU as an XLA FFI custom call (jaxllm.kernels.cpu_native).
+//
+// Why native: on XLA CPU the math over pages gathered into fresh arrays costs several times
+// the bytes it reads. Here every query row reads its sequence's K/V rows straight out of the
+// cache buffer, page by page, with an online (running max / running sum) softmax in float32,
+// so nothing is gathered or copied and a page is read while it sits in L1.
+//
+// Work unit: (sequence, block of up to kQueryBlock consecutive query tokens), all heads. A
+// decode token is a unit of its own; a prefill chunk is cut into blocks whose queries reuse
+// each loaded page. Units run on the caller's thread plus, when the call is big enough, one
+// task on XLA's intra-op thread pool; they are handed out through an atomic counter.
+//
+// Semantics are those of kernels/reference.py: token t belongs to the sequence s < num_seqs
+// with cu_q_lens[s] <= t < cu_q_lens[s+1] (counted like ragged_layout.token_layout), sits at
+// position kv_lens[s] - q_len[s] + (t - cu_q_lens[s]) and attends to key positions
+// (pos - sliding_window, pos] that lie in its page table. Keys outside that range are never
+// read, so NaN in unused slots or pages cannot reach the output. Padding tokens and rows with
+// no visible key give zeros. soft_cap c maps logits to c * tanh(logits / c).
+//
+// Inputs: q f32 [T, Hq, D]; kv_cache f32 or bf16 [num_pages, page_size, 2*Hkv, D] (K of kv
+// head h at 2h, V at 2h+1); kv_lens s32 [S]; page_indices s32 [S, P]; cu_q_lens s32 [S+1];
+// num_seqs s32 [1]. Attributes: sm_scale f32, sliding_window s64 (0 = none), soft_cap f32
+// (0 = none). Output: f32 [T, Hq, D].
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kLanes = 8;
+constexpr int kQueryBlock = 16;          // query tokens of one sequence per work unit
+constexpr int kMaxPageSize = 256;        // kernels/validation.py MAX_PAGE_SIZE
+constexpr double kParallelFlops = 4e6;   // below this a second thread costs more than it saves
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
+typedef uint16_t v8h __attribute__((vector_size(16)));
+
+inline v8f Load8(const float* p) {
+  v8f v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline v8f Load8(const uint16_t* p) {  // bfloat16 -> float32: the high half of the bits
+  v8h h;
+  std::memcpy(&h, p, sizeof h);
+  v8u w = __builtin_convertvector(h, v8u) << 16;
+  v8f f;
+  std::memcpy(&f, &w, sizeof f);
+  return f;
+}
+
+inline void Store8(float* p, v8f v) { std::memcpy(p, &v, sizeof v); }
+
+inline float ToFloat(float x) { return x; }
+
+inline float ToFloat(uint16_t x) {
+  uint32_t w = static_cast<uint32_t>(x) << 16;
+  float f;
+  std::memcpy(&f, &w, sizeof f);
+  return f;
+}
+
+inline v8f Splat(float x) { return v8f{} + x; }
+
+inline float HorizontalSum(v8f a) {
+  float s = 0.0f;
+  for (int i = 0; i < kLanes; ++i) s += a[i];
+  return s;
+}
+
+// r[j] = sum of the lanes of a[j], for 8 vectors at once (pairwise transpose-and-add).
+inline v8f ReduceEight(const v8f a[8]) {
+  v8f t[4], u[2];
+  for (int i = 0; i < 4; ++i) {
+    t[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 8, 2, 10, 4, 12, 6, 14) +
+           __builtin_shufflevector(a[2 * i], a[2 * i + 1], 1, 9, 3, 11, 5, 13, 7, 15);
+  }
+  for (int i = 0; i < 2; ++i) {
+    u[i] = __builtin_shufflevector(t[2 * i], t[2 * i + 1], 0, 1, 8, 9, 4, 5, 12, 13) +
+           __builtin_shufflevector(t[2 * i], t[2 * i + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+  }
+  return __builtin_shufflevector(u[0], u[1], 0, 1, 2, 3, 8, 9, 10, 11) +
+         __builtin_shufflevector(u[0], u[1], 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
+// exp for x <= 0 (softmax numerators): Cody-Waite range reduction and a degree-6 polynomial,
+// relative error ~1e-7. Inputs below -87 give exp(-87) ~ 1.6e-38 instead of a smaller number,
+// which no softmax sum (>= 1) can notice. NaN propagates through the polynomial.
+inline v8f Exp8(v8f x) {
+  const v8f lo = Splat(-87.0f);
+  x = x < lo ? lo : x;
+  const v8f shifter = Splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  v8f n = x * 1.44269504088896341f + shifter;
+  n = n - shifter;
+  v8f r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  v8f p = Splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  v8i e = (__builtin_convertvector(n, v8i) + 127) << 23;
+  v8f scale;
+  std::memcpy(&scale, &e, sizeof scale);
+  return p * scale;
+}
+
+// out[j] = <q, k_j> for the n key rows k_j = k + j * stride (stride in elements).
+template <typename T>
+void Dots(const float* q, const T* k, std::ptrdiff_t stride, int n, int d, float* out) {
+  const int dv = d - d % kLanes;
+  int j = 0;
+  for (; j + 8 <= n; j += 8) {
+    v8f a[8] = {};
+    for (int c = 0; c < dv; c += kLanes) {
+      const v8f qv = Load8(q + c);
+      for (int u = 0; u < 8; ++u) a[u] += qv * Load8(k + (j + u) * stride + c);
+    }
+    Store8(out + j, ReduceEight(a));
+    for (int c = dv; c < d; ++c) {
+      for (int u = 0; u < 8; ++u) out[j + u] += q[c] * ToFloat(k[(j + u) * stride + c]);
+    }
+  }
+  for (; j < n; ++j) {
+    const T* row = k + j * stride;
+    v8f a = {};
+    for (int c = 0; c < dv; c += kLanes) a += Load8(q + c) * Load8(row + c);
+    float s = HorizontalSum(a);
+    for (int c = dv; c < d; ++c) s += q[c] * ToFloat(row[c]);
+    out[j] = s;
+  }
+}
+
+// acc[c0 : c0 + kNv*8] += sum_j p[j] * v_j[c0 : ...], the accumulators kept in registers.
+template <int kNv, typename T>
+inline void AxpyColumns(float* acc, const float* p, const T* v, std::ptrdiff_t stride, int n,
+                        int c0) {
+  v8f a[kNv];
+  for (int i = 0; i < kNv; ++i) a[i] = Load8(acc + c0 + i * kLanes);
+  for (int j = 0; j < n; ++j) {
+    const v8f pj = Splat(p[j]);
+    const T* row = v + j * stride + c0;
+    for (int i = 0; i < kNv; ++i) a[i] += pj * Load8(row + i * kLanes);
+  }
+  for (int i = 0; i < kNv; ++i) Store8(acc + c0 + i * kLanes, a[i]);
+}
+
+// acc[:d] += sum_j p[j] * v_j for the n value rows v_j = v + j * stride.
+template <typename T>
+void Axpys(float* acc, const float* p, const T* v, std::ptrdiff_t stride, int n, int d) {
+  int c = 0;
+  for (; c + 8 * kLanes <= d; c += 8 * kLanes) AxpyColumns<8>(acc, p, v, stride, n, c);
+  for (; c + 4 * kLanes <= d; c += 4 * kLanes) AxpyColumns<4>(acc, p, v, stride, n, c);
+  for (; c + kLanes <= d; c += kLanes) AxpyColumns<1>(acc, p, v, stride, n, c);
+  for (; c < d; ++c) {
+    float s = acc[c];
+    for (int j = 0; j < n; ++j) s += p[j] * ToFloat(v[j * stride + c]);
+    acc[c] = s;
+  }
+}
+
+// Everything a work unit needs to know about one call; plain pointers into XLA's buffers.
+struct Problem {
+  const float* q;
+  const void* cache;
+  bool cache_bf16;
+  const int32_t* page_indices;
+  float* out;
+  int64_t num_pages, page_size, num_q_heads, num_kv_heads, head_dim, pages_per_seq;
+  float sm_scale, soft_cap;
+  int64_t sliding_window;
+};
+
+// A block of consecutive query tokens of one sequence; `first_pos` is the position of t0.
+struct Unit {
+  int64_t seq, t0, t1, first_pos;
+  double flops;
+};
+
+// Per-worker running softmax state of one unit's rows (row = query token x query head).
+struct Scratch {
+  std::vector<float> q, acc, row_max, row_sum;
+  alignas(32) float logits[kMaxPageSize + kLanes];
+};
+
+// Inclusive key range [lo, hi] of a query at `pos` (lo > hi: nothing visible).
+inline void KeyRange(const Problem& pb, int64_t pos, int64_t* lo, int64_t* hi) {
+  *lo = pb.sliding_window > 0 ? std::max<int64_t>(0, pos - pb.sliding_window + 1) : 0;
+  *hi = std::min(pos, pb.pages_per_seq * pb.page_size - 1);
+}
+
+// Folds logits[0:n] of one row into its running max, sum and accumulator.
+template <typename T>
+void OnlineSoftmaxUpdate(const Problem& pb, Scratch& sc, int64_t row, int n, const T* v,
+                         std::ptrdiff_t stride) {
+  float* s = sc.logits;
+  const int d = static_cast<int>(pb.head_dim);
+  if (pb.soft_cap > 0.0f) {
+    const float inv = 1.0f / pb.soft_cap;
+    for (int j = 0; j < n; ++j) s[j] = pb.soft_cap * std::tanh(s[j] * inv);
+  }
+  float block_max = s[0];
+  for (int j = 1; j < n; ++j) block_max = std::max(block_max, s[j]);
+  float* acc = sc.acc.data() + row * d;
+  float& m = sc.row_max[row];
+  float& l = sc.row_sum[row];
+  if (block_max > m) {
+    if (l > 0.0f) {
+      const float alpha = std::exp(m - block_max);
+      l *= alpha;
+      for (int c = 0; c < d; ++c) acc[c] *= alpha;
+    }
+    m = block_max;
+  }
+  const int padded = (n + kLanes - 1) / kLanes * kLanes;
+  for (int j = n; j < padded; ++j) s[j] = -INFINITY;
+  const v8f mv = Splat(m);
+  v8f sum = {};
+  for (int j = 0; j < padded; j += kLanes) Store8(s + j, Exp8(Load8(s + j) - mv));
+  for (int j = n; j < padded; ++j) s[j] = 0.0f;  // padding lanes: exp(-87), not 0
+  for (int j = 0; j < padded; j += kLanes) sum += Load8(s + j);
+  l += HorizontalSum(sum);
+  Axpys(acc, s, v, stride, n, d);
+}
+
+template <typename T>
+void RunUnit(const Problem& pb, const Unit& u, const int32_t* page_row, Scratch& sc) {
+  const int64_t nq = u.t1 - u.t0, hq = pb.num_q_heads, d = pb.head_dim;
+  const int64_t group = hq / pb.num_kv_heads, rows = nq * hq;
+  const int64_t row_len = 2 * pb.num_kv_heads * d, page_elems = pb.page_size * row_len;
+  const T* cache = static_cast<const T*>(pb.cache);
+  sc.q.resize(rows * d);
+  sc.acc.assign(rows * d, 0.0f);
+  sc.row_max.assign(rows, -INFINITY);
+  sc.row_sum.assign(rows, 0.0f);
+  const float* q = pb.q + u.t0 * hq * d;
+  for (int64_t i = 0; i < rows * d; ++i) sc.q[i] = q[i] * pb.sm_scale;
+
+  int64_t first_lo, first_hi, last_lo, last_hi;
+  KeyRange(pb, u.first_pos, &first_lo, &first_hi);
+  KeyRange(pb, u.first_pos + nq - 1, &last_lo, &last_hi);
+  if (first_lo <= last_hi) {
+    for (int64_t page_col = first_lo / pb.page_size; page_col <= last_hi / pb.page_size;
+         ++page_col) {
+      const int64_t page = std::clamp<int64_t>(page_row[page_col], 0, pb.num_pages - 1);
+      const int64_t page_start = page_col * pb.page_size;
+      const T* page_base = cache + page * page_elems;
+      for (int64_t i = 0; i < nq; ++i) {
+        int64_t lo, hi;
+        KeyRange(pb, u.first_pos + i, &lo, &hi);
+        lo = std::max(lo, page_start);
+        hi = std::min(hi, page_start + pb.page_size - 1);
+        if (lo > hi) continue;
+        const int n = static_cast<int>(hi - lo + 1);
+        const T* key_rows = page_base + (lo - page_start) * row_len;
+        for (int64_t h = 0; h < pb.num_kv_heads; ++h) {
+          const T* k = key_rows + 2 * h * d;
+          for (int64_t g = 0; g < group; ++g) {
+            const int64_t row = i * hq + h * group + g;
+            Dots(sc.q.data() + row * d, k, row_len, n, static_cast<int>(d), sc.logits);
+            OnlineSoftmaxUpdate(pb, sc, row, n, k + d, row_len);
+          }
+        }
+      }
+    }
+  }
+  float* out = pb.out + u.t0 * hq * d;
+  for (int64_t row = 0; row < rows; ++row) {
+    const float l = sc.row_sum[row];
+    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    for (int64_t c = 0; c < d; ++c) out[row * d + c] = sc.acc[row * d + c] * inv;
+  }
+}
+
+// Cuts the valid tokens into units, zeroing the output of every token that is not valid.
+std::vector<Unit> PlanUnits(const Problem& pb, int64_t num_tokens, int64_t max_seqs,
+                            const int32_t* kv_lens, const int32_t* cu, int64_t num_seqs) {
+  const int64_t n = std::clamp<int64_t>(num_seqs, 0, max_seqs);
+  bool sorted = true;
+  for (int64_t s = 0; s < n; ++s) sorted = sorted && cu[s] <= cu[s + 1];
+  std::vector<int64_t> seq_of(num_tokens);
+  int64_t s_sweep = 0;
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    if (sorted) {  // count of real sequences ending at or before t, as token_layout does
+      while (s_sweep < n && cu[s_sweep + 1] <= t) ++s_sweep;
+      seq_of[t] = s_sweep;
+    } else {
+      int64_t count = 0;
+      for (int64_t s = 0; s < n; ++s) count += cu[s + 1] <= t;
+      seq_of[t] = count;
+    }
+  }
+  const int64_t row_elems = pb.num_q_heads * pb.head_dim;
+  std::vector<Unit> units;
+  Unit cur{-1, 0, 0, 0, 0.0};
+  auto flush = [&] {
+    if (cur.seq >= 0) units.push_back(cur);
+    cur.seq = -1;
+  };
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    const int64_t s = seq_of[t];
+    bool valid = n > 0 && t < cu[n] && t >= cu[0] && s < n;
+    int64_t pos = 0;
+    if (valid) {
+      const int64_t q_len = static_cast<int64_t>(cu[s + 1]) - cu[s];
+      pos = static_cast<int64_t>(kv_lens[s]) - q_len + (t - cu[s]);
+      valid = pos >= 0;
+    }
+    if (!valid) {
+      flush();
+      std::fill(pb.out + t * row_elems, pb.out + (t + 1) * row_elems, 0.0f);
+      continue;
+    }
+    if (cur.seq != s || cur.t1 - cur.t0 >= kQueryBlock) {
+      flush();
+      cur = Unit{s, t, t, pos, 0.0};
+    }
+    cur.t1 = t + 1;
+    int64_t lo, hi;
+    KeyRange(pb, pos, &lo, &hi);
+    cur.flops += 4.0 * static_cast<double>(std::max<int64_t>(0, hi - lo + 1)) * row_elems;
+  }
+  flush();
+  // Largest first, so the last units handed out are small and the workers finish together.
+  std::stable_sort(units.begin(), units.end(),
+                   [](const Unit& a, const Unit& b) { return a.flops > b.flops; });
+  return units;
+}
+
+// Shared by the caller and the pool task; the task may start after the caller is done, so it
+// holds its own reference and touches the buffers only while a unit is still unclaimed.
+struct Job {
+  Problem pb;
+  std::vector<Unit> units;
+  std::atomic<int64_t> next{0};
+  std::mutex mu;
+  std::condition_variable all_done;
+  int64_t done = 0;
+
+  void Work() {
+    Scratch sc;
+    int64_t finished = 0;
+    for (int64_t i = next.fetch_add(1); i < static_cast<int64_t>(units.size());
+         i = next.fetch_add(1)) {
+      const Unit& u = units[i];
+      const int32_t* page_row = pb.page_indices + u.seq * pb.pages_per_seq;
+      if (pb.cache_bf16) {
+        RunUnit<uint16_t>(pb, u, page_row, sc);
+      } else {
+        RunUnit<float>(pb, u, page_row, sc);
+      }
+      ++finished;
+    }
+    if (finished > 0) {
+      std::lock_guard<std::mutex> lock(mu);
+      done += finished;
+      if (done == static_cast<int64_t>(units.size())) all_done.notify_all();
+    }
+  }
+};
+
+ffi::Error RaggedPagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                                    ffi::AnyBuffer kv_cache, ffi::Buffer<ffi::S32> kv_lens,
+                                    ffi::Buffer<ffi::S32> page_indices,
+                                    ffi::Buffer<ffi::S32> cu_q_lens,
+                                    ffi::Buffer<ffi::S32> num_seqs,
+                                    ffi::ResultBuffer<ffi::F32> out, float sm_scale,
+                                    int64_t sliding_window, float soft_cap) {
+  const auto q_dims = q.dimensions();
+  const auto c_dims = kv_cache.dimensions();
+  const auto p_dims = page_indices.dimensions();
+  if (q_dims.size() != 3 || c_dims.size() != 4 || p_dims.size() != 2) {
+    return ffi::Error::InvalidArgument("paged attention: q must be rank 3, kv_cache rank 4, "
+                                       "page_indices rank 2");
+  }
+  const int64_t num_tokens = q_dims[0], max_seqs = p_dims[0];
+  auto job = std::make_shared<Job>();
+  Problem& pb = job->pb;
+  pb.q = q.typed_data();
+  pb.cache = kv_cache.untyped_data();
+  pb.page_indices = page_indices.typed_data();
+  pb.out = out->typed_data();
+  pb.num_q_heads = q_dims[1];
+  pb.head_dim = q_dims[2];
+  pb.num_pages = c_dims[0];
+  pb.page_size = c_dims[1];
+  pb.num_kv_heads = c_dims[2] / 2;
+  pb.pages_per_seq = p_dims[1];
+  pb.sm_scale = sm_scale;
+  pb.soft_cap = soft_cap;
+  pb.sliding_window = sliding_window;
+  if (kv_cache.element_type() == ffi::DataType::BF16) {
+    pb.cache_bf16 = true;
+  } else if (kv_cache.element_type() == ffi::DataType::F32) {
+    pb.cache_bf16 = false;
+  } else {
+    return ffi::Error::InvalidArgument("paged attention: kv_cache must be f32 or bf16");
+  }
+  if (c_dims[3] != pb.head_dim || pb.num_kv_heads < 1 || c_dims[2] != 2 * pb.num_kv_heads ||
+      pb.num_q_heads % pb.num_kv_heads != 0 || pb.page_size < 1 ||
+      pb.page_size > kMaxPageSize || pb.num_pages < 1 ||
+      kv_lens.element_count() != static_cast<size_t>(max_seqs) ||
+      cu_q_lens.element_count() != static_cast<size_t>(max_seqs + 1) ||
+      num_seqs.element_count() < 1) {
+    return ffi::Error::InvalidArgument("paged attention: inconsistent input shapes");
+  }
+  job->units = PlanUnits(pb, num_tokens, max_seqs, kv_lens.typed_data(), cu_q_lens.typed_data(),
+                         num_seqs.typed_data()[0]);
+  if (job->units.empty()) return ffi::Error::Success();
+  double flops = 0.0;
+  for (const Unit& u : job->units) flops += u.flops;
+  if (job->units.size() > 1 && flops >= kParallelFlops && pool.num_threads() > 0) {
+    pool.Schedule([job] { job->Work(); });
+  }
+  job->Work();
+  std::unique_lock<std::mutex> lock(job->mu);
+  job->all_done.wait(lock, [&] { return job->done == static_cast<int64_t>(job->units.size()); });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmRaggedPagedAttention, RaggedPagedAttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("sm_scale")
+                                  .Attr<int64_t>("sliding_window")
+                                  .Attr<float>("soft_cap"));

@@ -1,0 +1,141 @@
+"""Build, load and register the native CPU attention kernel (kernels/native/*.cc) on first use.
+
+The shared library is compiled with the system C++ compiler into a cache directory, under a
+file name keyed on everything that decides its machine code: the source, the compiler and its
+flags, the jaxlib version (FFI headers) and the CPU's feature flags, so a -march=native build is
+never loaded on a different CPU. Builds go to a temporary file renamed into place, so parallel
+processes never see a half-written library. Failures raise NativeBuildError with the
+compiler's output; native_attention_available() turns that into False (and one warning).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jax
+import jaxlib
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "native" / "paged_attention.cc"
+TARGET_NAME = "jaxllm_ragged_paged_attention"
+_SYMBOL = "JaxllmRaggedPagedAttention"
+# No -ffast-math: it lets the compiler assume no NaN/inf, which the masking relies on seeing.
+DEFAULT_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
+
+
+class NativeBuildError(RuntimeError):
+    """The native kernel could not be compiled or loaded (message holds the compiler output)."""
+
+
+@dataclass(frozen=True)
+class NativeBuildConfig:
+    """Where and how the kernel library is built. cache_dir None = ~/.cache/jaxllm/native."""
+
+    cache_dir: Path | None = None
+    compiler: str = "g++"
+    flags: tuple[str, ...] = field(default=DEFAULT_FLAGS)
+
+    def resolved_cache_dir(self) -> Path:
+        return self.cache_dir or Path.home() / ".cache" / "jaxllm" / "native"
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags (what -march=native compiles for)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return f"{platform.machine()} {platform.processor()}"
+
+
+def _compiler_version(compiler: str) -> str:
+    result = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False)
+    return result.stdout.splitlines()[0] if result.stdout else ""
+
+
+def library_path(config: NativeBuildConfig) -> Path:
+    """The cached library's path for this source, toolchain, jaxlib and CPU."""
+    key = hashlib.sha256()
+    for part in (
+        SOURCE.read_bytes(),
+        config.compiler.encode(),
+        _compiler_version(config.compiler).encode(),
+        " ".join(config.flags).encode(),
+        jaxlib.__version__.encode(),
+        _cpu_flags().encode(),
+    ):
+        key.update(part)
+        key.update(b"\0")
+    return config.resolved_cache_dir() / f"paged_attention-{key.hexdigest()[:20]}.so"
+
+
+def build_native_library(config: NativeBuildConfig | None = None) -> Path:
+    """Compile the kernel unless a matching build is cached; return the library's path."""
+    config = config or NativeBuildConfig()
+    if shutil.which(config.compiler) is None:
+        raise NativeBuildError(f"C++ compiler {config.compiler!r} not found on PATH")
+    path = library_path(config)
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".build-", suffix=".so")
+    os.close(fd)
+    cmd = [
+        config.compiler,
+        *config.flags,
+        "-isystem",
+        jax.ffi.include_dir(),
+        str(SOURCE),
+        "-o",
+        tmp,
+    ]
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise NativeBuildError(
+                f"building {SOURCE.name} failed ({' '.join(cmd)}):\n{result.stderr}"
+            )
+        os.replace(tmp, path)  # atomic: concurrent builders write identical files
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    logger.info("built native attention kernel %s", path)
+    return path
+
+
+@functools.cache
+def register_native_attention(config: NativeBuildConfig | None = None) -> str:
+    """Build (if needed), load and register the FFI target once per config; return its name."""
+    path = build_native_library(config)
+    try:
+        lib = ctypes.cdll.LoadLibrary(str(path))
+        handler = getattr(lib, _SYMBOL)
+    except (OSError, AttributeError) as e:
+        raise NativeBuildError(f"loading {path} failed: {e}") from e
+    jax.ffi.register_ffi_target(TARGET_NAME, jax.ffi.pycapsule(handler), platform="cpu")
+    return TARGET_NAME
+
+
+@functools.cache
+def native_attention_available(config: NativeBuildConfig | None = None) -> bool:
+    """Whether the native kernel builds and registers here (warns once with the reason if not)."""
+    try:
+        register_native_attention(config)
+    except NativeBuildError as e:
+        logger.warning("native CPU attention unavailable: %s", e)
+        return False
+    return True
