@@ -5,7 +5,9 @@ Every distinct shape is one XLA compilation of the whole model, so the set stays
   up to max_num_batched_tokens (which is itself included even when not such a power). On XLA
   CPU a step's cost barely grows from 8 to 32 tokens (weight reads dominate) while each bucket
   costs a compile, so a ratio of 4 there nearly halves warm-up (benchmarks/step_profile.py).
-  max_num_seqs is added as a bucket so a full decode batch never pads to a bigger one;
+  max_num_seqs is added as a bucket so a full decode batch never pads to a bigger one, and
+  optionally 1: on XLA CPU a lone decode's step costs ~30% less at 1 token than padded to 8
+  (matrix-vector products and an 8-row LM head);
 - the sequence bucket is tied to T: S = min(T, max_num_seqs) (a step never has more
   sequences than tokens);
 - page-table widths P: `min_page_width` times powers of `page_width_ratio` below
@@ -41,6 +43,7 @@ class BucketSet:
         token_bucket_ratio: int = 2,
         page_width_ratio: int = 4,
         min_page_width: int = 16,
+        single_token_bucket: bool = False,
     ) -> None:
         for name, v in (("max_num_batched_tokens", max_num_batched_tokens),
                         ("max_num_seqs", max_num_seqs), ("max_model_len", max_model_len),
@@ -65,6 +68,8 @@ class BucketSet:
         tokens.append(max_num_batched_tokens)
         if tokens[0] < max_num_seqs < max_num_batched_tokens:
             tokens.append(max_num_seqs)  # a full decode batch gets a bucket of exactly its size
+        if single_token_bucket:
+            tokens.append(1)  # one sequence decoding alone
         self.token_buckets: tuple[int, ...] = tuple(sorted(set(tokens)))
 
         # Anchored at the narrow end: the common short contexts get the same narrow widths

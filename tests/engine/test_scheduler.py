@@ -484,12 +484,15 @@ def test_step_arrays_layout():
         out.to_step_arrays(Bucket(2, 2, 4))
 
 
-def test_bucket_set_is_small_and_picks_the_smallest_fit():
-    b = BucketSet(512, 64, 4096, 16)
-    assert b.token_buckets == (8, 16, 32, 64, 128, 256, 512)
+@pytest.mark.parametrize("single", [False, True])
+def test_bucket_set_is_small_and_picks_the_smallest_fit(single):
+    b = BucketSet(512, 64, 4096, 16, single_token_bucket=single)
+    assert b.token_buckets == (1,) * single + (8, 16, 32, 64, 128, 256, 512)
     assert b.page_widths == (16, 64, 256)
-    assert len(b.all()) == len(b) <= 24 and len(set(b.all())) == len(b)
-    assert "21 step buckets" in b.describe()
+    assert len(b.all()) == len(b) <= 24 + 3 * single and len(set(b.all())) == len(b)
+    assert f"{21 + 3 * single} step buckets" in b.describe()
+    if single:
+        assert b.pick(1, 1, 5) == Bucket(1, 1, 16) and b.pick(2, 1, 5) == Bucket(8, 8, 16)
     rng = np.random.default_rng(secrets.randbits(32))
     for _ in range(200):
         t = int(rng.integers(1, 513))
