@@ -68,6 +68,9 @@ def ragged_paged_attention(
     if impl == "cpu":
         return ragged_paged_attention_cpu(*args, **opts)
     if impl == "cpu_native":
+        if jax.default_backend() != "cpu":
+            raise ValueError(f"impl='cpu_native' runs on the CPU backend only, not "
+                             f"{jax.default_backend()!r}")
         # Native C++ kernel via the XLA FFI (CPU only); built on first use (native_build.py).
         from jaxllm.kernels.cpu_native import ragged_paged_attention_cpu_native
 
