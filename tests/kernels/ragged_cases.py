@@ -142,3 +142,23 @@ def fresh_rng() -> np.random.Generator:
     seed = int(np.random.SeedSequence().entropy % 2**32)
     print(f"random seed: {seed}")
     return np.random.default_rng(seed)
+
+
+def check_against_reference(case: RaggedCase, impl: str, dtype, tol: float, **opts) -> None:
+    """`impl` equals the float64 oracle and the reference on `case`: outputs within `tol`,
+    finite everywhere, zero for padding tokens, and the very same cache slots written."""
+    from jaxllm.kernels import ragged_paged_attention
+
+    args = case.args(dtype)
+    ref_out, ref_cache = ragged_paged_attention(*args, sm_scale=case.sm_scale, impl="reference",
+                                                **opts)
+    out, cache = ragged_paged_attention(*args, sm_scale=case.sm_scale, impl=impl, **opts)
+    want_out, _ = oracle(case, dtype, **opts)
+    real = int(case.cu_q_lens[int(case.num_seqs.reshape(-1)[0])])
+    assert out.dtype == dtype and out.shape == case.q.shape
+    assert rel_err(out[:real], want_out[:real]) <= tol
+    assert rel_err(out[:real], np.asarray(ref_out[:real].astype(jnp.float32))) <= tol
+    assert np.all(np.isfinite(np.asarray(out.astype(jnp.float32))))
+    assert np.all(np.asarray(out[real:].astype(jnp.float32)) == 0.0)  # padding tokens
+    got, want = (np.asarray(c.astype(jnp.float32)) for c in (cache, ref_cache))
+    np.testing.assert_array_equal(got, want)  # same slots written, NaN == NaN elsewhere

@@ -11,28 +11,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm.kernels import ragged_paged_attention
-from tests.kernels.ragged_cases import fresh_rng, make_case, oracle, rel_err
-
-
-def _both(case, dtype, **opts):
-    args = case.args(dtype)
-    ref = ragged_paged_attention(*args, sm_scale=case.sm_scale, impl="reference", **opts)
-    cpu = ragged_paged_attention(*args, sm_scale=case.sm_scale, impl="cpu", **opts)
-    return ref, cpu
+from tests.kernels.ragged_cases import (
+    check_against_reference,
+    fresh_rng,
+    make_case,
+)
 
 
 def _check(case, dtype, tol, **opts):
-    (ref_out, ref_cache), (out, cache) = _both(case, dtype, **opts)
-    want_out, _ = oracle(case, dtype, **opts)
-    real = int(case.cu_q_lens[int(case.num_seqs.reshape(-1)[0])])
-    assert out.dtype == dtype and out.shape == case.q.shape
-    assert rel_err(out[:real], want_out[:real]) <= tol
-    assert rel_err(out[:real], np.asarray(ref_out[:real].astype(jnp.float32))) <= tol
-    assert np.all(np.isfinite(np.asarray(out.astype(jnp.float32))))
-    assert np.all(np.asarray(out[real:].astype(jnp.float32)) == 0.0)  # padding tokens
-    got, want = (np.asarray(c.astype(jnp.float32)) for c in (cache, ref_cache))
-    np.testing.assert_array_equal(got, want)  # same slots written, NaN == NaN elsewhere
+    check_against_reference(case, "cpu", dtype, tol, **opts)
 
 
 def _decode_case(rng, num_seqs, pad_seqs, **kw):

@@ -18,7 +18,11 @@ from jaxllm.kernels.native_build import (
     library_path,
     native_attention_available,
 )
-from tests.kernels.ragged_cases import fresh_rng, make_case, oracle, rel_err
+from tests.kernels.ragged_cases import (
+    check_against_reference,
+    fresh_rng,
+    make_case,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -28,20 +32,7 @@ def _needs_compiler():
 
 
 def _check(case, dtype, tol, **opts):
-    args = case.args(dtype)
-    ref_out, ref_cache = ragged_paged_attention(
-        *args, sm_scale=case.sm_scale, impl="reference", **opts
-    )
-    out, cache = ragged_paged_attention(*args, sm_scale=case.sm_scale, impl="cpu_native", **opts)
-    want_out, _ = oracle(case, dtype, **opts)
-    real = int(case.cu_q_lens[int(case.num_seqs.reshape(-1)[0])])
-    assert out.dtype == dtype and out.shape == case.q.shape
-    assert rel_err(out[:real], want_out[:real]) <= tol
-    assert rel_err(out[:real], np.asarray(ref_out[:real].astype(jnp.float32))) <= tol
-    assert np.all(np.isfinite(np.asarray(out.astype(jnp.float32))))
-    assert np.all(np.asarray(out[real:].astype(jnp.float32)) == 0.0)  # padding tokens
-    got, want = (np.asarray(c.astype(jnp.float32)) for c in (cache, ref_cache))
-    np.testing.assert_array_equal(got, want)  # same slots written, NaN == NaN elsewhere
+    check_against_reference(case, "cpu_native", dtype, tol, **opts)
 
 
 def _mixed_seqs(rng, num_decode: int, num_prefill: int) -> list[tuple[int, int]]:
