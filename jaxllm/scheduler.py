@@ -35,6 +35,9 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 512
     max_model_len: int = 2048
     prefill_chunk_size: int | None = None  # None: max_num_batched_tokens
+    # Take fewer prompt tokens when that lands a step nearer a token bucket than padding up
+    # would (the rest is prefilled next step): a step costs its bucket's tokens, not its own.
+    align_prefill_to_buckets: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
@@ -229,8 +232,13 @@ class Scheduler:
         seqs: list[ScheduledSeq] = []
         scheduled: set[str] = set()
         preempted: list[Request] = []
+        withheld = 0  # budget held back to land the step on a bucket
         self.running.sort(key=self._key)
         for decode_pass in (True, False):
+            if not decode_pass and self.config.align_prefill_to_buckets:
+                aligned = self._aligned_prefill_budget(
+                    self.config.max_num_batched_tokens - budget, budget, scheduled)
+                withheld, budget = budget - aligned, aligned
             for req in list(self.running):
                 if budget == 0 or len(seqs) >= self.config.max_num_seqs:
                     break
@@ -248,7 +256,7 @@ class Scheduler:
                 budget -= n
         if not preempted:
             budget = self._admit_waiting(seqs, scheduled, budget)
-        num_tokens = self.config.max_num_batched_tokens - budget
+        num_tokens = self.config.max_num_batched_tokens - withheld - budget
         bucket = None
         if seqs:
             bucket = self.buckets.pick(num_tokens, len(seqs), max(len(s.page_ids) for s in seqs))
@@ -256,6 +264,29 @@ class Scheduler:
         null = self.allocator.null_page
         return SchedulerOutput(seqs, bucket, num_tokens, self.page_size,
                                0 if null is None else null, preempted)
+
+    def _aligned_prefill_budget(self, used: int, budget: int, scheduled: set[str]) -> int:
+        """Prompt-token budget after `used` decode tokens: all of `budget`, or less when the
+        step's tokens then fall on a token bucket instead of being padded further up.
+
+        E.g. 31 decodes + a 128-token prompt = 159 tokens would pad to a 512-token bucket
+        (buckets 128, 512): taking 97 prompt tokens fills the 128 bucket and the other 31 ride
+        along with the next step's decodes. Only with decodes in the step (`used` > 0): they
+        make a next step happen anyway, while a prompt alone would pay a whole extra step
+        (its fixed cost of reading the weights) for what it defers."""
+        if used == 0:
+            return budget
+        pending = sum(r.num_tokens - r.num_computed_tokens for r in self.running
+                      if r.request_id not in scheduled and not r.awaiting_sample
+                      and r.status is RequestStatus.RUNNING)
+        pending += sum(r.num_tokens - r.num_computed_tokens for r in self.waiting)
+        want = used + min(budget, pending)
+        ladder = self.buckets.token_buckets
+        up = next((t for t in ladder if t >= want), ladder[-1])
+        down = max((t for t in ladder if t <= want), default=0)
+        if down > used and want - down < up - want:
+            return down - used
+        return budget
 
     def _grow_or_preempt(self, req: Request, n: int, scheduled: set[str],
                          preempted: list[Request]) -> bool:

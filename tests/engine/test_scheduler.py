@@ -103,13 +103,14 @@ class Setup:
 
 def make(num_pages: int = 64, page_size: int = 4, max_num_seqs: int = 8,
          max_num_batched_tokens: int = 32, max_model_len: int = 128, chunk: int | None = None,
-         prefix_caching: bool = True) -> Setup:
+         prefix_caching: bool = True, align: bool = True) -> Setup:
     alloc = PageAllocator(num_pages, page_size)
     cache = KVCacheManager(alloc, enable_prefix_caching=prefix_caching)
     buckets = BucketSet(max_num_batched_tokens, max_num_seqs, max_model_len, page_size,
                         min_page_width=2)
     cfg = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                          max_model_len=max_model_len, prefill_chunk_size=chunk)
+                          max_model_len=max_model_len, prefill_chunk_size=chunk,
+                          align_prefill_to_buckets=align)
     return Setup(Scheduler(cfg, cache, buckets), FakeDevice(num_pages, page_size, buckets), alloc)
 
 
@@ -225,6 +226,41 @@ def test_prefix_cache_hits_and_shared_pages():
     assert c.num_cached_tokens == 16 and out.seqs[0].start_pos == 16
     drive(s)
     assert_matches_reference(s, [a, b, c])
+
+
+def test_prompt_tokens_are_trimmed_to_land_a_step_on_a_bucket():
+    rng = np.random.default_rng(secrets.randbits(32))
+    s = make(max_num_seqs=8, max_num_batched_tokens=32)  # token buckets 8, 16, 32
+    decoders = [req(f"d{i}", p, max_tokens=6, ignore_eos=True)
+                for i, p in enumerate(prompts(rng, [2, 3, 2]))]
+    for r in decoders:
+        s.sched.add_request(r)
+    run_step(s)  # their prefill; from now on each step carries 3 decodes
+    late = req("late", prompts(rng, [15])[0], max_tokens=3, ignore_eos=True)
+    s.sched.add_request(late)
+    out, _ = run_step(s)
+    # 3 decodes + 15 prompt tokens = 18 would pad to 32: 13 prompt tokens fill the 16 bucket
+    assert out.num_tokens == out.bucket.num_tokens == 16
+    assert late.num_computed_tokens == 13
+    out, _ = run_step(s)
+    assert out.num_tokens == 5 and out.bucket.num_tokens == 8  # 3 decodes + the last 2
+    drive(s)
+    assert_matches_reference(s, decoders + [late])
+    # a prompt alone is not trimmed: the rest would cost a whole extra step
+    alone = req("alone", prompts(rng, [21])[0], max_tokens=2, ignore_eos=True)
+    s.sched.add_request(alone)
+    out, _ = run_step(s)
+    assert out.num_tokens == 21 and out.bucket.num_tokens == 32
+    drive(s)
+    assert_matches_reference(s, [alone])
+    # and the policy can be switched off
+    off = make(max_num_seqs=8, max_num_batched_tokens=32, align=False)
+    for r in [req(f"e{i}", [7, 8], max_tokens=4, ignore_eos=True) for i in range(3)]:
+        off.sched.add_request(r)
+    run_step(off)
+    off.sched.add_request(req("late2", prompts(rng, [15])[0], max_tokens=2, ignore_eos=True))
+    out, _ = run_step(off)
+    assert out.num_tokens == 18 and out.bucket.num_tokens == 32
 
 
 def test_concurrent_requests_share_pages_read_only():
@@ -519,7 +555,7 @@ def _random_run(seed: int) -> None:
     s = make(num_pages=num_pages, page_size=page_size, max_num_seqs=int(rng.integers(1, 6)),
              max_num_batched_tokens=int(rng.choice([8, 16, 24])), max_model_len=max_model_len,
              chunk=int(rng.integers(1, 10)) if rng.random() < 0.5 else None,
-             prefix_caching=bool(rng.random() < 0.7))
+             prefix_caching=bool(rng.random() < 0.7), align=bool(rng.random() < 0.7))
     stems = prompts(rng, [12, 20])
     live: list[Request] = []
     done: list[Request] = []
