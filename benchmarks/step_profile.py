@@ -29,7 +29,7 @@ from jaxllm.runner import ModelRunner
 from jaxllm.step_inputs import SamplingTensorBuilder
 
 PAGE = 16
-NUM_PAGES = 600
+NUM_PAGES = 1200
 
 
 def no_attention(_attn):
