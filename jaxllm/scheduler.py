@@ -14,6 +14,7 @@ token is being sampled waits for `update()`.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -276,10 +277,13 @@ class Scheduler:
         (its fixed cost of reading the weights) for what it defers."""
         if used == 0:
             return budget
-        pending = sum(r.num_tokens - r.num_computed_tokens for r in self.running
-                      if r.request_id not in scheduled and not r.awaiting_sample
-                      and r.status is RequestStatus.RUNNING)
-        pending += sum(r.num_tokens - r.num_computed_tokens for r in self.waiting)
+        pending = 0
+        for r in itertools.chain(self.running, self.waiting):  # stops once the budget is met
+            if r.request_id in scheduled or r.awaiting_sample or r.status.is_finished:
+                continue
+            pending += r.num_tokens - r.num_computed_tokens
+            if pending >= budget:
+                break
         want = used + min(budget, pending)
         ladder = self.buckets.token_buckets
         up = next((t for t in ladder if t >= want), ladder[-1])
