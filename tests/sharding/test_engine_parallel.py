@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from tests.sharding.tiny import REPO, fresh_seed, run_python
+from tests.sharding.tiny import REPO, fresh_seed, run_python, run_worker, worker_case
 
 
 @pytest.fixture(scope="module")
@@ -45,22 +45,15 @@ def model_dirs(tmp_path_factory, seed):
 @pytest.fixture(scope="module")
 def results(tmp_path_factory, model_dirs, seed):
     out = tmp_path_factory.mktemp("engine-parallel") / "results.json"
-    proc = run_python(["-m", "tests.sharding.engine_parallel_worker", str(out), str(seed),
-                       model_dirs["llama"], model_dirs["llama3_scaled_untied"]], timeout=400)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(out.read_text())
-
-
-def _case(results, name):
-    r = results[name]
-    assert "error" not in r, f"seed={results['seed']}\n{r.get('error')}"
-    return r
+    return run_worker("tests.sharding.engine_parallel_worker", out,
+                      [str(seed), model_dirs["llama"], model_dirs["llama3_scaled_untied"]],
+                      timeout=400)
 
 
 @pytest.mark.parametrize("name,ref", [("llama_tp2", "llama_tp1"), ("llama_tp4", "llama_tp1"),
                                       ("mqa_tp2", "mqa_tp1")])
 def test_tensor_parallel_greedy_tokens_match_one_device(results, name, ref):
-    got, want = _case(results, name), _case(results, ref)
+    got, want = worker_case(results, name), worker_case(results, ref)
     assert got["tokens"] == want["tokens"], (results["seed"], got["tokens"], want["tokens"])
     assert len({t for seq in want["tokens"] for t in seq}) > 2, "degenerate reference outputs"
     assert got["recompiles"] == 0
@@ -80,7 +73,7 @@ def _expected_param_spec(name: str) -> list:
 
 @pytest.mark.parametrize("name,tp", [("llama_tp2", 2), ("llama_tp4", 4), ("mqa_tp2", 2)])
 def test_engine_param_and_kv_cache_shardings_follow_rules(results, name, tp):
-    r = _case(results, name)
+    r = worker_case(results, name)
     for pname, spec in r["params"].items():
         assert spec == _expected_param_spec(pname), (pname, spec)
     assert r["devices"] == list(range(tp))
@@ -92,19 +85,19 @@ def test_engine_param_and_kv_cache_shardings_follow_rules(results, name, tp):
 
 
 def test_tp_larger_than_kv_heads_replicates_kv_heads(results):
-    assert _case(results, "llama_tp4")["heads"] == [4, 4]  # 2 KV heads, each on 2 devices
-    assert _case(results, "mqa_tp2")["heads"] == [4, 2]  # 1 KV head, one copy per device
+    assert worker_case(results, "llama_tp4")["heads"] == [4, 4]  # 2 KV heads, each on 2 devices
+    assert worker_case(results, "mqa_tp2")["heads"] == [4, 2]  # 1 KV head, one copy per device
 
 
 def test_data_parallel_serving_matches_one_engine(results):
-    r, ref = _case(results, "llama_dp2_tp2"), _case(results, "llama_tp1")
+    r, ref = worker_case(results, "llama_dp2_tp2"), worker_case(results, "llama_tp1")
     assert r["tokens"] == ref["tokens"] * 2, (results["seed"], r["tokens"])
     assert r["devices"] == [[0, 1], [2, 3]]
     assert all(n > 0 for n in r["per_replica"]), r["per_replica"]  # both replicas served
 
 
 def test_offline_llm_rejects_data_parallel_clearly(results):
-    msg = _case(results, "llm_dp")["error_message"]
+    msg = worker_case(results, "llm_dp")["error_message"]
     assert msg is not None and "serving feature" in msg
 
 
@@ -148,7 +141,7 @@ def test_two_processes_serve_like_one_and_leader_notices_dead_follower(tmp_path,
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    assert got["tokens"] == _case(results, "llama_tp1")["tokens"], (seed, got["tokens"])
+    assert got["tokens"] == worker_case(results, "llama_tp1")["tokens"], (seed, got["tokens"])
     assert os.path.exists(out + ".health.json"), log[-3000:]
     health = json.loads(open(out + ".health.json").read())
     assert health["error"] is not None and "follower" in health["error"], (health, log[-3000:])

@@ -4,11 +4,10 @@ All cases run in one subprocess (the device count is fixed when jax starts), see
 multi_device_worker.py; each test here asserts on one case's record.
 """
 
-import json
 
 import pytest
 
-from tests.sharding.tiny import fresh_seed, run_python
+from tests.sharding.tiny import fresh_seed, run_worker, worker_case
 
 TP_CASES = ["smol_tp2", "smol_tp4", "smol_tp8", "llama_tp2", "qwen2_tp4", "untied_mqa_tp8"]
 TP_OF = {"smol_tp2": 2, "smol_tp4": 4, "smol_tp8": 8, "llama_tp2": 2, "qwen2_tp4": 4,
@@ -18,21 +17,12 @@ TP_OF = {"smol_tp2": 2, "smol_tp4": 4, "smol_tp8": 8, "llama_tp2": 2, "qwen2_tp4
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("md") / "results.json"
-    seed = fresh_seed()
-    proc = run_python(["-m", "tests.sharding.multi_device_worker", str(out), str(seed)])
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(out.read_text())
-
-
-def _case(results, name):
-    r = results[name]
-    assert "error" not in r, f"seed={results['seed']}\n{r.get('error')}"
-    return r
+    return run_worker("tests.sharding.multi_device_worker", out, [str(fresh_seed())])
 
 
 @pytest.mark.parametrize("name", TP_CASES)
 def test_tensor_parallel_matches_single_device(results, name):
-    r = _case(results, name)
+    r = worker_case(results, name)
     assert r["logits_err"] < 1e-5, (results["seed"], r["logits_err"])
     assert r["shard_map_logits_err"] < 1e-5, (results["seed"], r["shard_map_logits_err"])
     assert r["tokens_equal"], (results["seed"], r["tokens"], r["ref_tokens"])
@@ -55,7 +45,7 @@ def _expected_spec(suffix: str, tp: int, r) -> list:
 
 @pytest.mark.parametrize("name", TP_CASES)
 def test_param_and_cache_shardings_follow_rules(results, name):
-    r, tp = _case(results, name), TP_OF[name]
+    r, tp = worker_case(results, name), TP_OF[name]
     for pname, (spec, _shard) in r["params"].items():
         suffix = ".".join(pname.split(".")[-2:])
         assert spec == _expected_spec(suffix, tp, r), (pname, spec)
@@ -69,11 +59,11 @@ def test_param_and_cache_shardings_follow_rules(results, name):
 
 
 def test_data_parallel_slices_match_single_device(results):
-    r = _case(results, "smol_dp2_tp2")
+    r = worker_case(results, "smol_dp2_tp2")
     assert r["logits_err"] < 1e-5 and r["tokens_equal"], (results["seed"], r)
     assert r["slice_devices"] == [[0, 1], [2, 3]]
 
 
 def test_shard_mapped_paged_attention_matches_unsharded(results):
-    r = _case(results, "paged_attention_tp4")
+    r = worker_case(results, "paged_attention_tp4")
     assert r["out_err"] < 1e-6 and r["cache_equal"], (results["seed"], r)

@@ -66,3 +66,19 @@ def run_python(args: list[str], devices: int = 8, timeout: float = 300) -> subpr
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def run_worker(module: str, out: Path, args: list[str], timeout: float = 300) -> dict:
+    """Run a worker module that writes its per-case results as JSON to `out`; return them."""
+    import json
+
+    proc = run_python(["-m", module, str(out), *args], timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+def worker_case(results: dict, name: str) -> dict:
+    """One case of a worker's results; its error (with the run's seed) fails the test."""
+    r = results[name]
+    assert "error" not in r, f"seed={results['seed']}\n{r.get('error')}"
+    return r
