@@ -3,6 +3,7 @@
 Usage: python benchmarks/step_profile.py [--impl reference,cpu,cpu_native] [--batches 1,8,32]
            [--ctx 192] [--kv-dtype float32|bfloat16] [--iters 5] [--repeats 5] [--compile]
        python benchmarks/step_profile.py --warmup [--impl ...] [--token-bucket-ratio 4]
+       add --quantization none for dense float32 weights (default: the GGUF blocks, on CPU)
 
 For each batch size it runs decode steps (every sequence one new token at context --ctx, page
 table width = the bucket's) through `ModelRunner.execute` and prints the median step time, the
@@ -94,8 +95,10 @@ def main() -> None:
     parser.add_argument("--warmup", action="store_true",
                         help="only time ModelRunner.warm_up over every bucket, per impl")
     parser.add_argument("--token-bucket-ratio", type=int, default=2)
+    parser.add_argument("--quantization", default="auto",
+                        help="EngineConfig.quantization: auto (GGUF blocks on CPU) | none (dense)")
     args = parser.parse_args()
-    parts = load_engine_parts(EngineConfig())
+    parts = load_engine_parts(EngineConfig(quantization=args.quantization))
     cfg = parts.model_config
     kv_dtype = args.kv_dtype or parts.dtype
     buckets = BucketSet(512, 64, 4096, PAGE, token_bucket_ratio=args.token_bucket_ratio)

@@ -37,6 +37,7 @@ def load_checkpoint(
     *,
     shardings: Mapping[str, Any] | None = None,
     progress: bool = False,
+    keep_blocks: bool = False,
 ) -> LoadedCheckpoint:
     """Load a HF checkpoint directory, a `.gguf` file or a converted jaxllm directory.
 
@@ -45,12 +46,16 @@ def load_checkpoint(
     Params are numpy arrays in the naming of `jaxllm.models.params`, checked with
     `check_params`. `shardings` ({name: Sharding}) places each param: orbax restores straight
     into it; other formats are loaded to host then `jax.device_put`. The result unpacks as
-    `config, params = load_checkpoint(path)`.
+    `config, params = load_checkpoint(path)`. `keep_blocks` (GGUF only, float32, no
+    shardings): Q4_0/Q4_1/Q8_0 matrices stay in blocks as `PackedWeight`s.
     """
     fmt = detect_format(path)
+    if keep_blocks and (fmt != "gguf" or shardings is not None):
+        raise ValueError("keep_blocks needs a .gguf checkpoint loaded without shardings")
     if fmt == "jaxllm":
         return load_jaxllm_dir(path, dtype, shardings)
-    loaded = load_gguf(path, dtype, progress) if fmt == "gguf" else load_hf_dir(path, dtype, progress)
+    loaded = (load_gguf(path, dtype, progress, keep_blocks=keep_blocks) if fmt == "gguf"
+              else load_hf_dir(path, dtype, progress))
     if shardings is not None:
         import jax
 

@@ -5,6 +5,10 @@ time with `gguf.quants.dequantize` (float32), so peak memory is the converted mo
 tensor. llama.cpp's converter reorders the rows of each Llama q/k head from HF's
 "rotate half" layout to interleaved pairs (its rope kernel rotates adjacent elements); we
 undo that so the weights match the HF layout the model implements.
+
+With `keep_blocks=True`, Q4_0 / Q4_1 / Q8_0 matrices are not dequantized but repacked
+(`jaxllm.kernels.quantized_weights.PackedWeight`; the q/k row order is undone on the blocks'
+rows), for the quantized matmul: the weights they stand for are bit-identical.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from tqdm.auto import tqdm
 
 from jaxllm.config import ModelConfig
 from jaxllm.conversions.common import LoadedCheckpoint, resolve_dtype
+from jaxllm.kernels.quantized_weights import PACKABLE_GGUF_TYPES, PackedWeight, pack_gguf_rows
 from jaxllm.models.params import check_params, expected_param_shapes
 
 logger = logging.getLogger(__name__)
@@ -170,8 +175,25 @@ def _dequantize(tensor: Any, path: Path) -> np.ndarray:
                          f"{tensor.tensor_type.name}") from e
 
 
-def load_gguf(path: str | Path, dtype: str = "auto", progress: bool = False) -> LoadedCheckpoint:
-    """Load a .gguf file. See `jaxllm.conversions.load_checkpoint`."""
+def _packed(tensor: Any, name: str, transpose: bool, cfg: ModelConfig, permute_qk: bool,
+            ) -> PackedWeight:
+    """A quantized GGUF matrix kept in blocks. Its raw rows are output rows (ggml's second
+    axis): a linear kernel's output features (stored transposed) or an embedding's tokens."""
+    rows = np.asarray(tensor.data, dtype=np.uint8).reshape(int(tensor.shape[1]), -1)
+    if permute_qk and name.endswith("q_proj.kernel"):
+        rows = unpermute_rope_rows(rows, cfg.num_heads)
+    elif permute_qk and name.endswith("k_proj.kernel"):
+        rows = unpermute_rope_rows(rows, cfg.num_kv_heads)
+    return pack_gguf_rows(tensor.tensor_type.name, rows, int(tensor.shape[0]), as_table=not transpose)
+
+
+def load_gguf(path: str | Path, dtype: str = "auto", progress: bool = False, *,
+              keep_blocks: bool = False) -> LoadedCheckpoint:
+    """Load a .gguf file. See `jaxllm.conversions.load_checkpoint`.
+
+    keep_blocks: matrices stored as Q4_0/Q4_1/Q8_0 become `PackedWeight`s (float32 dtype only);
+    other tensors load as usual.
+    """
     path = Path(path)
     reader = open_gguf(path)
     hf_config = gguf_hf_config(reader, path)
@@ -198,8 +220,13 @@ def load_gguf(path: str | Path, dtype: str = "auto", progress: bool = False) -> 
                          + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
 
     out_dtype = resolve_dtype(dtype, cfg.torch_dtype)
-    params: dict[str, np.ndarray] = {}
+    if keep_blocks and out_dtype != np.float32:
+        raise ValueError(f"weights kept in quantization blocks compute in float32, not {out_dtype}")
+    params: dict[str, Any] = {}
     for t, name, transpose in tqdm(plan, desc="dequantizing", unit="tensor", disable=not progress):
+        if keep_blocks and t.tensor_type.name in PACKABLE_GGUF_TYPES and len(t.shape) == 2:
+            params[name] = _packed(t, name, transpose, cfg, permute_qk)
+            continue
         w = _dequantize(t, path).reshape(tuple(int(d) for d in reversed(t.shape)))
         if permute_qk and name.endswith(("q_proj.kernel", "q_proj.bias")):
             w = unpermute_rope_rows(w, cfg.num_heads)

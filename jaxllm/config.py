@@ -171,6 +171,9 @@ def _read_rope(d: dict[str, Any]) -> tuple[float, RopeScaling, float]:
     ), partial
 
 
+QUANTIZATION_MODES = ("auto", "gguf", "none")
+
+
 @dataclass
 class EngineConfig:
     """Every engine and server setting. Field names are the CLI flags with underscores."""
@@ -178,6 +181,9 @@ class EngineConfig:
     model: str | None = None  # HF dir, orbax dir, .gguf file; None = embedded default
     served_model_name: str | None = None
     dtype: str = "auto"  # auto | float32 | bfloat16
+    # GGUF weights: "auto" keeps Q4_0/Q4_1/Q8_0 blocks where the native CPU kernel serves
+    # (one device, float32), "gguf" always keeps them, "none" dequantizes to dense.
+    quantization: str = "auto"
     max_num_seqs: int = 64
     max_model_len: int | None = None  # None: min(model's max positions, 4096)
     max_num_batched_tokens: int = 512
@@ -213,6 +219,9 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        if self.quantization not in QUANTIZATION_MODES:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_MODES)}, "
+                             f"got {self.quantization!r}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size",
                      "data_parallel_size", "max_waiting_requests"):
             if getattr(self, name) < 1:

@@ -120,12 +120,45 @@ def _enable_compilation_cache(config: EngineConfig) -> None:
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 
+def keep_gguf_blocks(config: EngineConfig, path: Path) -> bool:
+    """Whether to keep a GGUF checkpoint's quantization blocks (config.quantization).
+
+    "auto" keeps them when the native kernel serves them: a .gguf file, CPU, one device in one
+    process, float32 (the blocks compute in float32; sharding rules know dense kernels only).
+    "gguf" insists and names what stands in the way.
+    """
+    from jaxllm.conversions.gguf_loader import is_gguf_file
+
+    if config.quantization == "none":
+        return False
+    obstacles = []
+    if not is_gguf_file(path):
+        obstacles.append(f"{path} is not a .gguf file")
+    if config.tensor_parallel_size * config.data_parallel_size > 1 or config.num_processes > 1:
+        obstacles.append("the model is sharded (tensor/data parallel or several processes)")
+    if config.dtype == "bfloat16":
+        obstacles.append("dtype bfloat16 was asked for (blocks compute in float32)")
+    if config.quantization == "gguf":
+        if obstacles:
+            raise ValueError(f"quantization='gguf' cannot keep quantization blocks: "
+                             f"{'; '.join(obstacles)}")
+        return True
+    from jaxllm.kernels.quantized_matmul import default_impl
+
+    return not obstacles and jax.default_backend() == "cpu" and default_impl() == "native"
+
+
 def _load_host_model(config: EngineConfig) -> _HostModel:
     from jaxllm.conversions import load_checkpoint
 
     path = resolve_model_path(config.model)
-    ckpt = load_checkpoint(path, dtype=config.dtype)
+    keep_blocks = keep_gguf_blocks(config, path)
+    ckpt = load_checkpoint(path, dtype="float32" if keep_blocks else config.dtype,
+                           keep_blocks=keep_blocks)
     dtype = jnp.dtype(resolve_dtype(config.dtype, ckpt.config.torch_dtype))
+    if keep_blocks:
+        logger.info("GGUF weights kept in quantization blocks (quantized matmul, float32)")
+        dtype = jnp.dtype(jnp.float32)
     tokenizer = load_tokenizer(ckpt.tokenizer_path or path)
     cfg, params = ckpt.config, ckpt.params
     if config.tensor_parallel_size > 1:

@@ -1,4 +1,7 @@
-"""Build, load and register the native CPU attention kernel (kernels/native/*.cc) on first use.
+"""Build, load and register the native CPU kernels (kernels/native/*.cc) on first use.
+
+Two kernels: ragged paged attention (kernels/cpu_native.py) and the matmul over GGUF
+quantization blocks (kernels/quantized_matmul.py); each is its own library and FFI target.
 
 The shared library is compiled with the system C++ compiler into a cache directory, under a
 file name keyed on everything that decides its machine code: the source, the compiler and its
@@ -27,9 +30,22 @@ import jaxlib
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "native" / "paged_attention.cc"
-TARGET_NAME = "jaxllm_ragged_paged_attention"
-_SYMBOL = "JaxllmRaggedPagedAttention"
+
+@dataclass(frozen=True)
+class NativeKernel:
+    """One C++ source file exporting one XLA FFI handler symbol, registered under `target`."""
+
+    source: Path
+    symbol: str
+    target: str
+
+
+_NATIVE_DIR = Path(__file__).parent / "native"
+PAGED_ATTENTION = NativeKernel(
+    _NATIVE_DIR / "paged_attention.cc", "JaxllmRaggedPagedAttention",
+    "jaxllm_ragged_paged_attention")
+QUANTIZED_MATMUL = NativeKernel(
+    _NATIVE_DIR / "quantized_matmul.cc", "JaxllmQuantizedMatmul", "jaxllm_quantized_matmul")
 # No -ffast-math: it lets the compiler assume no NaN/inf, which the masking relies on seeing.
 DEFAULT_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
 
@@ -67,11 +83,11 @@ def _compiler_version(compiler: str) -> str:
     return result.stdout.splitlines()[0] if result.stdout else ""
 
 
-def library_path(config: NativeBuildConfig) -> Path:
+def library_path(config: NativeBuildConfig, kernel: NativeKernel = PAGED_ATTENTION) -> Path:
     """The cached library's path for this source, toolchain, jaxlib and CPU."""
     key = hashlib.sha256()
     for part in (
-        SOURCE.read_bytes(),
+        kernel.source.read_bytes(),
         config.compiler.encode(),
         _compiler_version(config.compiler).encode(),
         " ".join(config.flags).encode(),
@@ -80,15 +96,16 @@ def library_path(config: NativeBuildConfig) -> Path:
     ):
         key.update(part)
         key.update(b"\0")
-    return config.resolved_cache_dir() / f"paged_attention-{key.hexdigest()[:20]}.so"
+    return config.resolved_cache_dir() / f"{kernel.source.stem}-{key.hexdigest()[:20]}.so"
 
 
-def build_native_library(config: NativeBuildConfig | None = None) -> Path:
+def build_native_library(config: NativeBuildConfig | None = None,
+                         kernel: NativeKernel = PAGED_ATTENTION) -> Path:
     """Compile the kernel unless a matching build is cached; return the library's path."""
     config = config or NativeBuildConfig()
     if shutil.which(config.compiler) is None:
         raise NativeBuildError(f"C++ compiler {config.compiler!r} not found on PATH")
-    path = library_path(config)
+    path = library_path(config, kernel)
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -99,7 +116,7 @@ def build_native_library(config: NativeBuildConfig | None = None) -> Path:
         *config.flags,
         "-isystem",
         jax.ffi.include_dir(),
-        str(SOURCE),
+        str(kernel.source),
         "-o",
         tmp,
     ]
@@ -107,35 +124,53 @@ def build_native_library(config: NativeBuildConfig | None = None) -> Path:
         result = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if result.returncode != 0:
             raise NativeBuildError(
-                f"building {SOURCE.name} failed ({' '.join(cmd)}):\n{result.stderr}"
+                f"building {kernel.source.name} failed ({' '.join(cmd)}):\n{result.stderr}"
             )
         os.replace(tmp, path)  # atomic: concurrent builders write identical files
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    logger.info("built native attention kernel %s", path)
+    logger.info("built native kernel %s", path)
     return path
 
 
 @functools.cache
-def register_native_attention(config: NativeBuildConfig | None = None) -> str:
+def register_native_kernel(kernel: NativeKernel, config: NativeBuildConfig | None = None) -> str:
     """Build (if needed), load and register the FFI target once per config; return its name."""
-    path = build_native_library(config)
+    path = build_native_library(config, kernel)
     try:
         lib = ctypes.cdll.LoadLibrary(str(path))
-        handler = getattr(lib, _SYMBOL)
+        handler = getattr(lib, kernel.symbol)
     except (OSError, AttributeError) as e:
         raise NativeBuildError(f"loading {path} failed: {e}") from e
-    jax.ffi.register_ffi_target(TARGET_NAME, jax.ffi.pycapsule(handler), platform="cpu")
-    return TARGET_NAME
+    jax.ffi.register_ffi_target(kernel.target, jax.ffi.pycapsule(handler), platform="cpu")
+    return kernel.target
 
 
 @functools.cache
-def native_attention_available(config: NativeBuildConfig | None = None) -> bool:
-    """Whether the native kernel builds and registers here (warns once with the reason if not)."""
+def native_kernel_available(kernel: NativeKernel, config: NativeBuildConfig | None = None) -> bool:
+    """Whether the kernel builds and registers here (warns once with the reason if not)."""
     try:
-        register_native_attention(config)
+        register_native_kernel(kernel, config)
     except NativeBuildError as e:
-        logger.warning("native CPU attention unavailable: %s", e)
+        logger.warning("native CPU kernel %s unavailable: %s", kernel.source.name, e)
         return False
     return True
+
+
+def register_native_attention(config: NativeBuildConfig | None = None) -> str:
+    """The paged attention kernel's FFI target name (built and registered on first call)."""
+    return register_native_kernel(PAGED_ATTENTION, config)
+
+
+def native_attention_available(config: NativeBuildConfig | None = None) -> bool:
+    return native_kernel_available(PAGED_ATTENTION, config)
+
+
+def register_quantized_matmul(config: NativeBuildConfig | None = None) -> str:
+    """The quantized matmul kernel's FFI target name (built and registered on first call)."""
+    return register_native_kernel(QUANTIZED_MATMUL, config)
+
+
+def quantized_matmul_available(config: NativeBuildConfig | None = None) -> bool:
+    return native_kernel_available(QUANTIZED_MATMUL, config)

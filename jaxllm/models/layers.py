@@ -34,6 +34,10 @@ class Linear(nnx.Module):
             y = y + self.bias[...]
         return y
 
+    def logits(self, x: jax.Array) -> jax.Array:
+        """Float32 x @ kernel (the untied LM head's use)."""
+        return jnp.dot(x, self.kernel[...], preferred_element_type=jnp.float32)
+
 
 class Embed(nnx.Module):
     """Token embedding table [vocab, embed]; also the LM head when embeddings are tied."""

@@ -18,21 +18,38 @@ import numpy as np
 from flax import nnx
 
 from jaxllm.config import ModelConfig
+from jaxllm.kernels.quantized_weights import PackedWeight
 from jaxllm.models.layers import Embed, Linear, RMSNorm, apply_rope, rope_inverse_frequencies
 from jaxllm.models.params import check_params, logical_axes
+from jaxllm.models.quantized_layers import QuantizedEmbed, QuantizedLinear
 
 AttentionFn = Callable[..., tuple[jax.Array, Any]]
 
 _ACTIVATIONS = {"silu": jax.nn.silu, "gelu": jax.nn.gelu, "gelu_pytorch_tanh": jax.nn.gelu}
 
 
+def make_linear(params: Mapping[str, Any], name: str, dtype, quantized_impl: str | None,
+                ) -> Linear | QuantizedLinear:
+    """The layer for `name.kernel` (+ `name.bias`): dense, or in blocks for a PackedWeight."""
+    kernel, bias = params[f"{name}.kernel"], params.get(f"{name}.bias")
+    if isinstance(kernel, PackedWeight):
+        return QuantizedLinear(kernel, bias, _quantized_impl(quantized_impl))
+    return Linear(kernel, bias, logical_axes(f"{name}.kernel"), dtype)
+
+
+def _quantized_impl(impl: str | None) -> str:
+    from jaxllm.kernels.quantized_matmul import default_impl
+
+    return impl or default_impl()
+
+
 class DecoderLayer(nnx.Module):
     """Pre-norm attention block then pre-norm gated MLP, each with a residual."""
 
-    def __init__(self, cfg: ModelConfig, params: Mapping[str, Any], prefix: str, dtype) -> None:
-        def linear(name: str) -> Linear:
-            return Linear(params[f"{prefix}{name}.kernel"], params.get(f"{prefix}{name}.bias"),
-                          logical_axes(f"{name}.kernel"), dtype)
+    def __init__(self, cfg: ModelConfig, params: Mapping[str, Any], prefix: str, dtype,
+                 quantized_impl: str | None = None) -> None:
+        def linear(name: str) -> Linear | QuantizedLinear:
+            return make_linear(params, prefix + name, dtype, quantized_impl)
 
         def norm(name: str, eps: float) -> RMSNorm:
             return RMSNorm(params[f"{prefix}{name}.scale"], eps, logical_axes(f"{name}.scale"), dtype)
@@ -68,18 +85,31 @@ class DecoderLayer(nnx.Module):
 
 
 class LlamaModel(nnx.Module):
-    """Embedding, decoder layers (unrolled: measured faster than a scan on XLA CPU), final norm, LM head."""
+    """Embedding, decoder layers (unrolled: measured faster than a scan on XLA CPU), final norm, LM head.
 
-    def __init__(self, cfg: ModelConfig, params: Mapping[str, Any], dtype=jnp.float32) -> None:
+    Params may hold `PackedWeight`s (GGUF blocks) for linear kernels and the embedding; those
+    layers compute in float32, so the model's dtype must then be float32. `quantized_impl`
+    picks their matmul (kernels/quantized_matmul.py; None: by backend).
+    """
+
+    def __init__(self, cfg: ModelConfig, params: Mapping[str, Any], dtype=jnp.float32,
+                 quantized_impl: str | None = None) -> None:
         check_params(cfg, params, "model parameters")
         self.config = cfg
         self.dtype = jnp.dtype(dtype)
-        self.embed_tokens = Embed(params["embed_tokens.embedding"], self.dtype)
+        packed = [k for k, v in params.items() if isinstance(v, PackedWeight)]
+        if packed and self.dtype != jnp.float32:
+            raise ValueError(f"weights kept in quantization blocks ({packed[0]}, ...) compute in "
+                             f"float32; dtype {self.dtype} was asked for")
+        table = params["embed_tokens.embedding"]
+        self.embed_tokens = (QuantizedEmbed(table, _quantized_impl(quantized_impl))
+                             if isinstance(table, PackedWeight) else Embed(table, self.dtype))
         self.layers = nnx.List(
-            [DecoderLayer(cfg, params, f"layers.{i}.", self.dtype) for i in range(cfg.num_layers)])
+            [DecoderLayer(cfg, params, f"layers.{i}.", self.dtype, quantized_impl)
+             for i in range(cfg.num_layers)])
         self.final_norm = RMSNorm(params["final_norm.scale"], cfg.rms_norm_eps, ("embed",), self.dtype)
         self.lm_head = (None if cfg.tie_word_embeddings else
-                        Linear(params["lm_head.kernel"], None, ("embed", "vocab"), self.dtype))
+                        make_linear(params, "lm_head", self.dtype, quantized_impl))
         self.inv_freq = nnx.Variable(jnp.asarray(rope_inverse_frequencies(cfg), jnp.float32))
 
     def __call__(self, input_ids: jax.Array, positions: jax.Array, kv_caches: list | None,
@@ -96,7 +126,7 @@ class LlamaModel(nnx.Module):
         """Float32 logits [N, V] for the rows that need them."""
         if self.lm_head is None:
             return self.embed_tokens.attend(hidden)
-        return jnp.dot(hidden, self.lm_head.kernel[...], preferred_element_type=jnp.float32)
+        return self.lm_head.logits(hidden)
 
 
 def resolve_dtype(dtype: str, checkpoint_dtype: str = "float32") -> jnp.dtype:
@@ -110,9 +140,9 @@ def resolve_dtype(dtype: str, checkpoint_dtype: str = "float32") -> jnp.dtype:
     return jnp.dtype(dtype)
 
 
-def build_model(cfg: ModelConfig, params: Mapping[str, np.ndarray | jax.Array],
-                dtype: str | jnp.dtype = "auto") -> LlamaModel:
+def build_model(cfg: ModelConfig, params: Mapping[str, np.ndarray | jax.Array | PackedWeight],
+                dtype: str | jnp.dtype = "auto", quantized_impl: str | None = None) -> LlamaModel:
     """The model for `cfg` holding `params` (flat naming of jaxllm.models.params)."""
     if isinstance(dtype, str):
         dtype = resolve_dtype(dtype, cfg.torch_dtype)
-    return LlamaModel(cfg, params, dtype)
+    return LlamaModel(cfg, params, dtype, quantized_impl)

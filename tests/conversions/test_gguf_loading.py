@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gguf
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -132,3 +133,64 @@ def test_gguf_errors(tmp_path):
         load_checkpoint(tmp_path / "junk.gguf")
     with pytest.raises(FileNotFoundError):
         load_checkpoint(tmp_path / "absent.gguf")
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0])
+@pytest.mark.parametrize("tied", [True, False])
+def test_kept_blocks_stand_for_the_dequantized_weights(tmp_path, qtype, tied):
+    """keep_blocks packs Q4_0/Q4_1/Q8_0 matrices (q/k rows un-permuted on the blocks) into
+    weights bit-identical to the dequantized ones; other types load dense. The model built
+    on the blocks gives the dense model's logits (vocab 40: a ragged 16-column group)."""
+    from jaxllm.kernels.quantized_weights import PackedWeight, dequantize
+    from jaxllm.models import build_model
+    from jaxllm.plain_decode import forward_logits
+
+    seed = int(np.random.SeedSequence().entropy % 1000)
+    model = _tiny_llama(seed=seed, tied=tied)
+    path = write_llama_gguf(tmp_path / "m.gguf", model.config, _state(model), qtype=qtype)
+    dense = load_checkpoint(path, "float32")
+    kept = load_checkpoint(path, "float32", keep_blocks=True)
+    packable = qtype != Q.Q5_0
+    for name, want in dense.params.items():
+        got = kept.params[name]
+        if not isinstance(got, PackedWeight):
+            assert not packable or want.ndim == 1, name
+            np.testing.assert_array_equal(got, want, err_msg=name)
+            continue
+        assert packable and got.shape == want.shape, name
+        w = np.asarray(dequantize(got.kind, jnp.asarray(got.codes), jnp.asarray(got.scales),
+                                  None if got.mins is None else jnp.asarray(got.mins), got.n))
+        np.testing.assert_array_equal(w.T if got.as_table else w, want, err_msg=f"seed={seed} {name}")
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(0, 40, size=n).tolist() for n in (1, 7, 19)]
+    want = forward_logits(build_model(dense.config, dense.params, "float32"), prompts)
+    got = forward_logits(build_model(kept.config, kept.params, "float32"), prompts)
+    for g, w in zip(got, want, strict=True):
+        assert np.abs(g - w).max() <= 1e-4 * np.abs(w).max(), f"seed={seed}"
+    with pytest.raises(ValueError, match="compute in float32"):
+        load_checkpoint(path, "bfloat16", keep_blocks=True)
+    if packable:
+        with pytest.raises(ValueError, match="compute in float32"):
+            build_model(kept.config, kept.params, "bfloat16")
+
+
+def test_engine_choice_of_kept_blocks(tmp_path):
+    """EngineConfig.quantization: "auto" keeps blocks only where the native kernel serves,
+    "gguf" insists (clear error naming what is in the way), "none" dequantizes."""
+    from jaxllm.config import EngineConfig
+    from jaxllm.kernels.native_build import quantized_matmul_available
+    from jaxllm.loading import keep_gguf_blocks
+
+    model = _tiny_llama(seed=5, tied=True)
+    path = write_llama_gguf(tmp_path / "m.gguf", model.config, _state(model), qtype=Q.Q8_0)
+    assert keep_gguf_blocks(EngineConfig(quantization="none"), path) is False
+    assert keep_gguf_blocks(EngineConfig(quantization="gguf"), path) is True
+    assert keep_gguf_blocks(EngineConfig(), path) is quantized_matmul_available()
+    assert keep_gguf_blocks(EngineConfig(tensor_parallel_size=2), path) is False
+    assert keep_gguf_blocks(EngineConfig(dtype="bfloat16"), path) is False
+    with pytest.raises(ValueError, match="sharded"):
+        keep_gguf_blocks(EngineConfig(quantization="gguf", tensor_parallel_size=2), path)
+    with pytest.raises(ValueError, match="not a .gguf file"):
+        keep_gguf_blocks(EngineConfig(quantization="gguf"), tmp_path)
+    with pytest.raises(ValueError, match="quantization must be one of"):
+        EngineConfig(quantization="awq")

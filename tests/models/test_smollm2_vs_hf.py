@@ -2,6 +2,8 @@
 
 Both sides load the same GGUF file (transformers dequantizes it to fp32 in PyTorch). Logits
 on a ragged batch agree within 1e-4 relative; greedy chat continuations are token-identical.
+Checked twice: with the weights dequantized to dense float32, and kept in their Q4_1/Q8_0
+blocks (the quantized matmul; the engine's default on CPU).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch
 
 from jaxllm.conversions import load_checkpoint
 from jaxllm.default_model import default_model_path
+from jaxllm.kernels.quantized_weights import PackedWeight
 from jaxllm.models import build_model
 from jaxllm.plain_decode import forward_logits, plain_generate
 from jaxllm.tokenizer import load_tokenizer
@@ -40,9 +43,10 @@ def hf_model(gguf):
                                                 dtype=torch.float32).eval()
 
 
-@pytest.fixture(scope="module")
-def ours(gguf):
-    cfg, params = load_checkpoint(gguf, dtype="float32")
+@pytest.fixture(scope="module", params=[False, True], ids=["dense", "gguf_blocks"])
+def ours(gguf, request):
+    cfg, params = load_checkpoint(gguf, dtype="float32", keep_blocks=request.param)
+    assert any(isinstance(p, PackedWeight) for p in params.values()) == request.param
     return build_model(cfg, params, "float32")
 
 

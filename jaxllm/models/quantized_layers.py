@@ -1,0 +1,78 @@
+"""Linear and embedding layers whose weights stay in GGUF quantization blocks.
+
+Built from `jaxllm.kernels.quantized_weights.PackedWeight` (the GGUF loader keeps Q4_0, Q4_1
+and Q8_0 tensors that way when asked). Each weight the layer rebuilds is bit-identical to the
+dequantized float32 one, so the model computes the same function as with dense weights; the
+matmul reads 0.6-1.1 bytes per weight instead of 4 (kernels/quantized_matmul.py). Computation
+is float32. These layers are single-device: tensor-parallel sharding rules know dense
+kernels only, and the engine dequantizes when it shards.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxllm.kernels.quantized_matmul import IMPLEMENTATIONS, quantized_matmul
+from jaxllm.kernels.quantized_weights import PackedWeight, gather_columns
+
+
+class _Packed(nnx.Module):
+    """The packed arrays of one weight, and how to multiply by them."""
+
+    def __init__(self, packed: PackedWeight, impl: str) -> None:
+        if impl not in IMPLEMENTATIONS:
+            raise ValueError(f"quantized matmul impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
+        self.kind, self.k, self.n, self.impl = packed.kind, packed.k, packed.n, impl
+        self.codes = nnx.Param(jnp.asarray(packed.codes))
+        self.scales = nnx.Param(jnp.asarray(packed.scales))
+        self.mins = None if packed.mins is None else nnx.Param(jnp.asarray(packed.mins))
+
+    def _arrays(self) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+        return self.codes[...], self.scales[...], None if self.mins is None else self.mins[...]
+
+    def matmul(self, x: jax.Array) -> jax.Array:
+        """float32 x @ W for x [..., k]."""
+        lead = x.shape[:-1]
+        y = quantized_matmul(x.reshape(-1, self.k), *self._arrays(), kind=self.kind, n=self.n,
+                             impl=self.impl)
+        return y.reshape(*lead, self.n)
+
+
+class QuantizedLinear(_Packed):
+    """y = x @ W (+ bias) with W [in, out] in blocks; float32 in and out."""
+
+    def __init__(self, packed: PackedWeight, bias, impl: str) -> None:
+        if packed.as_table:
+            raise ValueError("an embedding table cannot serve as a linear layer's kernel")
+        super().__init__(packed, impl)
+        self.bias = None if bias is None else nnx.Param(jnp.asarray(bias, jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = self.matmul(x)
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        return self(x)
+
+
+class QuantizedEmbed(_Packed):
+    """Token embedding table [vocab, embed] in blocks (rows gathered and rebuilt per token);
+    also the LM head when embeddings are tied."""
+
+    def __init__(self, packed: PackedWeight, impl: str) -> None:
+        if not packed.as_table:
+            raise ValueError("a quantized embedding needs a table-shaped packed weight")
+        super().__init__(packed, impl)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        flat = ids.reshape(-1)
+        rows = gather_columns(self.kind, *self._arrays(), flat)
+        return rows.reshape(*ids.shape, self.k)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """Float32 logits from hidden states: the table is W [embed, vocab] of the matmul."""
+        return self.matmul(x)

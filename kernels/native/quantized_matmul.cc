@@ -1,0 +1,280 @@
+// y = x @ W for weights kept in GGUF quantization blocks, for XLA CPU as an XLA FFI custom call
+// (jaxllm.kernels.quantized_matmul).
+//
+// Why: the default model ships as Q4_1/Q8_0 blocks. Dequantized to float32 its weights are
+// 540 MB, read once per decode step; kept in blocks they are ~100 MB. Every block value is
+// d * q + m with d, m float16 and q a 4- or 8-bit integer, so d * q is exact in float32 and the
+// value rebuilt here in registers is bit-identical to the float32 weight the dequantizing
+// loader produces: only the summation order of the dot products differs from XLA's.
+//
+// Layout (built by kernels/quantized_weights.py): output columns in groups of 16 (one vector),
+// K in blocks of 32. For group g and block b:
+//   q4: codes u8 [G, B, 16, 16]: byte [g, b, j, l] = q[32b+j] | q[32b+j+16] << 4 of column
+//       16g+l (GGUF's own nibble pairing); scales, mins f16 [G, B, 16]; w = d * q + m.
+//   q8: codes s8 [G, B, 32, 16]: q[32b+j] of column 16g+l; scales f16 [G, B, 16]; w = d * q.
+// Inputs: x f32 [M, K] in column-major layout (x[r, i] at i * M + r: the caller asks XLA for
+// it, so every broadcast of a tile's rows comes from one base pointer), codes, scales, mins
+// (q8: ignored, any shape). Output: y f32 [M, N] row-major, N <= 16 G (columns past N are
+// padding and never written).
+//
+// Work: a register tile of up to 16 rows of x against one group's 16 columns, over all of K.
+// A unit is one row tile against a chunk of groups; units are handed out through an atomic counter to the caller's
+// thread and, when the call is big enough, to tasks on XLA's intra-op thread pool.
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+#include <memory>
+#include <mutex>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kCols = 16;          // output columns per group: one vector
+constexpr int kBlock = 32;         // weights per quantization block along K
+constexpr int kMaxRows = 16;       // rows of x per register tile
+constexpr int64_t kMinUnits = 16;
+constexpr double kParallelFlops = 2e6;  // below this a second thread costs more than it saves
+
+typedef float v16f __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+// The three loads below are single instructions with AVX-512 (vcvtph2ps, vpmovzxbd,
+// vpmovsxbd); GCC's generic vector conversions scalarize them, so they are spelled out.
+// Other CPUs get the portable element loops (correct, slower).
+inline v16f LoadHalves(const _Float16* p) {  // float16 -> float32 is exact
+#if defined(__AVX512F__)
+  return (v16f)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#else
+  v16f f;
+  for (int i = 0; i < 16; ++i) f[i] = static_cast<float>(p[i]);
+  return f;
+#endif
+}
+
+inline v16i LoadBytes(const uint8_t* p) {
+#if defined(__AVX512F__)
+  return (v16i)_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#else
+  v16i v;
+  for (int i = 0; i < 16; ++i) v[i] = p[i];
+  return v;
+#endif
+}
+
+inline v16f ToFloats(v16i v) {
+#if defined(__AVX512F__)
+  return (v16f)_mm512_cvtepi32_ps((__m512i)v);
+#else
+  return __builtin_convertvector(v, v16f);
+#endif
+}
+
+inline v16f SignedBytesToFloats(const int8_t* p) {
+#if defined(__AVX512F__)
+  return (v16f)_mm512_cvtepi32_ps(
+      _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#else
+  v16f f;
+  for (int i = 0; i < 16; ++i) f[i] = static_cast<float>(p[i]);
+  return f;
+#endif
+}
+
+struct Problem {
+  const float* x;
+  const uint8_t* codes;
+  const _Float16* scales;
+  const _Float16* mins;
+  float* y;
+  int64_t rows, k, n, groups, blocks;
+  bool q4;
+};
+
+// Independent accumulator chains per row, so the FMA latency is hidden even for a few rows.
+constexpr int Chains(int rows) { return rows >= 8 ? 1 : rows >= 4 ? 2 : rows >= 2 ? 4 : 8; }
+
+// y[r, 16g:16g+16] = x[r, :] . W[:, 16g:16g+16] for the R rows of a tile; x[r, i] at
+// xt[i * pb.rows + r] (column-major x, offset to the tile's first row).
+template <bool kQ4, int R>
+void Tile(const Problem& pb, int64_t g, const float* xt, float* y_rows) {
+  const int64_t ld = pb.rows;
+  constexpr int P = Chains(R);
+  v16f acc[P][R];
+  for (int p = 0; p < P; ++p)
+    for (int r = 0; r < R; ++r) acc[p][r] = v16f{};
+  for (int64_t b = 0; b < pb.blocks; ++b) {
+    const int64_t gb = g * pb.blocks + b;
+    const v16f d = LoadHalves(pb.scales + gb * kCols);
+    const float* xb = xt + b * kBlock * ld;
+    if constexpr (kQ4) {
+      const v16f m = LoadHalves(pb.mins + gb * kCols);
+      const uint8_t* c = pb.codes + gb * (kBlock / 2) * kCols;
+#pragma GCC unroll 16
+      for (int j = 0; j < kBlock / 2; ++j) {
+        const v16i q = LoadBytes(c + j * kCols);
+        const v16f lo = ToFloats(q & 15) * d + m;
+        const v16f hi = ToFloats(q >> 4) * d + m;
+        const float* x_lo = xb + j * ld;
+        const float* x_hi = xb + (j + kBlock / 2) * ld;
+        for (int r = 0; r < R; ++r) {
+          acc[(2 * j) % P][r] = x_lo[r] * lo + acc[(2 * j) % P][r];
+          acc[(2 * j + 1) % P][r] = x_hi[r] * hi + acc[(2 * j + 1) % P][r];
+        }
+      }
+    } else {
+      const int8_t* c = reinterpret_cast<const int8_t*>(pb.codes) + gb * kBlock * kCols;
+#pragma GCC unroll 32
+      for (int j = 0; j < kBlock; ++j) {
+        const v16f w = SignedBytesToFloats(c + j * kCols) * d;
+        const float* xj = xb + j * ld;
+        for (int r = 0; r < R; ++r) acc[j % P][r] = xj[r] * w + acc[j % P][r];
+      }
+    }
+  }
+  const int64_t col0 = g * kCols;
+  const int64_t width = std::min<int64_t>(kCols, pb.n - col0);
+  for (int r = 0; r < R; ++r) {
+    v16f sum = acc[0][r];
+    for (int p = 1; p < P; ++p) sum += acc[p][r];
+    std::memcpy(y_rows + r * pb.n + col0, &sum, width * sizeof(float));
+  }
+}
+
+template <bool kQ4, int R = kMaxRows>
+void Groups(const Problem& pb, int64_t g0, int64_t g1, const float* xt, float* y_rows, int rows) {
+  if constexpr (R > 1) {
+    if (rows < R) return Groups<kQ4, R - 1>(pb, g0, g1, xt, y_rows, rows);
+  }
+  for (int64_t g = g0; g < g1; ++g) Tile<kQ4, R>(pb, g, xt, y_rows);
+}
+
+// A unit is one tile of up to 16 rows against a chunk of column groups.
+struct Split {
+  int64_t row_tiles, chunks_per_tile, groups_per_chunk;
+  int64_t units() const { return row_tiles * chunks_per_tile; }
+};
+
+Split SplitWork(const Problem& pb) {
+  Split s;
+  s.row_tiles = (pb.rows + kMaxRows - 1) / kMaxRows;
+  // Enough units to balance a few threads.
+  const int64_t chunks = std::min<int64_t>(
+      pb.groups, std::max<int64_t>(1, (kMinUnits + s.row_tiles - 1) / s.row_tiles));
+  s.groups_per_chunk = (pb.groups + chunks - 1) / chunks;
+  s.chunks_per_tile = (pb.groups + s.groups_per_chunk - 1) / s.groups_per_chunk;
+  return s;
+}
+
+void RunUnit(const Problem& pb, const Split& split, int64_t unit) {
+  const int64_t tile = unit / split.chunks_per_tile, chunk = unit % split.chunks_per_tile;
+  const int64_t r0 = tile * kMaxRows;
+  const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, pb.rows - r0));
+  const float* xt = pb.x + r0;
+  const int64_t g0 = chunk * split.groups_per_chunk;
+  const int64_t g1 = std::min(pb.groups, g0 + split.groups_per_chunk);
+  float* y_rows = pb.y + r0 * pb.n;
+  if (pb.q4) {
+    Groups<true>(pb, g0, g1, xt, y_rows, rows);
+  } else {
+    Groups<false>(pb, g0, g1, xt, y_rows, rows);
+  }
+}
+
+// Shared by the caller and the pool tasks; a task may start after the caller is done, so it
+// holds its own reference and touches the buffers only while a unit is still unclaimed.
+struct Job {
+  Problem pb;
+  Split split;
+  int64_t units = 0;
+  std::atomic<int64_t> next{0};
+  std::mutex mu;
+  std::condition_variable all_done;
+  int64_t done = 0;
+
+  void Work() {
+    int64_t finished = 0;
+    for (int64_t u = next.fetch_add(1); u < units; u = next.fetch_add(1)) {
+      RunUnit(pb, split, u);
+      ++finished;
+    }
+    if (finished > 0) {
+      std::lock_guard<std::mutex> lock(mu);
+      done += finished;
+      if (done == units) all_done.notify_all();
+    }
+  }
+};
+
+ffi::Error QuantizedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                               ffi::AnyBuffer codes, ffi::Buffer<ffi::F16> scales,
+                               ffi::Buffer<ffi::F16> mins, ffi::ResultBuffer<ffi::F32> y) {
+  const auto x_dims = x.dimensions();
+  const auto c_dims = codes.dimensions();
+  const auto s_dims = scales.dimensions();
+  const auto y_dims = y->dimensions();
+  if (x_dims.size() != 2 || c_dims.size() != 4 || s_dims.size() != 3 || y_dims.size() != 2) {
+    return ffi::Error::InvalidArgument(
+        "quantized matmul: x and y must be rank 2, codes rank 4, scales rank 3");
+  }
+  auto job = std::make_shared<Job>();
+  Problem& pb = job->pb;
+  pb.rows = x_dims[0];
+  pb.k = x_dims[1];
+  pb.n = y_dims[1];
+  pb.groups = c_dims[0];
+  pb.blocks = c_dims[1];
+  if (codes.element_type() == ffi::DataType::U8) {
+    pb.q4 = true;
+  } else if (codes.element_type() == ffi::DataType::S8) {
+    pb.q4 = false;
+  } else {
+    return ffi::Error::InvalidArgument("quantized matmul: codes must be u8 (q4) or s8 (q8)");
+  }
+  const int64_t rows_per_block = pb.q4 ? kBlock / 2 : kBlock;
+  if (c_dims[2] != rows_per_block || c_dims[3] != kCols || pb.blocks * kBlock != pb.k ||
+      s_dims[0] != pb.groups || s_dims[1] != pb.blocks || s_dims[2] != kCols ||
+      y_dims[0] != pb.rows || pb.n > pb.groups * kCols || pb.n <= (pb.groups - 1) * kCols ||
+      (pb.q4 && mins.element_count() != scales.element_count())) {
+    return ffi::Error::InvalidArgument("quantized matmul: inconsistent input shapes");
+  }
+  if (pb.rows == 0 || pb.n == 0) return ffi::Error::Success();
+  pb.x = x.typed_data();
+  pb.codes = static_cast<const uint8_t*>(codes.untyped_data());
+  pb.scales = reinterpret_cast<const _Float16*>(scales.typed_data());
+  pb.mins = reinterpret_cast<const _Float16*>(mins.typed_data());
+  pb.y = y->typed_data();
+  job->split = SplitWork(pb);
+  job->units = job->split.units();
+  const double flops = 2.0 * static_cast<double>(pb.rows) * pb.k * pb.n;
+  if (job->units > 1 && flops >= kParallelFlops && pool.num_threads() > 0) {
+    // The caller works too: one helper per further core.
+    const int64_t helpers =
+        std::min<int64_t>(std::max<int64_t>(1, pool.num_threads() - 1), job->units - 1);
+    for (int64_t i = 0; i < helpers; ++i) pool.Schedule([job] { job->Work(); });
+  }
+  job->Work();
+  std::unique_lock<std::mutex> lock(job->mu);
+  job->all_done.wait(lock, [&] { return job->done == job->units; });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmQuantizedMatmul, QuantizedMatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

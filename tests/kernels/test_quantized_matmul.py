@@ -1,0 +1,139 @@
+"""Weights kept in GGUF blocks: packing is exact (bit-identical to gguf's own dequantization)
+and the native quantized matmul equals its pure-JAX twin and a float64 oracle, on fresh random
+blocks, ragged row and column counts, q4 and q8."""
+
+from __future__ import annotations
+
+import gguf
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxllm.kernels.native_build import quantized_matmul_available
+from jaxllm.kernels.quantized_matmul import default_impl, quantized_matmul
+from jaxllm.kernels.quantized_weights import (
+    PackedWeight,
+    dequantize,
+    gather_columns,
+    pack_gguf_rows,
+    random_gguf_rows,
+)
+
+TYPES = ("Q4_0", "Q4_1", "Q8_0")
+
+
+def _fresh_rng() -> tuple[int, np.random.Generator]:
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    return seed, np.random.default_rng(seed)
+
+
+def _arrays(w: PackedWeight) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    return (jnp.asarray(w.codes), jnp.asarray(w.scales),
+            None if w.mins is None else jnp.asarray(w.mins))
+
+
+def _gguf_dense(gguf_type: str, raw: np.ndarray, n: int, k: int) -> np.ndarray:
+    """gguf's own dequantization of the raw rows: W [k, n] float32."""
+    rows = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[gguf_type])
+    return np.asarray(rows, np.float32).reshape(n, k).T
+
+
+@pytest.mark.parametrize("gguf_type", TYPES)
+def test_packing_is_bit_exact(gguf_type):
+    seed, rng = _fresh_rng()
+    for n, k in ((16, 32), (40, 96), (200, 64), (7, 160)):
+        raw_type, raw = random_gguf_rows(rng.standard_normal((n, k)), gguf_type, rng)
+        packed = pack_gguf_rows(raw_type, raw, k)
+        assert packed.shape == (k, n) and packed.codes.shape[0] == -(-n // 16)
+        got = np.asarray(dequantize(packed.kind, *_arrays(packed), n))
+        want = _gguf_dense(gguf_type, raw, n, k)
+        assert np.count_nonzero(want) > want.size // 2  # never a trivially zero weight
+        np.testing.assert_array_equal(got, want, err_msg=f"seed={seed} n={n} k={k}")
+        ids = jnp.asarray(rng.integers(0, n, 9), jnp.int32)
+        table = np.asarray(gather_columns(packed.kind, *_arrays(packed), ids))
+        np.testing.assert_array_equal(table, want.T[np.asarray(ids)], err_msg=f"seed={seed}")
+
+
+def test_packing_follows_reordered_rows():
+    """Rows may be permuted before packing (the loader un-permutes q/k that way)."""
+    _, rng = _fresh_rng()
+    n, k = 48, 64
+    _, raw = random_gguf_rows(rng.standard_normal((n, k)), "Q4_1", rng)
+    order = rng.permutation(n)
+    packed = pack_gguf_rows("Q4_1", raw[order], k)
+    got = np.asarray(dequantize(packed.kind, *_arrays(packed), n))
+    np.testing.assert_array_equal(got, _gguf_dense("Q4_1", raw, n, k)[:, order])
+
+
+@pytest.mark.parametrize("impl", ["native", "reference"])
+@pytest.mark.parametrize("gguf_type", TYPES)
+def test_matmul_matches_float64_oracle(gguf_type, impl):
+    if impl == "native" and not quantized_matmul_available():
+        pytest.skip("native kernel unavailable (no C++ compiler or build failed; see log)")
+    seed, rng = _fresh_rng()
+    # rows: one, a ragged register tile, exactly one tile, one past it, several tiles; columns
+    # not a multiple of the 16-column group; inputs from one block to many.
+    for m, k, n in ((1, 32, 16), (3, 96, 40), (16, 64, 33), (17, 576, 192), (45, 160, 300),
+                    (0, 64, 32)):
+        raw_type, raw = random_gguf_rows(rng.standard_normal((n, k)), gguf_type, rng)
+        packed = pack_gguf_rows(raw_type, raw, k)
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        got = np.asarray(quantized_matmul(jnp.asarray(x), *_arrays(packed), kind=packed.kind,
+                                          n=n, impl=impl))
+        assert got.shape == (m, n) and np.all(np.isfinite(got))
+        if m == 0:
+            continue
+        want = x.astype(np.float64) @ _gguf_dense(gguf_type, raw, n, k).astype(np.float64)
+        err = np.abs(got - want).max() / np.abs(want).max()
+        assert err < 2e-6, f"seed={seed} {gguf_type} m={m} k={k} n={n}: rel err {err:.2e}"
+
+
+def test_native_equals_reference_under_jit_with_other_ops():
+    """Both impls inside one jitted program, fed by and feeding ordinary XLA ops."""
+    if not quantized_matmul_available():
+        pytest.skip("native kernel unavailable")
+    seed, rng = _fresh_rng()
+    k, n = 128, 80
+    layers = [pack_gguf_rows(*random_gguf_rows(rng.standard_normal((n, k)), t, rng), k)
+              for t in ("Q4_1", "Q8_0")]
+
+    def run(x, impl):
+        h = jnp.tanh(x)
+        a = quantized_matmul(h, *_arrays(layers[0]), kind="q4", n=n, impl=impl)
+        b = quantized_matmul(h * 0.5, *_arrays(layers[1]), kind="q8", n=n, impl=impl)
+        return jax.nn.silu(a) * b
+
+    x = jnp.asarray(rng.standard_normal((24, k)), jnp.float32)
+    got = jax.jit(lambda x: run(x, "native"))(x)
+    want = jax.jit(lambda x: run(x, "reference"))(x)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5,
+                               atol=2e-5 * float(jnp.abs(want).max()), err_msg=f"seed={seed}")
+
+
+def test_errors():
+    _, rng = _fresh_rng()
+    raw_type, raw = random_gguf_rows(rng.standard_normal((16, 64)), "Q4_1", rng)
+    packed = pack_gguf_rows(raw_type, raw, 64)
+    with pytest.raises(ValueError, match="cannot be kept in blocks"):
+        pack_gguf_rows("Q6_K", raw, 64)
+    with pytest.raises(ValueError, match="multiple of the 32"):
+        pack_gguf_rows(raw_type, raw, 48)
+    with pytest.raises(ValueError, match="expected"):
+        pack_gguf_rows(raw_type, raw[:, :-1], 64)
+    with pytest.raises(ValueError, match=r"x must be \[M, 64\]"):
+        quantized_matmul(jnp.ones((2, 32)), *_arrays(packed), kind="q4", n=16, impl="reference")
+    with pytest.raises(ValueError, match="impl must be one of"):
+        quantized_matmul(jnp.ones((2, 64)), *_arrays(packed), kind="q4", n=16, impl="fast")
+    with pytest.raises(ValueError, match="need mins"):
+        PackedWeight("q4", packed.codes, packed.scales, None, 64, 16)
+    big = np.full((16, 2), 60000.0, np.float16)  # -8 * d overflows float16
+    q4_0 = np.concatenate([big[..., None].view(np.uint8).reshape(16, 2, 2),
+                           np.zeros((16, 2, 16), np.uint8)], axis=-1).reshape(16, -1)
+    with pytest.raises(ValueError, match="too large"):
+        pack_gguf_rows("Q4_0", q4_0, 64)
+
+
+def test_default_impl_by_backend():
+    assert default_impl("gpu") == "reference" and default_impl("tpu") == "reference"
+    assert default_impl("cpu") == ("native" if quantized_matmul_available() else "reference")
