@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jaxllm.kernels.quantized_weights import dequantize
 
 IMPLEMENTATIONS = ("native", "reference")
+ROW_TILE = 16  # rows of x per register tile of the native kernel
 
 
 def default_impl(backend: str | None = None) -> str:
@@ -46,7 +47,11 @@ def quantized_matmul(x: jax.Array, codes: jax.Array, scales: jax.Array, mins: ja
     from jaxllm.kernels.native_build import register_quantized_matmul
 
     target = register_quantized_matmul()
-    # x column-major: XLA transposes it (usually fused into the op producing it).
-    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32),
-                            input_layouts=[(1, 0), None, None, None])
-    return call(x, codes, scales, scales if mins is None else mins)
+    # Rows in tiles of the kernel's register tile, row index fastest: [tiles, k, width]
+    # (one row: a free reshape; up to 16: x transposed; more: padded to whole tiles).
+    m = x.shape[0]
+    width = min(m, ROW_TILE)
+    tiles = -(-m // ROW_TILE)
+    x_tiles = jnp.pad(x, ((0, tiles * width - m), (0, 0))).reshape(tiles, width, k)
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, n), jnp.float32))
+    return call(x_tiles.transpose(0, 2, 1), codes, scales, scales if mins is None else mins)

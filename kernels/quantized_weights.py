@@ -101,6 +101,24 @@ def pack_gguf_rows(gguf_type: str, raw: np.ndarray, k: int, *, as_table: bool = 
                         as_table=as_table)
 
 
+def fuse_columns(weights: list[PackedWeight]) -> PackedWeight | None:
+    """One weight with the given weights' columns side by side (one matmul call instead of
+    several), or None when they cannot be: different kinds or inputs, or a column count off
+    the 16-column grid (its padding would land between the parts)."""
+    first = weights[0]
+    if any(w.kind != first.kind or w.k != first.k or w.as_table for w in weights) or any(
+            w.n % COLUMNS for w in weights[:-1]):
+        return None
+
+    def cat(arrays: list[np.ndarray | None]) -> np.ndarray | None:
+        return None if arrays[0] is None else np.concatenate(arrays, axis=0)
+
+    return PackedWeight(kind=first.kind, codes=cat([w.codes for w in weights]),
+                        scales=cat([w.scales for w in weights]),
+                        mins=cat([w.mins for w in weights]), k=first.k,
+                        n=sum(w.n for w in weights))
+
+
 def _group_columns(per_row: np.ndarray) -> np.ndarray:
     """[n, B, ...] per output column -> [G, B, ..., 16] with 16 columns in the last axis."""
     n = per_row.shape[0]

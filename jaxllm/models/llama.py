@@ -21,7 +21,7 @@ from jaxllm.config import ModelConfig
 from jaxllm.kernels.quantized_weights import PackedWeight
 from jaxllm.models.layers import Embed, Linear, RMSNorm, apply_rope, rope_inverse_frequencies
 from jaxllm.models.params import check_params, logical_axes
-from jaxllm.models.quantized_layers import QuantizedEmbed, QuantizedLinear
+from jaxllm.models.quantized_layers import QuantizedEmbed, QuantizedLinear, fused_linear
 
 AttentionFn = Callable[..., tuple[jax.Array, Any]]
 
@@ -58,20 +58,45 @@ class DecoderLayer(nnx.Module):
         self.sliding_window = cfg.sliding_window
         self.act = _ACTIVATIONS[cfg.hidden_act]
         self.input_norm = norm("input_norm", cfg.rms_norm_eps)
-        self.q_proj, self.k_proj, self.v_proj = linear("q_proj"), linear("k_proj"), linear("v_proj")
+        # Weights in GGUF blocks: q/k/v and gate/up each run as one kernel call when they can.
+        qkv = gate_up = None
+        if isinstance(params[f"{prefix}q_proj.kernel"], PackedWeight):
+            impl = _quantized_impl(quantized_impl)
+            qkv = fused_linear(params, prefix, ("q_proj", "k_proj", "v_proj"), impl)
+            gate_up = fused_linear(params, prefix, ("gate_proj", "up_proj"), impl)
+        self.qkv_proj, self.gate_up_proj = nnx.data(qkv), nnx.data(gate_up)
+        if self.qkv_proj is None:
+            self.q_proj, self.k_proj, self.v_proj = (
+                linear("q_proj"), linear("k_proj"), linear("v_proj"))
         self.o_proj = linear("o_proj")
         self.q_norm = norm("q_norm", cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = norm("k_norm", cfg.rms_norm_eps) if cfg.qk_norm else None
         self.post_attention_norm = norm("post_attention_norm", cfg.rms_norm_eps)
-        self.gate_proj, self.up_proj = linear("gate_proj"), linear("up_proj")
+        if self.gate_up_proj is None:
+            self.gate_proj, self.up_proj = linear("gate_proj"), linear("up_proj")
         self.down_proj = linear("down_proj")
+
+    def _qkv(self, h: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        if self.qkv_proj is None:
+            return self.q_proj(h), self.k_proj(h), self.v_proj(h)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        qkv = self.qkv_proj(h)
+        return qkv[:, :q_size], qkv[:, q_size:q_size + kv_size], qkv[:, q_size + kv_size:]
+
+    def _gate_up(self, h: jax.Array) -> tuple[jax.Array, jax.Array]:
+        if self.gate_up_proj is None:
+            return self.gate_proj(h), self.up_proj(h)
+        gate_up = self.gate_up_proj(h)
+        half = gate_up.shape[-1] // 2
+        return gate_up[:, :half], gate_up[:, half:]
 
     def __call__(self, x, positions, inv_freq, layer_cache, metadata, attention_fn: AttentionFn):
         t = x.shape[0]
         h = self.input_norm(x)
-        q = self.q_proj(h).reshape(t, self.num_heads, self.head_dim)
-        k = self.k_proj(h).reshape(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(h).reshape(t, self.num_kv_heads, self.head_dim)
+        q, k, v = self._qkv(h)
+        q = q.reshape(t, self.num_heads, self.head_dim)
+        k = k.reshape(t, self.num_kv_heads, self.head_dim)
+        v = v.reshape(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
@@ -80,7 +105,8 @@ class DecoderLayer(nnx.Module):
             sm_scale=self.head_dim ** -0.5, sliding_window=self.sliding_window, soft_cap=None)
         x = x + self.o_proj(attn.reshape(t, self.num_heads * self.head_dim))
         h = self.post_attention_norm(x)
-        x = x + self.down_proj(self.act(self.gate_proj(h)) * self.up_proj(h))
+        gate, up = self._gate_up(h)
+        x = x + self.down_proj(self.act(gate) * up)
         return x, layer_cache
 
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxllm.kernels.quantized_matmul import IMPLEMENTATIONS, quantized_matmul
-from jaxllm.kernels.quantized_weights import PackedWeight, gather_columns
+from jaxllm.kernels.quantized_weights import PackedWeight, fuse_columns, gather_columns
 
 
 class _Packed(nnx.Module):
@@ -57,6 +57,27 @@ class QuantizedLinear(_Packed):
 
     def logits(self, x: jax.Array) -> jax.Array:
         return self(x)
+
+
+def fused_linear(params, prefix: str, names: tuple[str, ...], impl: str,
+                 ) -> QuantizedLinear | None:
+    """One QuantizedLinear for several projections of the same input (q/k/v, gate/up), their
+    outputs side by side; None unless all are packed alike. Fewer, larger kernel calls: the
+    batch-32 matmul chain measured ~10% faster (benchmarks/RESULTS.md)."""
+    kernels = [params[f"{prefix}{name}.kernel"] for name in names]
+    if not all(isinstance(k, PackedWeight) for k in kernels):
+        return None
+    fused = fuse_columns(kernels)
+    if fused is None:
+        return None
+    biases = [params.get(f"{prefix}{name}.bias") for name in names]
+    if any(b is not None for b in biases):
+        biases = [jnp.zeros(k.n, jnp.float32) if b is None else jnp.asarray(b, jnp.float32)
+                  for b, k in zip(biases, kernels, strict=True)]
+        bias = jnp.concatenate(biases)
+    else:
+        bias = None
+    return QuantizedLinear(fused, bias, impl)
 
 
 class QuantizedEmbed(_Packed):

@@ -12,10 +12,11 @@
 //   q4: codes u8 [G, B, 16, 16]: byte [g, b, j, l] = q[32b+j] | q[32b+j+16] << 4 of column
 //       16g+l (GGUF's own nibble pairing); scales, mins f16 [G, B, 16]; w = d * q + m.
 //   q8: codes s8 [G, B, 32, 16]: q[32b+j] of column 16g+l; scales f16 [G, B, 16]; w = d * q.
-// Inputs: x f32 [M, K] in column-major layout (x[r, i] at i * M + r: the caller asks XLA for
-// it, so every broadcast of a tile's rows comes from one base pointer), codes, scales, mins
-// (q8: ignored, any shape). Output: y f32 [M, N] row-major, N <= 16 G (columns past N are
-// padding and never written).
+// Inputs: x f32 [ceil(M/16), K, W], the rows in tiles of W = min(M, 16) with the row index
+// fastest (x[r, i] at ((r / W) * K + i) * W + r % W; the caller pads and transposes), so a
+// tile's broadcasts are offsets from one pointer and a tile is one contiguous 4 W K bytes;
+// codes, scales, mins (q8: ignored, any shape). Output: y f32 [M, N] row-major, N <= 16 G
+// (columns past N are padding and never written).
 //
 // Work: a register tile of up to 16 rows of x against one group's 16 columns, over all of K.
 // A unit is one row tile against a chunk of groups; units are handed out through an atomic counter to the caller's
@@ -96,7 +97,7 @@ struct Problem {
   const _Float16* scales;
   const _Float16* mins;
   float* y;
-  int64_t rows, k, n, groups, blocks;
+  int64_t rows, k, n, groups, blocks, tile_width;
   bool q4;
 };
 
@@ -104,10 +105,10 @@ struct Problem {
 constexpr int Chains(int rows) { return rows >= 8 ? 1 : rows >= 4 ? 2 : rows >= 2 ? 4 : 8; }
 
 // y[r, 16g:16g+16] = x[r, :] . W[:, 16g:16g+16] for the R rows of a tile; x[r, i] at
-// xt[i * pb.rows + r] (column-major x, offset to the tile's first row).
+// xt[i * pb.tile_width + r].
 template <bool kQ4, int R>
 void Tile(const Problem& pb, int64_t g, const float* xt, float* y_rows) {
-  const int64_t ld = pb.rows;
+  const int64_t ld = pb.tile_width;
   constexpr int P = Chains(R);
   v16f acc[P][R];
   for (int p = 0; p < P; ++p)
@@ -179,7 +180,7 @@ void RunUnit(const Problem& pb, const Split& split, int64_t unit) {
   const int64_t tile = unit / split.chunks_per_tile, chunk = unit % split.chunks_per_tile;
   const int64_t r0 = tile * kMaxRows;
   const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, pb.rows - r0));
-  const float* xt = pb.x + r0;
+  const float* xt = pb.x + tile * pb.k * pb.tile_width;
   const int64_t g0 = chunk * split.groups_per_chunk;
   const int64_t g1 = std::min(pb.groups, g0 + split.groups_per_chunk);
   float* y_rows = pb.y + r0 * pb.n;
@@ -222,14 +223,15 @@ ffi::Error QuantizedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const auto c_dims = codes.dimensions();
   const auto s_dims = scales.dimensions();
   const auto y_dims = y->dimensions();
-  if (x_dims.size() != 2 || c_dims.size() != 4 || s_dims.size() != 3 || y_dims.size() != 2) {
+  if (x_dims.size() != 3 || c_dims.size() != 4 || s_dims.size() != 3 || y_dims.size() != 2) {
     return ffi::Error::InvalidArgument(
-        "quantized matmul: x and y must be rank 2, codes rank 4, scales rank 3");
+        "quantized matmul: x must be rank 3, y rank 2, codes rank 4, scales rank 3");
   }
   auto job = std::make_shared<Job>();
   Problem& pb = job->pb;
-  pb.rows = x_dims[0];
+  pb.rows = y_dims[0];
   pb.k = x_dims[1];
+  pb.tile_width = x_dims[2];
   pb.n = y_dims[1];
   pb.groups = c_dims[0];
   pb.blocks = c_dims[1];
@@ -243,7 +245,9 @@ ffi::Error QuantizedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const int64_t rows_per_block = pb.q4 ? kBlock / 2 : kBlock;
   if (c_dims[2] != rows_per_block || c_dims[3] != kCols || pb.blocks * kBlock != pb.k ||
       s_dims[0] != pb.groups || s_dims[1] != pb.blocks || s_dims[2] != kCols ||
-      y_dims[0] != pb.rows || pb.n > pb.groups * kCols || pb.n <= (pb.groups - 1) * kCols ||
+      x_dims[0] != (pb.rows + kMaxRows - 1) / kMaxRows ||
+      x_dims[2] != std::min<int64_t>(pb.rows, kMaxRows) ||
+      pb.n > pb.groups * kCols || pb.n <= (pb.groups - 1) * kCols ||
       (pb.q4 && mins.element_count() != scales.element_count())) {
     return ffi::Error::InvalidArgument("quantized matmul: inconsistent input shapes");
   }

@@ -15,6 +15,7 @@ from jaxllm.kernels.quantized_matmul import default_impl, quantized_matmul
 from jaxllm.kernels.quantized_weights import (
     PackedWeight,
     dequantize,
+    fuse_columns,
     gather_columns,
     pack_gguf_rows,
     random_gguf_rows,
@@ -137,3 +138,20 @@ def test_errors():
 def test_default_impl_by_backend():
     assert default_impl("gpu") == "reference" and default_impl("tpu") == "reference"
     assert default_impl("cpu") == ("native" if quantized_matmul_available() else "reference")
+
+
+def test_fused_columns_are_the_parts_side_by_side():
+    seed, rng = _fresh_rng()
+    k = 96
+    parts = [pack_gguf_rows(*random_gguf_rows(rng.standard_normal((n, k)), "Q4_1", rng), k)
+             for n in (48, 16, 40)]  # the last may be off the 16-column grid
+    fused = fuse_columns(parts)
+    assert fused is not None and fused.shape == (k, 104)
+    got = np.asarray(dequantize(fused.kind, *_arrays(fused), fused.n))
+    want = np.concatenate([np.asarray(dequantize(p.kind, *_arrays(p), p.n)) for p in parts], 1)
+    np.testing.assert_array_equal(got, want, err_msg=f"seed={seed}")
+    q8 = pack_gguf_rows(*random_gguf_rows(rng.standard_normal((16, k)), "Q8_0", rng), k)
+    assert fuse_columns([parts[0], q8]) is None  # different kinds
+    assert fuse_columns([parts[2], parts[0]]) is None  # padding would fall between the parts
+    other_k = pack_gguf_rows(*random_gguf_rows(rng.standard_normal((16, 64)), "Q4_1", rng), 64)
+    assert fuse_columns([parts[0], other_k]) is None
