@@ -2,11 +2,14 @@
 
     python benchmarks/offline_throughput.py [--num-requests 32] [--prompt-len 128]
         [--output-len 128] [--skip-hf] [--skip-warm-start]
+        [--quantized-activations float32,bfloat16]
 
 Prints one table (output tok/s, ratio to the peer) plus warm-up times (cold and with the
 persistent compilation cache) and the host gap between device steps; writes JSON under
-benchmarks/results/. Both sides run the default model in fp32 on the same random prompts,
-with EOS ignored so every request makes exactly --output-len tokens.
+benchmarks/results/. Both sides run the default model on the same random prompts, with EOS
+ignored so every request makes exactly --output-len tokens. HF dequantizes the GGUF to fp32;
+jaxllm keeps its blocks (on CPU) and runs once per --quantized-activations value: float32
+(exact products, the default) and bfloat16 (activations rounded before those matmuls).
 """
 
 from __future__ import annotations
@@ -106,11 +109,16 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-warm-start", action="store_true")
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
+    ap.add_argument("--quantized-activations", default="float32,bfloat16",
+                    help="comma list: one jaxllm run each (EngineConfig.quantized_activations)")
     args = ap.parse_args()
 
     prompts = random_prompts(args.num_requests, args.prompt_len, 49152, args.seed)
-    jl = run_jaxllm(prompts, args.output_len, args.num_requests,
-                    {"max_num_batched_tokens": args.max_num_batched_tokens})
+    variants = args.quantized_activations.split(",")
+    runs = {a: run_jaxllm(prompts, args.output_len, args.num_requests,
+                          {"max_num_batched_tokens": args.max_num_batched_tokens,
+                           "quantized_activations": a})
+            for a in variants}
     hf = None if args.skip_hf else run_hf(prompts, args.output_len, args.num_requests)
     warm = None
     if not args.skip_warm_start:
@@ -118,28 +126,31 @@ def main() -> None:
             warm = warm_start_seconds(d)
 
     b = args.num_requests
-    rows = [("jaxllm", b, jl["by_batch"][b]["output_tok_s"]),
-            ("jaxllm", 1, jl["by_batch"][1]["output_tok_s"])]
+    rows = [(f"jaxllm ({a} activations)", batch, jl["by_batch"][batch]["output_tok_s"])
+            for a, jl in runs.items() for batch in (b, 1)]
     if hf:
         rows.append(("HF transformers (fp32, padded)", b, hf["output_tok_s"]))
     peer = hf["output_tok_s"] if hf else None
     print(f"\nOffline throughput, default model, {b} requests x {args.prompt_len} prompt / "
-          f"{args.output_len} output tokens, fp32, CPU {platform.processor() or platform.machine()}")
+          f"{args.output_len} output tokens, CPU {platform.processor() or platform.machine()}")
     print(f"| engine | batch | output tok/s | vs HF batch {b} |")
     print("|---|---|---|---|")
     for name, batch, tps in rows:
         ratio = f"{tps / peer:.2f}x" if peer else "-"
         print(f"| {name} | {batch} | {tps:.1f} | {ratio} |")
-    print(f"\nwarm-up (compile {jl['compiled_shapes']} programs): cold {jl['warmup_s']:.1f} s"
+    jl = runs[variants[0]]
+    print(f"\nwarm-up ({variants[0]}, compile {jl['compiled_shapes']} programs): cold "
+          f"{jl['warmup_s']:.1f} s"
           + (f"; with persistent cache: first {warm[0]:.1f} s, second {warm[1]:.1f} s" if warm else ""))
-    for batch in sorted(jl["by_batch"]):
-        r = jl["by_batch"][batch]
-        print(f"batch {batch}: median step {r['step_ms_median']:.1f} ms, median host gap between "
-              f"steps {r['host_gap_ms_median']:.2f} ms")
-    print(f"recompilations after warm-up: {jl['recompiles']}")
+    for a, jl in runs.items():
+        for batch in sorted(jl["by_batch"]):
+            r = jl["by_batch"][batch]
+            print(f"{a} batch {batch}: median step {r['step_ms_median']:.1f} ms, median host gap "
+                  f"between steps {r['host_gap_ms_median']:.2f} ms")
+        print(f"{a}: recompilations after warm-up: {jl['recompiles']}")
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"offline_{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps({"args": vars(args), "jaxllm": jl, "hf": hf,
+    out.write_text(json.dumps({"args": vars(args), "jaxllm": runs, "hf": hf,
                                "warm_start_s": warm}, indent=2))
     print(f"wrote {out}")
 

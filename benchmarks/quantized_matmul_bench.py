@@ -5,8 +5,10 @@ Usage: python benchmarks/quantized_matmul_bench.py [--rows 1,8,32,128,512] [--it
 Shapes are SmolLM2-135M's: the attention projections (576 -> 576 / 192), the MLP (576 -> 1536,
 1536 -> 576) in Q4_1, and the tied LM head (576 -> 49152) in Q8_0, as the default GGUF stores
 them. Peer in the same run: `xla_f32`, jnp.dot on the same weights dequantized to float32 (what
-the engine runs without the kernel). Columns: median ms per call, GFLOP/s, weight bytes read per
-call and the xla_f32 / native time ratio (>1 = native faster).
+the engine runs without the kernel). `native` computes at float32 precision (exact products),
+`bf16` at bfloat16 precision (x rounded to bfloat16; vdpbf16ps where the CPU has AVX512-BF16).
+Columns: median ms per call, GFLOP/s, weight bytes read per call and the xla_f32 / kernel time
+ratios (>1 = kernel faster).
 """
 
 from __future__ import annotations
@@ -45,8 +47,9 @@ def main() -> None:
     args = ap.parse_args()
     rng = np.random.default_rng()
     print(f"jax {jax.__version__}, backend {jax.default_backend()}")
-    print(f"{'weight':<10}{'type':<6}{'M':>5}{'native ms':>11}{'GFLOP/s':>9}{'xla_f32 ms':>12}"
-          f"{'GFLOP/s':>9}{'MB native':>11}{'MB f32':>8}{'ratio':>7}")
+    print(f"{'weight':<10}{'type':<6}{'M':>5}{'native ms':>11}{'GFLOP/s':>9}{'bf16 ms':>9}"
+          f"{'GFLOP/s':>9}{'xla_f32 ms':>12}{'GFLOP/s':>9}{'MB native':>11}{'MB f32':>8}"
+          f"{'x/native':>10}{'x/bf16':>8}")
     dense_dot = jax.jit(lambda x, w: jnp.dot(x, w))
     for name, gguf_type, k, n in SHAPES:
         w = rng.standard_normal((n, k)).astype(np.float32)
@@ -56,13 +59,17 @@ def main() -> None:
         dense = jax.block_until_ready(dequantize(packed.kind, *arrays, n))
         for m in (int(r) for r in args.rows.split(",")):
             x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
-            native = _median_ms(functools.partial(quantized_matmul, kind=packed.kind, n=n,
-                                                  impl="native"), x, *arrays, iters=args.iters)
+            native, bf16 = (
+                _median_ms(functools.partial(quantized_matmul, kind=packed.kind, n=n,
+                                             impl="native", precision=precision),
+                           x, *arrays, iters=args.iters)
+                for precision in ("float32", "bfloat16"))
             xla = _median_ms(dense_dot, x, dense, iters=args.iters)
             gflop = 2 * m * k * n / 1e9
             print(f"{name:<10}{gguf_type:<6}{m:>5}{native:>11.3f}{gflop / native * 1e3:>9.0f}"
+                  f"{bf16:>9.3f}{gflop / bf16 * 1e3:>9.0f}"
                   f"{xla:>12.3f}{gflop / xla * 1e3:>9.0f}{packed.nbytes / 1e6:>11.2f}"
-                  f"{dense.nbytes / 1e6:>8.2f}{xla / native:>7.2f}")
+                  f"{dense.nbytes / 1e6:>8.2f}{xla / native:>10.2f}{xla / bf16:>8.2f}")
 
 
 if __name__ == "__main__":

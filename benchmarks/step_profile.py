@@ -3,7 +3,9 @@
 Usage: python benchmarks/step_profile.py [--impl reference,cpu,cpu_native] [--batches 1,8,32]
            [--ctx 192] [--kv-dtype float32|bfloat16] [--iters 5] [--repeats 5] [--compile]
        python benchmarks/step_profile.py --warmup [--impl ...] [--token-bucket-ratio 4]
-       add --quantization none for dense float32 weights (default: the GGUF blocks, on CPU)
+       add --quantization none for dense float32 weights (default: the GGUF blocks, on CPU),
+       --quantized-activations bfloat16 to round activations entering those blocks' matmuls,
+       --ops N to print the N ops taking most time in the first impl's step (jax.profiler)
 
 For each batch size it runs decode steps (every sequence one new token at context --ctx, page
 table width = the bucket's) through `ModelRunner.execute` and prints the median step time, the
@@ -16,8 +18,13 @@ Median of --repeats medians: the machine is shared, so single runs drift.
 from __future__ import annotations
 
 import argparse
+import collections
+import gzip
+import json
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -81,6 +88,21 @@ def time_rounds(runs: dict, arrays, tensors, iters: int, repeats: int) -> dict[s
     return {name: 1e3 * statistics.median(m) for name, m in medians.items()}
 
 
+def op_times(runner: ModelRunner, arrays, tensors, steps: int = 5) -> collections.Counter:
+    """Milliseconds per step by XLA op / custom call name, from a jax.profiler trace."""
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            for _ in range(steps):
+                jax.block_until_ready(runner.execute(arrays, tensors)[0])
+        trace = next(Path(d).rglob("*.trace.json.gz"))
+        events = json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
+    per_op = collections.Counter()
+    for e in events:  # op names as XLA gives them: "ffi_call.12" -> "ffi_call"
+        if e.get("ph") == "X" and "dur" in e and not e["name"].startswith(("$", "end:")):
+            per_op[e["name"].split(".")[0]] += e["dur"] / 1e3 / steps
+    return per_op
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--impl", default="reference,cpu",
@@ -97,8 +119,13 @@ def main() -> None:
     parser.add_argument("--token-bucket-ratio", type=int, default=2)
     parser.add_argument("--quantization", default="auto",
                         help="EngineConfig.quantization: auto (GGUF blocks on CPU) | none (dense)")
+    parser.add_argument("--quantized-activations", default="float32",
+                        help="EngineConfig.quantized_activations: float32 | bfloat16")
+    parser.add_argument("--ops", type=int, default=0,
+                        help="print the N ops taking most time per step (first impl)")
     args = parser.parse_args()
-    parts = load_engine_parts(EngineConfig(quantization=args.quantization))
+    parts = load_engine_parts(EngineConfig(quantization=args.quantization,
+                                           quantized_activations=args.quantized_activations))
     cfg = parts.model_config
     kv_dtype = args.kv_dtype or parts.dtype
     buckets = BucketSet(512, 64, 4096, PAGE, token_bucket_ratio=args.token_bucket_ratio)
@@ -135,6 +162,11 @@ def main() -> None:
             first = f"{compile_s[name]:9.2f}" if args.compile else ""
             print(f"{name:10s} {batch:5d} {shape:>12s} {ms[name]:8.1f} "
                   f"{1e3 * batch / ms[name]:7.0f} {first}")
+        if args.ops:
+            name = next(iter(runs))
+            top = op_times(runs[name], arrays, dummy).most_common(args.ops)
+            print(f"  {name} batch {batch}, ms per step by op: "
+                  + ", ".join(f"{op} {t:.2f}" for op, t in top))
 
 
 if __name__ == "__main__":

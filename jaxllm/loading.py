@@ -24,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxllm.config import EngineConfig, ModelConfig
 from jaxllm.models.llama import LlamaModel, build_model, resolve_dtype
+from jaxllm.models.quantized_layers import QuantizedMatmulOptions
 from jaxllm.parallel import (
     data_slice_meshes,
     flat_param_shardings,
@@ -157,7 +158,8 @@ def _load_host_model(config: EngineConfig) -> _HostModel:
                            keep_blocks=keep_blocks)
     dtype = jnp.dtype(resolve_dtype(config.dtype, ckpt.config.torch_dtype))
     if keep_blocks:
-        logger.info("GGUF weights kept in quantization blocks (quantized matmul, float32)")
+        logger.info("GGUF weights kept in quantization blocks (quantized matmul, %s activations)",
+                    config.quantized_activations)
         dtype = jnp.dtype(jnp.float32)
     tokenizer = load_tokenizer(ckpt.tokenizer_path or path)
     cfg, params = ckpt.config, ckpt.params
@@ -183,7 +185,8 @@ def _parts_on(config: EngineConfig, host: _HostModel, mesh: Mesh | None) -> Engi
     page_size = config.page_size or (16 if backend == "cpu" else 64)
     kv_sharding = attention_wrapper = None
     if mesh is None:
-        model = build_model(cfg, host.params, host.dtype)
+        model = build_model(cfg, host.params, host.dtype,
+                            QuantizedMatmulOptions(precision=config.quantized_activations))
     else:
         # Each parameter goes straight to its slices (no full copy on one device first).
         shardings = flat_param_shardings({k: v.shape for k, v in host.params.items()}, mesh)

@@ -3,8 +3,10 @@
 XLA CPU spends most of a paged decode on the math over freshly gathered pages, not on the
 bytes. The native kernel reads each sequence's K/V rows straight from the cache buffer with an
 online softmax in float32, and blocks a prefill chunk's queries so each loaded page serves
-several of them. The new K/V are still written by XLA (ragged_layout.write_new_kv, in place
-under a donated cache) before the custom call, which only reads the cache.
+several of them. It also writes the new K/V itself, into the cache it gets back aliased (in
+place under a donated cache), at the slots ragged_layout.new_kv_slots computes: XLA CPU's
+scatter into a bfloat16 cache converts the whole cache, so a bfloat16 cache only pays off
+this way.
 
 Same contract, masking and float32 math as kernels/reference.py, which stays its oracle.
 """
@@ -18,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.kernels.native_build import register_native_attention
-from jaxllm.kernels.ragged_layout import token_layout, write_new_kv
+from jaxllm.kernels.ragged_layout import new_kv_slots, token_layout
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap"))
@@ -42,10 +44,18 @@ def ragged_paged_attention_cpu_native(
     """
     target = register_native_attention()
     layout = token_layout(q.shape[0], kv_lens, cu_q_lens, num_seqs)
-    kv_cache = write_new_kv(kv_cache, k_new, v_new, page_indices, layout)
-    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(q.shape, jnp.float32))
-    out = call(
+    slots = new_kv_slots(kv_cache.shape, page_indices, layout)
+    call = jax.ffi.ffi_call(
+        target,
+        (jax.ShapeDtypeStruct(q.shape, jnp.float32),
+         jax.ShapeDtypeStruct(kv_cache.shape, kv_cache.dtype)),
+        input_output_aliases={4: 1},
+    )
+    out, kv_cache = call(
         q.astype(jnp.float32),
+        k_new.astype(jnp.float32),  # rounded back to the cache's dtype by the kernel
+        v_new.astype(jnp.float32),
+        slots,
         kv_cache,
         kv_lens,
         page_indices,

@@ -97,7 +97,10 @@ def ragged_paged_attention_from_metadata(
     soft_cap: float | None = None,
     impl: str | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """ragged_paged_attention with the step's page tables and lengths taken from `md`."""
+    """ragged_paged_attention with the step's page tables and lengths taken from `md`. The new
+    K/V are stored in the cache's dtype (EngineConfig.kv_cache_dtype may differ from the
+    model's)."""
+    k_new, v_new = k_new.astype(kv_cache.dtype), v_new.astype(kv_cache.dtype)
     return ragged_paged_attention(
         q, k_new, v_new, kv_cache, md.kv_lens, md.page_indices, md.cu_q_lens, md.num_seqs,
         sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, impl=impl,

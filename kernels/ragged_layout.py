@@ -55,6 +55,29 @@ def token_layout(
     return TokenLayout(seq_ids=seq_ids, positions=positions, valid=valid)
 
 
+def _new_kv_targets(
+    kv_cache_shape: tuple[int, ...], page_indices: jax.Array, layout: TokenLayout
+) -> tuple[jax.Array, jax.Array]:
+    """(page, slot) of each token's new K/V; page = num_pages (out of range) for tokens that
+    write nothing: padding, a position past the page table, a page index out of range."""
+    num_pages, page_size = kv_cache_shape[0], kv_cache_shape[1]
+    pages_per_seq = page_indices.shape[1]
+    page_col = jnp.clip(layout.positions // page_size, 0, pages_per_seq - 1)
+    page = page_indices[layout.seq_ids, page_col]
+    in_table = (layout.positions // page_size) < pages_per_seq
+    ok = layout.valid & in_table & (page >= 0) & (page < num_pages)
+    return jnp.where(ok, page, num_pages), layout.positions % page_size
+
+
+def new_kv_slots(
+    kv_cache_shape: tuple[int, ...], page_indices: jax.Array, layout: TokenLayout
+) -> jax.Array:
+    """int32 [T]: page * page_size + slot of each token's new K/V, -1 where nothing is written
+    (the native CPU kernel writes them itself)."""
+    page, slot = _new_kv_targets(kv_cache_shape, page_indices, layout)
+    return jnp.where(page < kv_cache_shape[0], page * kv_cache_shape[1] + slot, -1)
+
+
 def write_new_kv(
     kv_cache: jax.Array,
     k_new: jax.Array,
@@ -63,15 +86,8 @@ def write_new_kv(
     layout: TokenLayout,
 ) -> jax.Array:
     """Scatter the new tokens' K/V into their (page, slot); padding tokens write nothing."""
-    num_pages, page_size, _, head_dim = kv_cache.shape
-    num_tokens, num_kv_heads, _ = k_new.shape
-    pages_per_seq = page_indices.shape[1]
-    page_col = jnp.clip(layout.positions // page_size, 0, pages_per_seq - 1)
-    page = page_indices[layout.seq_ids, page_col]
-    in_table = (layout.positions // page_size) < pages_per_seq
-    ok = layout.valid & in_table & (page >= 0) & (page < num_pages)
-    page = jnp.where(ok, page, num_pages)  # out of range -> dropped
-    slot = layout.positions % page_size
+    num_tokens, num_kv_heads, head_dim = k_new.shape
+    page, slot = _new_kv_targets(kv_cache.shape, page_indices, layout)
     # Interleave so K of head h sits at 2h and V at 2h+1.
     kv = jnp.stack([k_new, v_new], axis=2).reshape(num_tokens, 2 * num_kv_heads, head_dim)
     return kv_cache.at[page, slot].set(kv.astype(kv_cache.dtype), mode="drop")

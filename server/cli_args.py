@@ -6,7 +6,7 @@ import argparse
 import json
 from collections.abc import Sequence
 
-from jaxllm.config import QUANTIZATION_MODES, EngineConfig
+from jaxllm.config import QUANTIZATION_MODES, QUANTIZED_ACTIVATIONS, EngineConfig
 from jaxllm.kernels import IMPLEMENTATIONS
 
 from .server_config import ServerConfig
@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16"])
     a("--quantization", default=d.quantization, choices=list(QUANTIZATION_MODES),
       help="GGUF weights: auto keeps Q4_0/Q4_1/Q8_0 blocks on CPU, gguf always, none dequantizes")
+    a("--quantized-activations", default=d.quantized_activations,
+      choices=list(QUANTIZED_ACTIVATIONS),
+      help="activations entering matmuls with weights kept in blocks: float32 (exact) or "
+           "bfloat16 (faster, rounded)")
     a("--max-num-seqs", type=int, default=d.max_num_seqs)
     a("--max-model-len", type=int, default=None)
     a("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)

@@ -21,35 +21,34 @@ from jaxllm.config import ModelConfig
 from jaxllm.kernels.quantized_weights import PackedWeight
 from jaxllm.models.layers import Embed, Linear, RMSNorm, apply_rope, rope_inverse_frequencies
 from jaxllm.models.params import check_params, logical_axes
-from jaxllm.models.quantized_layers import QuantizedEmbed, QuantizedLinear, fused_linear
+from jaxllm.models.quantized_layers import (
+    QuantizedEmbed,
+    QuantizedLinear,
+    QuantizedMatmulOptions,
+    fused_linear,
+)
 
 AttentionFn = Callable[..., tuple[jax.Array, Any]]
 
 _ACTIVATIONS = {"silu": jax.nn.silu, "gelu": jax.nn.gelu, "gelu_pytorch_tanh": jax.nn.gelu}
 
 
-def make_linear(params: Mapping[str, Any], name: str, dtype, quantized_impl: str | None,
-                ) -> Linear | QuantizedLinear:
+def make_linear(params: Mapping[str, Any], name: str, dtype,
+                quantized: QuantizedMatmulOptions | None = None) -> Linear | QuantizedLinear:
     """The layer for `name.kernel` (+ `name.bias`): dense, or in blocks for a PackedWeight."""
     kernel, bias = params[f"{name}.kernel"], params.get(f"{name}.bias")
     if isinstance(kernel, PackedWeight):
-        return QuantizedLinear(kernel, bias, _quantized_impl(quantized_impl))
+        return QuantizedLinear(kernel, bias, quantized or QuantizedMatmulOptions())
     return Linear(kernel, bias, logical_axes(f"{name}.kernel"), dtype)
-
-
-def _quantized_impl(impl: str | None) -> str:
-    from jaxllm.kernels.quantized_matmul import default_impl
-
-    return impl or default_impl()
 
 
 class DecoderLayer(nnx.Module):
     """Pre-norm attention block then pre-norm gated MLP, each with a residual."""
 
     def __init__(self, cfg: ModelConfig, params: Mapping[str, Any], prefix: str, dtype,
-                 quantized_impl: str | None = None) -> None:
+                 quantized: QuantizedMatmulOptions | None = None) -> None:
         def linear(name: str) -> Linear | QuantizedLinear:
-            return make_linear(params, prefix + name, dtype, quantized_impl)
+            return make_linear(params, prefix + name, dtype, quantized)
 
         def norm(name: str, eps: float) -> RMSNorm:
             return RMSNorm(params[f"{prefix}{name}.scale"], eps, logical_axes(f"{name}.scale"), dtype)
@@ -61,9 +60,9 @@ class DecoderLayer(nnx.Module):
         # Weights in GGUF blocks: q/k/v and gate/up each run as one kernel call when they can.
         qkv = gate_up = None
         if isinstance(params[f"{prefix}q_proj.kernel"], PackedWeight):
-            impl = _quantized_impl(quantized_impl)
-            qkv = fused_linear(params, prefix, ("q_proj", "k_proj", "v_proj"), impl)
-            gate_up = fused_linear(params, prefix, ("gate_proj", "up_proj"), impl)
+            options = quantized or QuantizedMatmulOptions()
+            qkv = fused_linear(params, prefix, ("q_proj", "k_proj", "v_proj"), options)
+            gate_up = fused_linear(params, prefix, ("gate_proj", "up_proj"), options)
         self.qkv_proj, self.gate_up_proj = nnx.data(qkv), nnx.data(gate_up)
         if self.qkv_proj is None:
             self.q_proj, self.k_proj, self.v_proj = (
@@ -114,12 +113,12 @@ class LlamaModel(nnx.Module):
     """Embedding, decoder layers (unrolled: measured faster than a scan on XLA CPU), final norm, LM head.
 
     Params may hold `PackedWeight`s (GGUF blocks) for linear kernels and the embedding; those
-    layers compute in float32, so the model's dtype must then be float32. `quantized_impl`
-    picks their matmul (kernels/quantized_matmul.py; None: by backend).
+    layers take and give float32, so the model's dtype must then be float32. `quantized` picks
+    their matmul's impl and activation precision (None: by backend, float32).
     """
 
     def __init__(self, cfg: ModelConfig, params: Mapping[str, Any], dtype=jnp.float32,
-                 quantized_impl: str | None = None) -> None:
+                 quantized: QuantizedMatmulOptions | None = None) -> None:
         check_params(cfg, params, "model parameters")
         self.config = cfg
         self.dtype = jnp.dtype(dtype)
@@ -128,14 +127,14 @@ class LlamaModel(nnx.Module):
             raise ValueError(f"weights kept in quantization blocks ({packed[0]}, ...) compute in "
                              f"float32; dtype {self.dtype} was asked for")
         table = params["embed_tokens.embedding"]
-        self.embed_tokens = (QuantizedEmbed(table, _quantized_impl(quantized_impl))
+        self.embed_tokens = (QuantizedEmbed(table, quantized or QuantizedMatmulOptions())
                              if isinstance(table, PackedWeight) else Embed(table, self.dtype))
         self.layers = nnx.List(
-            [DecoderLayer(cfg, params, f"layers.{i}.", self.dtype, quantized_impl)
+            [DecoderLayer(cfg, params, f"layers.{i}.", self.dtype, quantized)
              for i in range(cfg.num_layers)])
         self.final_norm = RMSNorm(params["final_norm.scale"], cfg.rms_norm_eps, ("embed",), self.dtype)
         self.lm_head = (None if cfg.tie_word_embeddings else
-                        make_linear(params, "lm_head", self.dtype, quantized_impl))
+                        make_linear(params, "lm_head", self.dtype, quantized))
         self.inv_freq = nnx.Variable(jnp.asarray(rope_inverse_frequencies(cfg), jnp.float32))
 
     def __call__(self, input_ids: jax.Array, positions: jax.Array, kv_caches: list | None,
@@ -167,8 +166,9 @@ def resolve_dtype(dtype: str, checkpoint_dtype: str = "float32") -> jnp.dtype:
 
 
 def build_model(cfg: ModelConfig, params: Mapping[str, np.ndarray | jax.Array | PackedWeight],
-                dtype: str | jnp.dtype = "auto", quantized_impl: str | None = None) -> LlamaModel:
+                dtype: str | jnp.dtype = "auto",
+                quantized: QuantizedMatmulOptions | None = None) -> LlamaModel:
     """The model for `cfg` holding `params` (flat naming of jaxllm.models.params)."""
     if isinstance(dtype, str):
         dtype = resolve_dtype(dtype, cfg.torch_dtype)
-    return LlamaModel(cfg, params, dtype, quantized_impl)
+    return LlamaModel(cfg, params, dtype, quantized)

@@ -17,10 +17,15 @@
 // read, so NaN in unused slots or pages cannot reach the output. Padding tokens and rows with
 // no visible key give zeros. soft_cap c maps logits to c * tanh(logits / c).
 //
-// Inputs: q f32 [T, Hq, D]; kv_cache f32 or bf16 [num_pages, page_size, 2*Hkv, D] (K of kv
-// head h at 2h, V at 2h+1); kv_lens s32 [S]; page_indices s32 [S, P]; cu_q_lens s32 [S+1];
-// num_seqs s32 [1]. Attributes: sm_scale f32, sliding_window s64 (0 = none), soft_cap f32
-// (0 = none). Output: f32 [T, Hq, D].
+// Inputs: q f32 [T, Hq, D]; k_new, v_new f32 [T, Hkv, D]; slots s32 [T] (page * page_size +
+// slot of each new token's K/V, -1: write nothing; ragged_layout.new_kv_slots); kv_cache f32
+// or bf16 [num_pages, page_size, 2*Hkv, D] (K of kv head h at 2h, V at 2h+1); kv_lens s32 [S];
+// page_indices s32 [S, P]; cu_q_lens s32 [S+1]; num_seqs s32 [1]. Attributes: sm_scale f32,
+// sliding_window s64 (0 = none), soft_cap f32 (0 = none). Outputs: f32 [T, Hq, D] and the
+// cache, aliased to the input cache: the new K/V are written in place (bfloat16 rounded to
+// nearest even, as XLA converts) before any query reads. Written here rather than by an XLA
+// scatter because XLA CPU scatters into a bfloat16 array by converting the whole array to
+// float32 and back (a batch-32 decode step measured 45 -> 350 ms with a bfloat16 cache).
 
 #include <algorithm>
 #include <atomic>
@@ -29,6 +34,9 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 #include <memory>
 #include <mutex>
 #include <vector>
@@ -56,12 +64,18 @@ inline v8f Load8(const float* p) {
 }
 
 inline v8f Load8(const uint16_t* p) {  // bfloat16 -> float32: the high half of the bits
+#if defined(__AVX2__)
+  // One vpmovzxwd + shift; GCC's generic vector conversion below is scalarized.
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return (v8f)_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16);
+#else
   v8h h;
   std::memcpy(&h, p, sizeof h);
   v8u w = __builtin_convertvector(h, v8u) << 16;
   v8f f;
   std::memcpy(&f, &w, sizeof f);
   return f;
+#endif
 }
 
 inline void Store8(float* p, v8f v) { std::memcpy(p, &v, sizeof v); }
@@ -173,6 +187,36 @@ void Axpys(float* acc, const float* p, const T* v, std::ptrdiff_t stride, int n,
     float s = acc[c];
     for (int j = 0; j < n; ++j) s += p[j] * ToFloat(v[j * stride + c]);
     acc[c] = s;
+  }
+}
+
+inline void PutRow(float* dst, const float* src, int64_t n) {
+  std::memcpy(dst, src, n * sizeof(float));
+}
+
+inline void PutRow(uint16_t* dst, const float* src, int64_t n) {  // to bfloat16, nearest even
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, src + i, 4);
+    dst[i] = (bits & 0x7FFFFFFFu) > 0x7F800000u
+                 ? static_cast<uint16_t>((bits >> 16) | 0x40u)  // NaN stays a (quiet) NaN
+                 : static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+  }
+}
+
+// K/V of token t into cache slot slots[t] (rows of 2*Hkv*D elements), skipping slots < 0.
+template <typename T>
+void WriteNewKv(T* cache, int64_t capacity, int64_t num_kv_heads, int64_t d, const float* k,
+                const float* v, const int32_t* slots, int64_t num_tokens) {
+  const int64_t row_len = 2 * num_kv_heads * d;
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    const int64_t s = slots[t];
+    if (s < 0 || s >= capacity) continue;
+    T* row = cache + s * row_len;
+    for (int64_t h = 0; h < num_kv_heads; ++h) {
+      PutRow(row + 2 * h * d, k + (t * num_kv_heads + h) * d, d);
+      PutRow(row + (2 * h + 1) * d, v + (t * num_kv_heads + h) * d, d);
+    }
   }
 }
 
@@ -377,24 +421,28 @@ struct Job {
 };
 
 ffi::Error RaggedPagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
-                                    ffi::AnyBuffer kv_cache, ffi::Buffer<ffi::S32> kv_lens,
+                                    ffi::Buffer<ffi::F32> k_new, ffi::Buffer<ffi::F32> v_new,
+                                    ffi::Buffer<ffi::S32> slots, ffi::AnyBuffer kv_cache,
+                                    ffi::Buffer<ffi::S32> kv_lens,
                                     ffi::Buffer<ffi::S32> page_indices,
                                     ffi::Buffer<ffi::S32> cu_q_lens,
                                     ffi::Buffer<ffi::S32> num_seqs,
-                                    ffi::ResultBuffer<ffi::F32> out, float sm_scale,
+                                    ffi::ResultBuffer<ffi::F32> out,
+                                    ffi::Result<ffi::AnyBuffer> cache_out, float sm_scale,
                                     int64_t sliding_window, float soft_cap) {
   const auto q_dims = q.dimensions();
   const auto c_dims = kv_cache.dimensions();
   const auto p_dims = page_indices.dimensions();
-  if (q_dims.size() != 3 || c_dims.size() != 4 || p_dims.size() != 2) {
-    return ffi::Error::InvalidArgument("paged attention: q must be rank 3, kv_cache rank 4, "
-                                       "page_indices rank 2");
+  const auto k_dims = k_new.dimensions();
+  if (q_dims.size() != 3 || c_dims.size() != 4 || p_dims.size() != 2 || k_dims.size() != 3) {
+    return ffi::Error::InvalidArgument("paged attention: q and k_new must be rank 3, kv_cache "
+                                       "rank 4, page_indices rank 2");
   }
   const int64_t num_tokens = q_dims[0], max_seqs = p_dims[0];
   auto job = std::make_shared<Job>();
   Problem& pb = job->pb;
   pb.q = q.typed_data();
-  pb.cache = kv_cache.untyped_data();
+  pb.cache = cache_out->untyped_data();
   pb.page_indices = page_indices.typed_data();
   pb.out = out->typed_data();
   pb.num_q_heads = q_dims[1];
@@ -418,8 +466,26 @@ ffi::Error RaggedPagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> 
       pb.page_size > kMaxPageSize || pb.num_pages < 1 ||
       kv_lens.element_count() != static_cast<size_t>(max_seqs) ||
       cu_q_lens.element_count() != static_cast<size_t>(max_seqs + 1) ||
-      num_seqs.element_count() < 1) {
+      num_seqs.element_count() < 1 || k_dims[0] != num_tokens ||
+      k_dims[1] != pb.num_kv_heads || k_dims[2] != pb.head_dim ||
+      v_new.element_count() != k_new.element_count() ||
+      slots.element_count() != static_cast<size_t>(num_tokens) ||
+      cache_out->element_type() != kv_cache.element_type() ||
+      cache_out->size_bytes() != kv_cache.size_bytes()) {
     return ffi::Error::InvalidArgument("paged attention: inconsistent input shapes");
+  }
+  if (cache_out->untyped_data() != kv_cache.untyped_data()) {  // not aliased: start from a copy
+    std::memcpy(cache_out->untyped_data(), kv_cache.untyped_data(), kv_cache.size_bytes());
+  }
+  const int64_t capacity = pb.num_pages * pb.page_size;
+  if (pb.cache_bf16) {
+    WriteNewKv(static_cast<uint16_t*>(cache_out->untyped_data()), capacity, pb.num_kv_heads,
+               pb.head_dim, k_new.typed_data(), v_new.typed_data(), slots.typed_data(),
+               num_tokens);
+  } else {
+    WriteNewKv(static_cast<float*>(cache_out->untyped_data()), capacity, pb.num_kv_heads,
+               pb.head_dim, k_new.typed_data(), v_new.typed_data(), slots.typed_data(),
+               num_tokens);
   }
   job->units = PlanUnits(pb, num_tokens, max_seqs, kv_lens.typed_data(), cu_q_lens.typed_data(),
                          num_seqs.typed_data()[0]);
@@ -441,12 +507,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmRaggedPagedAttention, RaggedPagedAttentionIm
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::AnyBuffer>()
                                   .Attr<float>("sm_scale")
                                   .Attr<int64_t>("sliding_window")
                                   .Attr<float>("soft_cap"));

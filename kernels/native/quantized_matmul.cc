@@ -12,11 +12,14 @@
 //   q4: codes u8 [G, B, 16, 16]: byte [g, b, j, l] = q[32b+j] | q[32b+j+16] << 4 of column
 //       16g+l (GGUF's own nibble pairing); scales, mins f16 [G, B, 16]; w = d * q + m.
 //   q8: codes s8 [G, B, 32, 16]: q[32b+j] of column 16g+l; scales f16 [G, B, 16]; w = d * q.
-// Inputs: x f32 [ceil(M/16), K, W], the rows in tiles of W = min(M, 16) with the row index
-// fastest (x[r, i] at ((r / W) * K + i) * W + r % W; the caller pads and transposes), so a
-// tile's broadcasts are offsets from one pointer and a tile is one contiguous 4 W K bytes;
-// codes, scales, mins (q8: ignored, any shape). Output: y f32 [M, N] row-major, N <= 16 G
-// (columns past N are padding and never written).
+// Inputs: x in tiles of W <= 16 rows (the caller picks W, pads and transposes), the row index
+// fastest, so a tile's broadcasts are offsets from one pointer:
+//   float32 precision: x f32 [ceil(M/W), K, W], x[r, i] at ((r / W) * K + i) * W + r % W;
+//   bfloat16 precision: x u32 [ceil(M/W), K/2, W], each a pair of bfloat16
+//       (x[r, 32b+j], x[r, 32b+j+16]) at ((r / W) * K/2 + 16b + j) * W + r % W;
+// xsums f32 [ceil(M/W), K/32, W]: per block the sum of the bfloat16 x (q4 at bfloat16
+// precision only; otherwise ignored, any shape); codes, scales, mins (q8: ignored, any shape).
+// Output: y f32 [M, N] row-major, N <= 16 G (columns past N are padding and never written).
 //
 // Work: a register tile of up to 16 rows of x against one group's 16 columns, over all of K.
 // A unit is one row tile against a chunk of groups; units are handed out through an atomic counter to the caller's
@@ -33,6 +36,7 @@
 #endif
 #include <memory>
 #include <mutex>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -92,13 +96,15 @@ inline v16f SignedBytesToFloats(const int8_t* p) {
 }
 
 struct Problem {
-  const float* x;
+  const float* x;         // float32 precision: [tiles, K, W]
+  const uint32_t* xp;     // bfloat16 precision: bfloat16 pairs [tiles, B, 16, W] (PreparePairs)
+  const float* xsums;     // bfloat16 precision: block sums of the rounded x [tiles, B, W]
   const uint8_t* codes;
   const _Float16* scales;
   const _Float16* mins;
   float* y;
   int64_t rows, k, n, groups, blocks, tile_width;
-  bool q4;
+  bool q4, bf16;
 };
 
 // Independent accumulator chains per row, so the FMA latency is hidden even for a few rows.
@@ -151,12 +157,169 @@ void Tile(const Problem& pb, int64_t g, const float* xt, float* y_rows) {
   }
 }
 
-template <bool kQ4, int R = kMaxRows>
-void Groups(const Problem& pb, int64_t g0, int64_t g1, const float* xt, float* y_rows, int rows) {
-  if constexpr (R > 1) {
-    if (rows < R) return Groups<kQ4, R - 1>(pb, g0, g1, xt, y_rows, rows);
+// --- bfloat16 precision ------------------------------------------------------------------
+// x rounded to bfloat16 by the caller; every code (4- or 8-bit integer) is exact in bfloat16.
+// vdpbf16ps multiplies pairs of bfloat16 and adds both products into a float32 lane: two K
+// per instruction, twice the float32 FMA rate. The pair is (32b+j, 32b+j+16), GGUF's nibble
+// pairing. Per block the codes' dot products S are scaled afterwards:
+// sum_b d_b * S_b + m_b * sum(x_b), with sum(x_b) precomputed by the caller.
+
+typedef uint32_t v16u __attribute__((vector_size(64)));
+
+// Lane l: bfloat16(lo[l]) in the low half, bfloat16(hi[l]) in the high half, for floats that
+// bfloat16 holds exactly (small integers): the top 16 bits of each.
+inline v16u PairWeights(v16f lo, v16f hi) {
+  return ((v16u)lo >> 16) | ((v16u)hi & 0xFFFF0000u);
+}
+
+// The pair (q[j], q[j+16]) of a q4 byte q[j] | q[j+16] << 4 per column.
+inline v16u NibblePairs(const uint8_t* p) {
+#if defined(__AVX512BW__)
+  // Word indices (q & 15, q >> 4) looked up in a table of bfloat16(0..15) (constant-initialized:
+  // no guard in the loop).
+  alignas(64) static constexpr uint16_t kTable[32] = {
+      0, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0,
+      0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170};
+  const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  // (q | q << 12) & 0x000F000F: low nibble in word 0, high nibble in word 1.
+  const __m512i idx = _mm512_ternarylogic_epi32(q, _mm512_slli_epi32(q, 12),
+                                                _mm512_set1_epi32(0x000F000F), 0xA8);
+  return (v16u)_mm512_permutexvar_epi16(idx, _mm512_load_si512(kTable));
+#else
+  const v16i q = LoadBytes(p);
+  return PairWeights(ToFloats(q & 15), ToFloats(q >> 4));
+#endif
+}
+
+// acc[l] += x.lo * w[l].lo + x.hi * w[l].hi for one pair of bfloat16 x at *xp.
+inline v16f DotPairs(v16f acc, v16u w, const uint32_t* xp) {
+#if defined(__AVX512BF16__)
+  return (v16f)_mm512_dpbf16_ps((__m512)acc, (__m512bh)w, (__m512bh)_mm512_set1_epi32(*xp));
+#else
+  const uint32_t x = *xp;
+  uint32_t lo_bits = x << 16, hi_bits = x & 0xFFFF0000u;
+  float x_lo, x_hi;
+  std::memcpy(&x_lo, &lo_bits, 4);
+  std::memcpy(&x_hi, &hi_bits, 4);
+  return x_lo * (v16f)(w << 16) + (x_hi * (v16f)(w & 0xFFFF0000u) + acc);
+#endif
+}
+
+// Chains per row of the block sums: vdpbf16ps's latency needs ~12 independent ones in flight.
+constexpr int PairChains(int rows) { return rows >= 12 ? 1 : rows >= 6 ? 2 : rows >= 3 ? 4 : 8; }
+
+// As Tile, at bfloat16 precision: x pair (r, b, j) at xp[(b * 16 + j) * W + r], the block sums
+// at sums[b * W + r].
+template <bool kQ4, int R>
+void PairTile(const Problem& pb, int64_t g, const uint32_t* xp, const float* sums,
+              float* y_rows) {
+  const int64_t ld = pb.tile_width;
+  constexpr int P = PairChains(R);
+  constexpr int kPairs = kBlock / 2;
+  v16f total[R];
+  for (int r = 0; r < R; ++r) total[r] = v16f{};
+  for (int64_t b = 0; b < pb.blocks; ++b) {
+    const int64_t gb = g * pb.blocks + b;
+    const uint32_t* xb = xp + b * kPairs * ld;
+    v16f part[P][R];
+    for (int p = 0; p < P; ++p)
+      for (int r = 0; r < R; ++r) part[p][r] = v16f{};
+#pragma GCC unroll 16
+    for (int j = 0; j < kPairs; ++j) {
+      v16u w;
+      if constexpr (kQ4) {
+        w = NibblePairs(pb.codes + (gb * kPairs + j) * kCols);
+      } else {
+        const int8_t* c = reinterpret_cast<const int8_t*>(pb.codes) + gb * kBlock * kCols;
+        w = PairWeights(SignedBytesToFloats(c + j * kCols),
+                        SignedBytesToFloats(c + (j + kPairs) * kCols));
+      }
+      const uint32_t* xj = xb + j * ld;
+      for (int r = 0; r < R; ++r) part[j % P][r] = DotPairs(part[j % P][r], w, xj + r);
+    }
+    const v16f d = LoadHalves(pb.scales + gb * kCols);
+    for (int r = 0; r < R; ++r) {
+      v16f s = part[0][r];
+      for (int p = 1; p < P; ++p) s += part[p][r];
+      total[r] = s * d + total[r];
+    }
+    if constexpr (kQ4) {
+      const v16f m = LoadHalves(pb.mins + gb * kCols);
+      for (int r = 0; r < R; ++r) total[r] = sums[b * ld + r] * m + total[r];
+    }
   }
-  for (int64_t g = g0; g < g1; ++g) Tile<kQ4, R>(pb, g, xt, y_rows);
+  const int64_t col0 = g * kCols;
+  const int64_t width = std::min<int64_t>(kCols, pb.n - col0);
+  for (int r = 0; r < R; ++r) std::memcpy(y_rows + r * pb.n + col0, &total[r], width * sizeof(float));
+}
+
+inline uint32_t RoundToBfloat16(float f) {  // round to nearest even (x is never NaN here)
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  return (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+}
+
+// x f32 [M, K] row-major -> the pairs and block sums PairTile reads, rows in tiles of W (rows
+// past M are zero). One pass over x, on the calling thread, before the units start.
+void PreparePairs(const float* x, int64_t rows, int64_t blocks, int64_t w, uint32_t* pairs,
+                  float* sums) {
+  constexpr int kPairs = kBlock / 2;
+  const int64_t tiles = (rows + w - 1) / w;
+  const int64_t k = blocks * kBlock;
+  for (int64_t t = 0; t < tiles; ++t) {
+    for (int64_t r = 0; r < w; ++r) {
+      const int64_t row = t * w + r;
+      for (int64_t b = 0; b < blocks; ++b) {
+        uint32_t* out = pairs + ((t * blocks + b) * kPairs) * w + r;
+        float* sum = sums + (t * blocks + b) * w + r;
+        if (row >= rows) {
+          for (int j = 0; j < kPairs; ++j) out[j * w] = 0;
+          *sum = 0.0f;
+          continue;
+        }
+        const float* xb = x + row * k + b * kBlock;
+        alignas(64) uint32_t pair[kPairs];
+#if defined(__AVX512BF16__)
+        const __m512i lo = _mm512_cvtepu16_epi32(
+            (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(xb)));
+        const __m512i hi = _mm512_cvtepu16_epi32(
+            (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(xb + kPairs)));
+        _mm512_store_si512(pair, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+        const v16u both = (v16u)_mm512_load_si512(pair);
+        *sum = _mm512_reduce_add_ps((__m512)(both << 16)) +
+               _mm512_reduce_add_ps((__m512)(both & 0xFFFF0000u));
+#else
+        float total = 0.0f;
+        for (int j = 0; j < kPairs; ++j) {
+          const uint32_t lo = RoundToBfloat16(xb[j]), hi = RoundToBfloat16(xb[j + kPairs]);
+          pair[j] = lo | hi << 16;
+          const uint32_t lo_bits = lo << 16, hi_bits = hi << 16;
+          float a, c;
+          std::memcpy(&a, &lo_bits, 4);
+          std::memcpy(&c, &hi_bits, 4);
+          total += a + c;
+        }
+        *sum = total;
+#endif
+        for (int j = 0; j < kPairs; ++j) out[j * w] = pair[j];
+      }
+    }
+  }
+}
+
+template <bool kQ4, int R = kMaxRows>
+void Groups(const Problem& pb, int64_t g0, int64_t g1, int64_t tile, float* y_rows, int rows) {
+  if constexpr (R > 1) {
+    if (rows < R) return Groups<kQ4, R - 1>(pb, g0, g1, tile, y_rows, rows);
+  }
+  if (pb.bf16) {
+    const uint32_t* xp = pb.xp + tile * pb.blocks * (kBlock / 2) * pb.tile_width;
+    const float* sums = pb.xsums + tile * pb.blocks * pb.tile_width;
+    for (int64_t g = g0; g < g1; ++g) PairTile<kQ4, R>(pb, g, xp, sums, y_rows);
+  } else {
+    const float* xt = pb.x + tile * pb.k * pb.tile_width;
+    for (int64_t g = g0; g < g1; ++g) Tile<kQ4, R>(pb, g, xt, y_rows);
+  }
 }
 
 // A unit is one tile of up to 16 rows against a chunk of column groups.
@@ -167,7 +330,7 @@ struct Split {
 
 Split SplitWork(const Problem& pb) {
   Split s;
-  s.row_tiles = (pb.rows + kMaxRows - 1) / kMaxRows;
+  s.row_tiles = (pb.rows + pb.tile_width - 1) / pb.tile_width;
   // Enough units to balance a few threads.
   const int64_t chunks = std::min<int64_t>(
       pb.groups, std::max<int64_t>(1, (kMinUnits + s.row_tiles - 1) / s.row_tiles));
@@ -178,16 +341,15 @@ Split SplitWork(const Problem& pb) {
 
 void RunUnit(const Problem& pb, const Split& split, int64_t unit) {
   const int64_t tile = unit / split.chunks_per_tile, chunk = unit % split.chunks_per_tile;
-  const int64_t r0 = tile * kMaxRows;
-  const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, pb.rows - r0));
-  const float* xt = pb.x + tile * pb.k * pb.tile_width;
+  const int64_t r0 = tile * pb.tile_width;
+  const int rows = static_cast<int>(std::min<int64_t>(pb.tile_width, pb.rows - r0));
   const int64_t g0 = chunk * split.groups_per_chunk;
   const int64_t g1 = std::min(pb.groups, g0 + split.groups_per_chunk);
   float* y_rows = pb.y + r0 * pb.n;
   if (pb.q4) {
-    Groups<true>(pb, g0, g1, xt, y_rows, rows);
+    Groups<true>(pb, g0, g1, tile, y_rows, rows);
   } else {
-    Groups<false>(pb, g0, g1, xt, y_rows, rows);
+    Groups<false>(pb, g0, g1, tile, y_rows, rows);
   }
 }
 
@@ -216,25 +378,37 @@ struct Job {
   }
 };
 
+constexpr int kPairMaxRows = 12;  // bfloat16 register tile: a block sum and a total per row live
+
+// precision 0: float32, x f32 [ceil(M/W), K, W] tiled by the caller; 1: bfloat16, x f32 [M, K]
+// row-major, rounded and paired here (PreparePairs) into a per-thread scratch buffer.
 ffi::Error QuantizedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                ffi::AnyBuffer codes, ffi::Buffer<ffi::F16> scales,
-                               ffi::Buffer<ffi::F16> mins, ffi::ResultBuffer<ffi::F32> y) {
+                               ffi::Buffer<ffi::F16> mins, ffi::ResultBuffer<ffi::F32> y,
+                               int32_t precision) {
   const auto x_dims = x.dimensions();
   const auto c_dims = codes.dimensions();
   const auto s_dims = scales.dimensions();
   const auto y_dims = y->dimensions();
-  if (x_dims.size() != 3 || c_dims.size() != 4 || s_dims.size() != 3 || y_dims.size() != 2) {
+  if (precision != 0 && precision != 1) {
+    return ffi::Error::InvalidArgument("quantized matmul: precision must be 0 or 1");
+  }
+  const bool bf16 = precision == 1;
+  if (x_dims.size() != (bf16 ? 2u : 3u) || c_dims.size() != 4 || s_dims.size() != 3 ||
+      y_dims.size() != 2) {
     return ffi::Error::InvalidArgument(
-        "quantized matmul: x must be rank 3, y rank 2, codes rank 4, scales rank 3");
+        "quantized matmul: x must be rank 3 (float32) or 2 (bfloat16), y rank 2, codes rank 4, "
+        "scales rank 3");
   }
   auto job = std::make_shared<Job>();
   Problem& pb = job->pb;
+  pb.bf16 = bf16;
   pb.rows = y_dims[0];
-  pb.k = x_dims[1];
-  pb.tile_width = x_dims[2];
   pb.n = y_dims[1];
   pb.groups = c_dims[0];
   pb.blocks = c_dims[1];
+  pb.k = pb.blocks * kBlock;
+  pb.tile_width = bf16 ? std::min<int64_t>(pb.rows, kPairMaxRows) : x_dims[2];
   if (codes.element_type() == ffi::DataType::U8) {
     pb.q4 = true;
   } else if (codes.element_type() == ffi::DataType::S8) {
@@ -243,11 +417,13 @@ ffi::Error QuantizedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     return ffi::Error::InvalidArgument("quantized matmul: codes must be u8 (q4) or s8 (q8)");
   }
   const int64_t rows_per_block = pb.q4 ? kBlock / 2 : kBlock;
-  if (c_dims[2] != rows_per_block || c_dims[3] != kCols || pb.blocks * kBlock != pb.k ||
-      s_dims[0] != pb.groups || s_dims[1] != pb.blocks || s_dims[2] != kCols ||
-      x_dims[0] != (pb.rows + kMaxRows - 1) / kMaxRows ||
-      x_dims[2] != std::min<int64_t>(pb.rows, kMaxRows) ||
-      pb.n > pb.groups * kCols || pb.n <= (pb.groups - 1) * kCols ||
+  const bool x_ok = bf16 ? (x_dims[0] == pb.rows && x_dims[1] == pb.k)
+                         : (x_dims[1] == pb.k && pb.tile_width >= 1 &&
+                            pb.tile_width <= kMaxRows &&
+                            x_dims[0] == (pb.rows + pb.tile_width - 1) / pb.tile_width);
+  if (c_dims[2] != rows_per_block || c_dims[3] != kCols || !x_ok || s_dims[0] != pb.groups ||
+      s_dims[1] != pb.blocks || s_dims[2] != kCols || pb.n > pb.groups * kCols ||
+      pb.n <= (pb.groups - 1) * kCols ||
       (pb.q4 && mins.element_count() != scales.element_count())) {
     return ffi::Error::InvalidArgument("quantized matmul: inconsistent input shapes");
   }
@@ -257,6 +433,18 @@ ffi::Error QuantizedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   pb.scales = reinterpret_cast<const _Float16*>(scales.typed_data());
   pb.mins = reinterpret_cast<const _Float16*>(mins.typed_data());
   pb.y = y->typed_data();
+  if (bf16) {
+    // Reused across calls on this thread (no allocation per call); read by the pool tasks only
+    // while this call waits for them.
+    thread_local std::vector<uint32_t> pairs;
+    thread_local std::vector<float> sums;
+    const int64_t tiles = (pb.rows + pb.tile_width - 1) / pb.tile_width;
+    pairs.resize(std::max<size_t>(pairs.size(), tiles * pb.tile_width * pb.k / 2));
+    sums.resize(std::max<size_t>(sums.size(), tiles * pb.tile_width * pb.blocks));
+    PreparePairs(pb.x, pb.rows, pb.blocks, pb.tile_width, pairs.data(), sums.data());
+    pb.xp = pairs.data();
+    pb.xsums = sums.data();
+  }
   job->split = SplitWork(pb);
   job->units = job->split.units();
   const double flops = 2.0 * static_cast<double>(pb.rows) * pb.k * pb.n;
@@ -281,4 +469,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmQuantizedMatmul, QuantizedMatmulImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::F16>>()
                                   .Arg<ffi::Buffer<ffi::F16>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("precision"));

@@ -141,8 +141,10 @@ def test_kept_blocks_stand_for_the_dequantized_weights(tmp_path, qtype, tied):
     """keep_blocks packs Q4_0/Q4_1/Q8_0 matrices (q/k rows un-permuted on the blocks) into
     weights bit-identical to the dequantized ones; other types load dense. The model built
     on the blocks gives the dense model's logits (vocab 40: a ragged 16-column group)."""
+    from jaxllm.kernels.native_build import quantized_matmul_available
     from jaxllm.kernels.quantized_weights import PackedWeight, dequantize
     from jaxllm.models import build_model
+    from jaxllm.models.quantized_layers import QuantizedMatmulOptions
     from jaxllm.plain_decode import forward_logits
 
     seed = int(np.random.SeedSequence().entropy % 1000)
@@ -167,6 +169,19 @@ def test_kept_blocks_stand_for_the_dequantized_weights(tmp_path, qtype, tied):
     got = forward_logits(build_model(kept.config, kept.params, "float32"), prompts)
     for g, w in zip(got, want, strict=True):
         assert np.abs(g - w).max() <= 1e-4 * np.abs(w).max(), f"seed={seed}"
+    if packable:
+        # bfloat16 activations reach every quantized layer: the logits move (both impls). How
+        # far is not bounded here: randn-weighted tiny models are chaotic (one activation
+        # rounded to the neighbouring bfloat16 moved logits 1-38% over 800 seeds). The products
+        # are checked per call against a float64 oracle (test_quantized_matmul) and the whole
+        # model's distance on SmolLM2 (tests/models/test_smollm2_vs_hf.py).
+        impls = ("native", "reference") if quantized_matmul_available() else ("reference",)
+        for impl in impls:
+            rounded = forward_logits(build_model(kept.config, kept.params, "float32",
+                                                 QuantizedMatmulOptions(impl, "bfloat16")), prompts)
+            scale = max(np.abs(w).max() for w in want)
+            moved = max(np.abs(g - w).max() for g, w in zip(rounded, want, strict=True)) / scale
+            assert moved > 1e-5, f"seed={seed} {impl}: bfloat16 rounding did not happen"
     with pytest.raises(ValueError, match="compute in float32"):
         load_checkpoint(path, "bfloat16", keep_blocks=True)
     if packable:
@@ -194,3 +209,5 @@ def test_engine_choice_of_kept_blocks(tmp_path):
         keep_gguf_blocks(EngineConfig(quantization="gguf"), tmp_path)
     with pytest.raises(ValueError, match="quantization must be one of"):
         EngineConfig(quantization="awq")
+    with pytest.raises(ValueError, match="quantized_activations must be one of"):
+        EngineConfig(quantized_activations="int8")

@@ -15,17 +15,27 @@ QUESTIONS = ["What is the capital of France?", "Name a color.",
              "Write one sentence about the moon.", "What is 12 times 12?", "Say hello in Spanish."]
 
 
-def test_engine_greedy_equals_plain_decode_on_default_model():
+@pytest.mark.parametrize("activations", ["float32", "bfloat16"])
+def test_engine_greedy_equals_plain_decode_on_default_model(activations):
+    """float32: the plain decode runs dequantized dense weights (the kept blocks are exact).
+    bfloat16 activations: the plain decode runs the same blocks with the same rounding."""
+    from jaxllm.kernels.native_build import quantized_matmul_available
+
+    if activations == "bfloat16" and not quantized_matmul_available():
+        pytest.skip("weights stay dense without the native kernel: nothing to round")
     llm = LLM(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=512, num_pages=64,
-              prefill_chunk_size=32)
+              prefill_chunk_size=32, quantized_activations=activations)
     tok = llm.get_tokenizer()
     prompts = [tok.apply_chat_template_ids([{"role": "user", "content": q}]) for q in QUESTIONS]
     outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=24), use_tqdm=False)
 
     from jaxllm.conversions import load_checkpoint
+    from jaxllm.models.quantized_layers import QuantizedMatmulOptions
 
-    cfg, params = load_checkpoint(llm.engine.config.model or _default(), dtype="float32")
-    plain = build_model(cfg, params, "float32")
+    rounded = activations == "bfloat16"
+    cfg, params = load_checkpoint(llm.engine.config.model or _default(), dtype="float32",
+                                  keep_blocks=rounded)
+    plain = build_model(cfg, params, "float32", QuantizedMatmulOptions(precision=activations))
     expected = plain_generate(plain, prompts, max_new_tokens=24,
                               eos_token_ids=set(llm.engine.eos_token_ids))
     assert [o.outputs[0].token_ids for o in outs] == expected

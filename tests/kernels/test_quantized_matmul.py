@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from jaxllm.kernels.native_build import quantized_matmul_available
-from jaxllm.kernels.quantized_matmul import default_impl, quantized_matmul
+from jaxllm.kernels.quantized_matmul import PRECISIONS, default_impl, quantized_matmul
 from jaxllm.kernels.quantized_weights import (
     PackedWeight,
     dequantize,
@@ -67,30 +67,36 @@ def test_packing_follows_reordered_rows():
     np.testing.assert_array_equal(got, _gguf_dense("Q4_1", raw, n, k)[:, order])
 
 
+@pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("impl", ["native", "reference"])
 @pytest.mark.parametrize("gguf_type", TYPES)
-def test_matmul_matches_float64_oracle(gguf_type, impl):
+def test_matmul_matches_float64_oracle(gguf_type, impl, precision):
+    """bfloat16 precision: the oracle multiplies x rounded to bfloat16, exactly."""
     if impl == "native" and not quantized_matmul_available():
         pytest.skip("native kernel unavailable (no C++ compiler or build failed; see log)")
     seed, rng = _fresh_rng()
-    # rows: one, a ragged register tile, exactly one tile, one past it, several tiles; columns
-    # not a multiple of the 16-column group; inputs from one block to many.
-    for m, k, n in ((1, 32, 16), (3, 96, 40), (16, 64, 33), (17, 576, 192), (45, 160, 300),
-                    (0, 64, 32)):
+    # rows: one, a ragged register tile, exactly one tile (12 or 16 rows), one past it,
+    # several tiles; columns not a multiple of the 16-column group; one block to many.
+    for m, k, n in ((1, 32, 16), (3, 96, 40), (12, 64, 48), (16, 64, 33), (17, 576, 192),
+                    (45, 160, 300), (0, 64, 32)):
         raw_type, raw = random_gguf_rows(rng.standard_normal((n, k)), gguf_type, rng)
         packed = pack_gguf_rows(raw_type, raw, k)
         x = rng.standard_normal((m, k)).astype(np.float32)
         got = np.asarray(quantized_matmul(jnp.asarray(x), *_arrays(packed), kind=packed.kind,
-                                          n=n, impl=impl))
+                                          n=n, impl=impl, precision=precision))
         assert got.shape == (m, n) and np.all(np.isfinite(got))
         if m == 0:
             continue
+        if precision == "bfloat16":
+            x = np.asarray(jnp.asarray(x).astype(jnp.bfloat16).astype(jnp.float32))
         want = x.astype(np.float64) @ _gguf_dense(gguf_type, raw, n, k).astype(np.float64)
         err = np.abs(got - want).max() / np.abs(want).max()
-        assert err < 2e-6, f"seed={seed} {gguf_type} m={m} k={k} n={n}: rel err {err:.2e}"
+        assert err < 2e-6, (f"seed={seed} {gguf_type} {precision} m={m} k={k} n={n}: "
+                            f"rel err {err:.2e}")
 
 
-def test_native_equals_reference_under_jit_with_other_ops():
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_native_equals_reference_under_jit_with_other_ops(precision):
     """Both impls inside one jitted program, fed by and feeding ordinary XLA ops."""
     if not quantized_matmul_available():
         pytest.skip("native kernel unavailable")
@@ -101,8 +107,10 @@ def test_native_equals_reference_under_jit_with_other_ops():
 
     def run(x, impl):
         h = jnp.tanh(x)
-        a = quantized_matmul(h, *_arrays(layers[0]), kind="q4", n=n, impl=impl)
-        b = quantized_matmul(h * 0.5, *_arrays(layers[1]), kind="q8", n=n, impl=impl)
+        a = quantized_matmul(h, *_arrays(layers[0]), kind="q4", n=n, impl=impl,
+                             precision=precision)
+        b = quantized_matmul(h * 0.5, *_arrays(layers[1]), kind="q8", n=n, impl=impl,
+                             precision=precision)
         return jax.nn.silu(a) * b
 
     x = jnp.asarray(rng.standard_normal((24, k)), jnp.float32)
@@ -126,6 +134,8 @@ def test_errors():
         quantized_matmul(jnp.ones((2, 32)), *_arrays(packed), kind="q4", n=16, impl="reference")
     with pytest.raises(ValueError, match="impl must be one of"):
         quantized_matmul(jnp.ones((2, 64)), *_arrays(packed), kind="q4", n=16, impl="fast")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        quantized_matmul(jnp.ones((2, 64)), *_arrays(packed), kind="q4", n=16, precision="int8")
     with pytest.raises(ValueError, match="need mins"):
         PackedWeight("q4", packed.codes, packed.scales, None, 64, 16)
     big = np.full((16, 2), 60000.0, np.float16)  # -8 * d overflows float16
@@ -155,3 +165,51 @@ def test_fused_columns_are_the_parts_side_by_side():
     assert fuse_columns([parts[2], parts[0]]) is None  # padding would fall between the parts
     other_k = pack_gguf_rows(*random_gguf_rows(rng.standard_normal((16, 64)), "Q4_1", rng), 64)
     assert fuse_columns([parts[0], other_k]) is None
+
+
+_PORTABLE_CHECK = """
+import dataclasses, sys
+import numpy as np, jax, jax.numpy as jnp
+from pathlib import Path
+from jaxllm.kernels import native_build
+from jaxllm.kernels.quantized_matmul import quantized_matmul
+from jaxllm.kernels.quantized_weights import pack_gguf_rows, random_gguf_rows
+flags = tuple(f for f in native_build.DEFAULT_FLAGS if not f.startswith("-march"))
+config = native_build.NativeBuildConfig(cache_dir=Path(sys.argv[1]),
+                                        flags=flags + ("-march=x86-64-v2",))
+target = native_build.register_native_kernel(native_build.QUANTIZED_MATMUL, config)
+native_build.register_quantized_matmul = lambda config=None: target  # keep this build
+rng = np.random.default_rng(int(sys.argv[2]))
+for gguf_type in ("Q4_1", "Q8_0"):
+    for precision in ("float32", "bfloat16"):
+        m, k, n = 13, 96, 40
+        packed = pack_gguf_rows(*random_gguf_rows(rng.standard_normal((n, k)), gguf_type, rng), k)
+        arrays = [jnp.asarray(a) if a is not None else None
+                  for a in (packed.codes, packed.scales, packed.mins)]
+        x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+        got, want = (np.asarray(quantized_matmul(x, *arrays, kind=packed.kind, n=n, impl=impl,
+                                                 precision=precision))
+                     for impl in ("native", "reference"))
+        err = np.abs(got - want).max() / np.abs(want).max()
+        assert err < 2e-6, (gguf_type, precision, err)
+print("ok")
+"""
+
+
+def test_portable_build_matches_reference(tmp_path):
+    """The kernel built without AVX-512 (plain x86-64-v2: the portable loops) gives the same
+    products, at both precisions; in a subprocess, since the FFI target has one name."""
+    import subprocess
+    import sys
+
+    if not quantized_matmul_available() or not sys.platform.startswith("linux"):
+        pytest.skip("native kernel unavailable")
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86-64 only (-march=x86-64-v2)")
+    seed, _ = _fresh_rng()
+    res = subprocess.run([sys.executable, "-c", _PORTABLE_CHECK, str(tmp_path), str(seed)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), (
+        f"seed={seed}\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}")
