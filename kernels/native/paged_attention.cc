@@ -3,7 +3,11 @@
 // Why native: on XLA CPU the math over pages gathered into fresh arrays costs several times
 // the bytes it reads. Here every query row reads its sequence's K/V rows straight out of the
 // cache buffer, page by page, with an online (running max / running sum) softmax in float32,
-// so nothing is gathered or copied and a page is read while it sits in L1.
+// so nothing is gathered or copied and a page is read while it sits in L1. Pages lie anywhere
+// in the cache, where the hardware prefetcher cannot follow: the next page of a sequence is
+// prefetched while the current one is computed (decode attention is a stream from DRAM: each
+// layer's cache is read once per step). The query heads sharing a KV head (GQA) are handled
+// together, up to 4 at a time, so each K/V row is loaded once for all of them.
 //
 // Work unit: (sequence, block of up to kQueryBlock consecutive query tokens), all heads. A
 // decode token is a unit of its own; a prefill chunk is cut into blocks whose queries reuse
@@ -97,19 +101,15 @@ inline float HorizontalSum(v8f a) {
   return s;
 }
 
-// r[j] = sum of the lanes of a[j], for 8 vectors at once (pairwise transpose-and-add).
-inline v8f ReduceEight(const v8f a[8]) {
-  v8f t[4], u[2];
-  for (int i = 0; i < 4; ++i) {
-    t[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 8, 2, 10, 4, 12, 6, 14) +
-           __builtin_shufflevector(a[2 * i], a[2 * i + 1], 1, 9, 3, 11, 5, 13, 7, 15);
-  }
-  for (int i = 0; i < 2; ++i) {
-    u[i] = __builtin_shufflevector(t[2 * i], t[2 * i + 1], 0, 1, 8, 9, 4, 5, 12, 13) +
-           __builtin_shufflevector(t[2 * i], t[2 * i + 1], 2, 3, 10, 11, 6, 7, 14, 15);
-  }
-  return __builtin_shufflevector(u[0], u[1], 0, 1, 2, 3, 8, 9, 10, 11) +
-         __builtin_shufflevector(u[0], u[1], 4, 5, 6, 7, 12, 13, 14, 15);
+// Lanes 0-3: the sums of the lanes of a0..a3 (pairwise transpose-and-add).
+inline v8f ReduceFour(v8f a0, v8f a1, v8f a2, v8f a3) {
+  const v8f t0 = __builtin_shufflevector(a0, a1, 0, 8, 2, 10, 4, 12, 6, 14) +
+                 __builtin_shufflevector(a0, a1, 1, 9, 3, 11, 5, 13, 7, 15);
+  const v8f t1 = __builtin_shufflevector(a2, a3, 0, 8, 2, 10, 4, 12, 6, 14) +
+                 __builtin_shufflevector(a2, a3, 1, 9, 3, 11, 5, 13, 7, 15);
+  const v8f u = __builtin_shufflevector(t0, t1, 0, 1, 8, 9, 4, 5, 12, 13) +
+                __builtin_shufflevector(t0, t1, 2, 3, 10, 11, 6, 7, 14, 15);
+  return u + __builtin_shufflevector(u, u, 4, 5, 6, 7, 0, 1, 2, 3);
 }
 
 // exp for x <= 0 (softmax numerators): Cody-Waite range reduction and a degree-6 polynomial,
@@ -136,57 +136,92 @@ inline v8f Exp8(v8f x) {
   return p * scale;
 }
 
-// out[j] = <q, k_j> for the n key rows k_j = k + j * stride (stride in elements).
-template <typename T>
-void Dots(const float* q, const T* k, std::ptrdiff_t stride, int n, int d, float* out) {
+// s[g * ld + j] = <q_g, k_j> for NG query rows q_g = q + g * d and n key rows
+// k_j = k + j * stride: each key row is loaded once for the NG rows of a GQA group, four keys
+// at a time (their sums reduced together).
+template <int NG, typename T>
+void GroupDots(const float* q, const T* k, std::ptrdiff_t stride, int n, int d, float* s,
+               int ld) {
   const int dv = d - d % kLanes;
   int j = 0;
-  for (; j + 8 <= n; j += 8) {
-    v8f a[8] = {};
+  for (; j + 4 <= n; j += 4) {
+    const T* k0 = k + (j) * stride;
+    const T* k1 = k + (j + 1) * stride;
+    const T* k2 = k + (j + 2) * stride;
+    const T* k3 = k + (j + 3) * stride;
+    v8f a[NG][4] = {};
     for (int c = 0; c < dv; c += kLanes) {
-      const v8f qv = Load8(q + c);
-      for (int u = 0; u < 8; ++u) a[u] += qv * Load8(k + (j + u) * stride + c);
+      const v8f x0 = Load8(k0 + c), x1 = Load8(k1 + c), x2 = Load8(k2 + c), x3 = Load8(k3 + c);
+      for (int g = 0; g < NG; ++g) {
+        const v8f qv = Load8(q + g * d + c);
+        a[g][0] += qv * x0;
+        a[g][1] += qv * x1;
+        a[g][2] += qv * x2;
+        a[g][3] += qv * x3;
+      }
     }
-    Store8(out + j, ReduceEight(a));
-    for (int c = dv; c < d; ++c) {
-      for (int u = 0; u < 8; ++u) out[j + u] += q[c] * ToFloat(k[(j + u) * stride + c]);
+    for (int g = 0; g < NG; ++g) {
+      const v8f r = ReduceFour(a[g][0], a[g][1], a[g][2], a[g][3]);
+      float* out = s + g * ld + j;
+      for (int u = 0; u < 4; ++u) out[u] = r[u];
+      for (int c = dv; c < d; ++c) {
+        const float qc = q[g * d + c];
+        out[0] += qc * ToFloat(k0[c]);
+        out[1] += qc * ToFloat(k1[c]);
+        out[2] += qc * ToFloat(k2[c]);
+        out[3] += qc * ToFloat(k3[c]);
+      }
     }
   }
   for (; j < n; ++j) {
     const T* row = k + j * stride;
-    v8f a = {};
-    for (int c = 0; c < dv; c += kLanes) a += Load8(q + c) * Load8(row + c);
-    float s = HorizontalSum(a);
-    for (int c = dv; c < d; ++c) s += q[c] * ToFloat(row[c]);
-    out[j] = s;
+    for (int g = 0; g < NG; ++g) {
+      v8f a = {};
+      for (int c = 0; c < dv; c += kLanes) a += Load8(q + g * d + c) * Load8(row + c);
+      float t = HorizontalSum(a);
+      for (int c = dv; c < d; ++c) t += q[g * d + c] * ToFloat(row[c]);
+      s[g * ld + j] = t;
+    }
   }
 }
 
-// acc[c0 : c0 + kNv*8] += sum_j p[j] * v_j[c0 : ...], the accumulators kept in registers.
-template <int kNv, typename T>
-inline void AxpyColumns(float* acc, const float* p, const T* v, std::ptrdiff_t stride, int n,
-                        int c0) {
-  v8f a[kNv];
-  for (int i = 0; i < kNv; ++i) a[i] = Load8(acc + c0 + i * kLanes);
+// acc_g[c0 : c0 + NV*8] += sum_j p_g[j] * v_j[c0 : ...] for NG rows (acc_g = acc + g * d,
+// p_g = p + g * ld, v_j = v + j * stride), the accumulators kept in registers over the n rows.
+template <int NG, int NV, typename T>
+inline void AxpyBlock(float* acc, const float* p, int ld, const T* v, std::ptrdiff_t stride,
+                      int n, int d, int c0) {
+  v8f a[NG][NV];
+  for (int g = 0; g < NG; ++g)
+    for (int i = 0; i < NV; ++i) a[g][i] = Load8(acc + g * d + c0 + i * kLanes);
   for (int j = 0; j < n; ++j) {
-    const v8f pj = Splat(p[j]);
     const T* row = v + j * stride + c0;
-    for (int i = 0; i < kNv; ++i) a[i] += pj * Load8(row + i * kLanes);
+    v8f x[NV];
+    for (int i = 0; i < NV; ++i) x[i] = Load8(row + i * kLanes);
+    for (int g = 0; g < NG; ++g) {
+      const v8f pj = Splat(p[g * ld + j]);
+      for (int i = 0; i < NV; ++i) a[g][i] += pj * x[i];
+    }
   }
-  for (int i = 0; i < kNv; ++i) Store8(acc + c0 + i * kLanes, a[i]);
+  for (int g = 0; g < NG; ++g)
+    for (int i = 0; i < NV; ++i) Store8(acc + g * d + c0 + i * kLanes, a[g][i]);
 }
 
-// acc[:d] += sum_j p[j] * v_j for the n value rows v_j = v + j * stride.
-template <typename T>
-void Axpys(float* acc, const float* p, const T* v, std::ptrdiff_t stride, int n, int d) {
+// acc_g[:d] += sum_j p_g[j] * v_j for NG rows; each value row is loaded once for the group.
+template <int NG, typename T>
+void GroupAxpys(float* acc, const float* p, int ld, const T* v, std::ptrdiff_t stride, int n,
+                int d) {
+  constexpr int kWide = NG <= 2 ? 8 : 4;  // NG * kWide accumulators stay in registers
   int c = 0;
-  for (; c + 8 * kLanes <= d; c += 8 * kLanes) AxpyColumns<8>(acc, p, v, stride, n, c);
-  for (; c + 4 * kLanes <= d; c += 4 * kLanes) AxpyColumns<4>(acc, p, v, stride, n, c);
-  for (; c + kLanes <= d; c += kLanes) AxpyColumns<1>(acc, p, v, stride, n, c);
+  for (; c + kWide * kLanes <= d; c += kWide * kLanes) {
+    AxpyBlock<NG, kWide>(acc, p, ld, v, stride, n, d, c);
+  }
+  for (; c + kLanes <= d; c += kLanes) AxpyBlock<NG, 1>(acc, p, ld, v, stride, n, d, c);
   for (; c < d; ++c) {
-    float s = acc[c];
-    for (int j = 0; j < n; ++j) s += p[j] * ToFloat(v[j * stride + c]);
-    acc[c] = s;
+    for (int g = 0; g < NG; ++g) {
+      float t = acc[g * d + c];
+      for (int j = 0; j < n; ++j) t += p[g * ld + j] * ToFloat(v[j * stride + c]);
+      acc[g * d + c] = t;
+    }
   }
 }
 
@@ -238,10 +273,14 @@ struct Unit {
   double flops;
 };
 
-// Per-worker running softmax state of one unit's rows (row = query token x query head).
+constexpr int kGroupRows = 4;  // query heads of one KV head handled together (registers)
+constexpr int kLogitsStride = kMaxPageSize + kLanes;
+
+// Per-worker running softmax state of one unit's rows (row = query token x query head), and
+// the logits of one group of rows over one page.
 struct Scratch {
   std::vector<float> q, acc, row_max, row_sum;
-  alignas(32) float logits[kMaxPageSize + kLanes];
+  alignas(32) float logits[kGroupRows * kLogitsStride];
 };
 
 // Inclusive key range [lo, hi] of a query at `pos` (lo > hi: nothing visible).
@@ -250,21 +289,23 @@ inline void KeyRange(const Problem& pb, int64_t pos, int64_t* lo, int64_t* hi) {
   *hi = std::min(pos, pb.pages_per_seq * pb.page_size - 1);
 }
 
-// Folds logits[0:n] of one row into its running max, sum and accumulator.
-template <typename T>
-void OnlineSoftmaxUpdate(const Problem& pb, Scratch& sc, int64_t row, int n, const T* v,
-                         std::ptrdiff_t stride) {
-  float* s = sc.logits;
+// Folds the logits s[0:n] of one row into its running max m, sum l and accumulator acc[0:d];
+// leaves the weights exp(s - m) in s (0 in the padding lanes up to a multiple of 8).
+inline void SoftmaxUpdate(const Problem& pb, float* s, int n, float& m, float& l, float* acc) {
   const int d = static_cast<int>(pb.head_dim);
   if (pb.soft_cap > 0.0f) {
     const float inv = 1.0f / pb.soft_cap;
     for (int j = 0; j < n; ++j) s[j] = pb.soft_cap * std::tanh(s[j] * inv);
   }
-  float block_max = s[0];
-  for (int j = 1; j < n; ++j) block_max = std::max(block_max, s[j]);
-  float* acc = sc.acc.data() + row * d;
-  float& m = sc.row_max[row];
-  float& l = sc.row_sum[row];
+  const int padded = (n + kLanes - 1) / kLanes * kLanes;
+  for (int j = n; j < padded; ++j) s[j] = -INFINITY;
+  v8f mx = Load8(s);
+  for (int j = kLanes; j < padded; j += kLanes) {
+    const v8f x = Load8(s + j);
+    mx = x > mx ? x : mx;
+  }
+  float block_max = mx[0];
+  for (int i = 1; i < kLanes; ++i) block_max = std::max(block_max, mx[i]);
   if (block_max > m) {
     if (l > 0.0f) {
       const float alpha = std::exp(m - block_max);
@@ -273,17 +314,37 @@ void OnlineSoftmaxUpdate(const Problem& pb, Scratch& sc, int64_t row, int n, con
     }
     m = block_max;
   }
-  const int padded = (n + kLanes - 1) / kLanes * kLanes;
-  for (int j = n; j < padded; ++j) s[j] = -INFINITY;
   const v8f mv = Splat(m);
   v8f sum = {};
-  for (int j = 0; j < padded; j += kLanes) Store8(s + j, Exp8(Load8(s + j) - mv));
-  for (int j = n; j < padded; ++j) s[j] = 0.0f;  // padding lanes: exp(-87), not 0
-  for (int j = 0; j < padded; j += kLanes) sum += Load8(s + j);
+  for (int j = 0; j < padded; j += kLanes) {
+    const v8f e = Exp8(Load8(s + j) - mv);
+    Store8(s + j, e);
+    sum += e;
+  }
+  for (int j = n; j < padded; ++j) {  // padding lanes: exp(-87), not 0
+    sum[j % kLanes] -= s[j];
+    s[j] = 0.0f;
+  }
   l += HorizontalSum(sum);
-  Axpys(acc, s, v, stride, n, d);
 }
 
+// Rows [row, row + NG) (query heads of one KV head at one query token) against the n key and
+// value rows at k and k + d (stride row_len): each K/V row is read once for the group.
+template <int NG, typename T>
+void GroupStep(const Problem& pb, Scratch& sc, int64_t row, const T* k, std::ptrdiff_t row_len,
+               int n) {
+  const int d = static_cast<int>(pb.head_dim);
+  GroupDots<NG>(sc.q.data() + row * d, k, row_len, n, d, sc.logits, kLogitsStride);
+  for (int g = 0; g < NG; ++g) {
+    SoftmaxUpdate(pb, sc.logits + g * kLogitsStride, n, sc.row_max[row + g],
+                  sc.row_sum[row + g], sc.acc.data() + (row + g) * d);
+  }
+  GroupAxpys<NG>(sc.acc.data() + row * d, sc.logits, kLogitsStride, k + d, row_len, n, d);
+}
+
+// Page by page (each page is one contiguous block of the cache, consumed while in L1, the next
+// one prefetched meanwhile: pages lie anywhere, so the hardware prefetcher cannot guess them);
+// within a page every query token of the unit and every KV head's group of query heads.
 template <typename T>
 void RunUnit(const Problem& pb, const Unit& u, const int32_t* page_row, Scratch& sc) {
   const int64_t nq = u.t1 - u.t0, hq = pb.num_q_heads, d = pb.head_dim;
@@ -301,11 +362,19 @@ void RunUnit(const Problem& pb, const Unit& u, const int32_t* page_row, Scratch&
   KeyRange(pb, u.first_pos, &first_lo, &first_hi);
   KeyRange(pb, u.first_pos + nq - 1, &last_lo, &last_hi);
   if (first_lo <= last_hi) {
-    for (int64_t page_col = first_lo / pb.page_size; page_col <= last_hi / pb.page_size;
-         ++page_col) {
-      const int64_t page = std::clamp<int64_t>(page_row[page_col], 0, pb.num_pages - 1);
+    const int64_t last_col = last_hi / pb.page_size;
+    auto page_at = [&](int64_t col) {
+      return cache + std::clamp<int64_t>(page_row[col], 0, pb.num_pages - 1) * page_elems;
+    };
+    for (int64_t page_col = first_lo / pb.page_size; page_col <= last_col; ++page_col) {
+      if (page_col < last_col) {
+        const char* next = reinterpret_cast<const char*>(page_at(page_col + 1));
+        for (int64_t b = 0; b < page_elems * static_cast<int64_t>(sizeof(T)); b += 64) {
+          __builtin_prefetch(next + b, 0, 3);
+        }
+      }
       const int64_t page_start = page_col * pb.page_size;
-      const T* page_base = cache + page * page_elems;
+      const T* page_base = page_at(page_col);
       for (int64_t i = 0; i < nq; ++i) {
         int64_t lo, hi;
         KeyRange(pb, u.first_pos + i, &lo, &hi);
@@ -316,10 +385,14 @@ void RunUnit(const Problem& pb, const Unit& u, const int32_t* page_row, Scratch&
         const T* key_rows = page_base + (lo - page_start) * row_len;
         for (int64_t h = 0; h < pb.num_kv_heads; ++h) {
           const T* k = key_rows + 2 * h * d;
-          for (int64_t g = 0; g < group; ++g) {
-            const int64_t row = i * hq + h * group + g;
-            Dots(sc.q.data() + row * d, k, row_len, n, static_cast<int>(d), sc.logits);
-            OnlineSoftmaxUpdate(pb, sc, row, n, k + d, row_len);
+          for (int64_t g0 = 0; g0 < group; g0 += kGroupRows) {
+            const int64_t row = i * hq + h * group + g0;
+            switch (std::min<int64_t>(kGroupRows, group - g0)) {
+              case 1: GroupStep<1>(pb, sc, row, k, row_len, n); break;
+              case 2: GroupStep<2>(pb, sc, row, k, row_len, n); break;
+              case 3: GroupStep<3>(pb, sc, row, k, row_len, n); break;
+              default: GroupStep<4>(pb, sc, row, k, row_len, n); break;
+            }
           }
         }
       }

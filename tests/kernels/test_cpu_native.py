@@ -49,7 +49,9 @@ def _mixed_seqs(rng, num_decode: int, num_prefill: int) -> list[tuple[int, int]]
 
 @pytest.mark.parametrize(
     ("page_size", "num_q_heads", "num_kv_heads", "head_dim"),
-    [(16, 9, 3, 64), (8, 4, 4, 32), (8, 6, 2, 20)],  # GQA 3 / 1 / 3 with a ragged head_dim
+    # GQA 3 / 1 / 3 with a ragged head_dim / 7 (the kernel takes query heads in groups of up
+    # to 4: 4 + 3) / 2 with head_dim 128 (wide value rows)
+    [(16, 9, 3, 64), (8, 4, 4, 32), (8, 6, 2, 20), (16, 14, 2, 40), (32, 4, 2, 128)],
 )
 def test_mixed_decode_and_prefill_fp32(page_size, num_q_heads, num_kv_heads, head_dim):
     rng = fresh_rng()
