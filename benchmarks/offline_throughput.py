@@ -2,14 +2,16 @@
 
     python benchmarks/offline_throughput.py [--num-requests 32] [--prompt-len 128]
         [--output-len 128] [--skip-hf] [--skip-warm-start]
-        [--quantized-activations float32,bfloat16]
+        [--variant default] [--variant quantized_activations=bfloat16,kv_cache_dtype=bfloat16]
 
 Prints one table (output tok/s, ratio to the peer) plus warm-up times (cold and with the
 persistent compilation cache) and the host gap between device steps; writes JSON under
 benchmarks/results/. Both sides run the default model on the same random prompts, with EOS
 ignored so every request makes exactly --output-len tokens. HF dequantizes the GGUF to fp32;
-jaxllm keeps its blocks (on CPU) and runs once per --quantized-activations value: float32
-(exact products, the default) and bfloat16 (activations rounded before those matmuls).
+jaxllm keeps its blocks (on CPU) and runs once per --variant: engine options as
+`name=value,...` (`default`: none). Without --variant: the exact default (float32 activations
+and KV cache) and the fast one (activations entering the block matmuls and the KV cache in
+bfloat16).
 """
 
 from __future__ import annotations
@@ -100,6 +102,22 @@ def warm_start_seconds(cache_dir: str) -> list[float]:
     return out
 
 
+DEFAULT_VARIANTS = ("default", "quantized_activations=bfloat16,kv_cache_dtype=bfloat16")
+
+
+def parse_variant(text: str) -> dict:
+    """`name=value,...` -> engine keyword arguments (`default`: none); ints stay ints."""
+    if text == "default":
+        return {}
+    out = {}
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--variant items are name=value, got {item!r}")
+        out[name.strip()] = int(value) if value.strip().isdigit() else value.strip()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--num-requests", type=int, default=32)
@@ -109,16 +127,16 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-warm-start", action="store_true")
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
-    ap.add_argument("--quantized-activations", default="float32,bfloat16",
-                    help="comma list: one jaxllm run each (EngineConfig.quantized_activations)")
+    ap.add_argument("--variant", action="append", default=None,
+                    help="engine options name=value,... for one jaxllm run (repeatable)")
     args = ap.parse_args()
 
     prompts = random_prompts(args.num_requests, args.prompt_len, 49152, args.seed)
-    variants = args.quantized_activations.split(",")
-    runs = {a: run_jaxllm(prompts, args.output_len, args.num_requests,
+    variants = args.variant or list(DEFAULT_VARIANTS)
+    runs = {v: run_jaxllm(prompts, args.output_len, args.num_requests,
                           {"max_num_batched_tokens": args.max_num_batched_tokens,
-                           "quantized_activations": a})
-            for a in variants}
+                           **parse_variant(v)})
+            for v in variants}
     hf = None if args.skip_hf else run_hf(prompts, args.output_len, args.num_requests)
     warm = None
     if not args.skip_warm_start:
@@ -126,7 +144,7 @@ def main() -> None:
             warm = warm_start_seconds(d)
 
     b = args.num_requests
-    rows = [(f"jaxllm ({a} activations)", batch, jl["by_batch"][batch]["output_tok_s"])
+    rows = [(f"jaxllm ({a})", batch, jl["by_batch"][batch]["output_tok_s"])
             for a, jl in runs.items() for batch in (b, 1)]
     if hf:
         rows.append(("HF transformers (fp32, padded)", b, hf["output_tok_s"]))

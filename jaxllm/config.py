@@ -175,6 +175,9 @@ QUANTIZATION_MODES = ("auto", "gguf", "none")
 # Activations entering matmuls with weights kept in GGUF blocks: float32 (exact products) or
 # rounded to bfloat16 (weights exact, float32 sums; ~1.5x the CPU kernel's rate with AVX512-BF16).
 QUANTIZED_ACTIVATIONS = ("float32", "bfloat16")
+# The paged KV cache's element type: "auto" is the model's dtype; "bfloat16" under a float32
+# model halves the bytes decode attention reads (K/V rounded when written; math stays float32).
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16")
 
 
 @dataclass
@@ -188,6 +191,7 @@ class EngineConfig:
     # (one device, float32), "gguf" always keeps them, "none" dequantizes to dense.
     quantization: str = "auto"
     quantized_activations: str = "float32"  # one of QUANTIZED_ACTIVATIONS
+    kv_cache_dtype: str = "auto"  # one of KV_CACHE_DTYPES
     max_num_seqs: int = 64
     max_model_len: int | None = None  # None: min(model's max positions, 4096)
     max_num_batched_tokens: int = 512
@@ -229,6 +233,9 @@ class EngineConfig:
         if self.quantized_activations not in QUANTIZED_ACTIVATIONS:
             raise ValueError(f"quantized_activations must be one of "
                              f"{', '.join(QUANTIZED_ACTIVATIONS)}, got {self.quantized_activations!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                             f"got {self.kv_cache_dtype!r}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size",
                      "data_parallel_size", "max_waiting_requests"):
             if getattr(self, name) < 1:

@@ -107,11 +107,14 @@ class LLMEngine:
         self.max_model_len = parts.max_model_len
         self.page_size = parts.page_size
         self.dtype = parts.dtype
+        self.kv_dtype = parts.kv_dtype
         self.eos_token_ids = tuple(sorted(set(self.tokenizer.eos_token_ids)
                                           | set(self.model_config.eos_token_ids)))
         num_pages = config.num_pages or self._pages_from_budget()
-        logger.info("KV cache: %d pages x %d tokens (%.1f MiB)", num_pages, self.page_size,
-                    num_pages * bytes_per_page(self.model_config, self.page_size, self.dtype) / 2**20)
+        logger.info("KV cache: %d pages x %d tokens, %s (%.1f MiB)", num_pages, self.page_size,
+                    self.kv_dtype.name,
+                    num_pages * bytes_per_page(self.model_config, self.page_size, self.kv_dtype)
+                    / 2**20)
         allocator = PageAllocator(num_pages, self.page_size)
         cache = KVCacheManager(allocator, enable_prefix_caching=config.enable_prefix_caching)
         # Every bucket is one compilation of the whole model; on CPU a coarser token ladder
@@ -127,7 +130,7 @@ class LLMEngine:
         self.scheduler = Scheduler(
             SchedulerConfig.from_engine_config(config, max_model_len=self.max_model_len),
             cache, self.buckets)
-        kv = allocate_kv_caches(self.model_config, num_pages, self.page_size, self.dtype,
+        kv = allocate_kv_caches(self.model_config, num_pages, self.page_size, self.kv_dtype,
                                 sharding=parts.kv_sharding)
         make_runner = parts.make_runner or ModelRunner  # multi-host leaders broadcast steps
         self.runner = make_runner(parts.model, kv, attention_impl=config.attention_impl,
@@ -150,7 +153,7 @@ class LLMEngine:
             stats = jax.local_devices()[0].memory_stats() or {}
             free = stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0)
             budget = free if free > 0 else budget
-        return pages_for_budget(self.model_config, self.page_size, self.dtype,
+        return pages_for_budget(self.model_config, self.page_size, self.kv_dtype,
                                 int(budget * self.config.memory_fraction))
 
     # -- admission ----------------------------------------------------------------------------

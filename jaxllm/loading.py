@@ -55,6 +55,7 @@ class EngineParts:
     max_model_len: int
     page_size: int
     dtype: jnp.dtype
+    kv_dtype: jnp.dtype  # the KV cache's (EngineConfig.kv_cache_dtype; "auto": the model's)
     kv_sharding: Any = None
     attention_wrapper: Callable | None = None
     mesh: Mesh | None = None  # None: single device, no sharding machinery at all
@@ -197,6 +198,8 @@ def _parts_on(config: EngineConfig, host: _HostModel, mesh: Mesh | None) -> Engi
     return EngineParts(model_config=cfg, model=model, tokenizer=host.tokenizer,
                        generation_config=dict(host.generation_config), default_name=host.name,
                        max_model_len=max_len, page_size=page_size, dtype=host.dtype,
+                       kv_dtype=(host.dtype if config.kv_cache_dtype == "auto"
+                                 else jnp.dtype(config.kv_cache_dtype)),
                        kv_sharding=kv_sharding, attention_wrapper=attention_wrapper, mesh=mesh)
 
 

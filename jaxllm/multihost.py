@@ -237,7 +237,7 @@ def run_follower(config: EngineConfig, options: MultiHostOptions = MultiHostOpti
         if int(msg["op"][0]) != OP_SETUP:
             raise RuntimeError(f"expected the leader's setup message, got op {int(msg['op'][0])}")
         num_pages = int(msg["setup"][0])
-        kv = allocate_kv_caches(parts.model_config, num_pages, parts.page_size, parts.dtype,
+        kv = allocate_kv_caches(parts.model_config, num_pages, parts.page_size, parts.kv_dtype,
                                 sharding=parts.kv_sharding)
         runner = ModelRunner(parts.model, kv, attention_impl=config.attention_impl,
                              attention_wrapper=parts.attention_wrapper)

@@ -21,9 +21,9 @@ def _bucket(n: int) -> int:
     return max(16, 1 << (n - 1).bit_length())
 
 
-@nnx.jit
-def _forward_all(model: LlamaModel, ids, positions, segment_ids):
-    md = DenseMetadata(segment_ids=segment_ids, positions=positions)
+@nnx.jit(static_argnames="kv_dtype")
+def _forward_all(model: LlamaModel, ids, positions, segment_ids, kv_dtype=None):
+    md = DenseMetadata(segment_ids=segment_ids, positions=positions, kv_dtype=kv_dtype)
     hidden, _ = model(ids, positions, None, md, dense_causal_attention)
     return model.compute_logits(hidden)
 
@@ -44,10 +44,13 @@ def flatten_batch(seqs: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray
     return ids, pos, seg
 
 
-def forward_logits(model: LlamaModel, seqs: Sequence[Sequence[int]]) -> list[np.ndarray]:
-    """Float32 logits [len(s), V] for every token of every sequence (a ragged batch)."""
+def forward_logits(model: LlamaModel, seqs: Sequence[Sequence[int]],
+                   kv_dtype: str | None = None) -> list[np.ndarray]:
+    """Float32 logits [len(s), V] for every token of every sequence (a ragged batch); K/V
+    rounded to `kv_dtype` first when given (what a KV cache of that dtype holds)."""
     ids, pos, seg = flatten_batch(seqs)
-    logits = np.asarray(_forward_all(model, jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(seg)))
+    logits = np.asarray(_forward_all(model, jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(seg),
+                                     kv_dtype=kv_dtype))
     out, off = [], 0
     for s in seqs:
         out.append(logits[off:off + len(s)])
@@ -57,8 +60,10 @@ def forward_logits(model: LlamaModel, seqs: Sequence[Sequence[int]]) -> list[np.
 
 def plain_generate(model: LlamaModel, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                    eos_token_ids: set[int] | frozenset[int] = frozenset(),
-                   temperature: float = 0.0, seed: int = 0) -> list[list[int]]:
-    """Greedy (temperature 0) or sampled continuations, stopping at an EOS token."""
+                   temperature: float = 0.0, seed: int = 0,
+                   kv_dtype: str | None = None) -> list[list[int]]:
+    """Greedy (temperature 0) or sampled continuations, stopping at an EOS token (K/V rounded
+    to `kv_dtype` when given, see forward_logits)."""
     if any(len(p) == 0 for p in prompts):
         raise ValueError("prompts must not be empty")
     seqs = [list(p) for p in prompts]
@@ -69,7 +74,7 @@ def plain_generate(model: LlamaModel, prompts: Sequence[Sequence[int]], max_new_
         live = [i for i in range(len(seqs)) if not done[i]]
         if not live:
             break
-        logits = forward_logits(model, [seqs[i] for i in live])
+        logits = forward_logits(model, [seqs[i] for i in live], kv_dtype)
         last = np.stack([lg[-1] for lg in logits])
         if temperature == 0.0:
             toks = last.argmax(-1)

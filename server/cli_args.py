@@ -6,7 +6,7 @@ import argparse
 import json
 from collections.abc import Sequence
 
-from jaxllm.config import QUANTIZATION_MODES, QUANTIZED_ACTIVATIONS, EngineConfig
+from jaxllm.config import KV_CACHE_DTYPES, QUANTIZATION_MODES, QUANTIZED_ACTIVATIONS, EngineConfig
 from jaxllm.kernels import IMPLEMENTATIONS
 
 from .server_config import ServerConfig
@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
       choices=list(QUANTIZED_ACTIVATIONS),
       help="activations entering matmuls with weights kept in blocks: float32 (exact) or "
            "bfloat16 (faster, rounded)")
+    a("--kv-cache-dtype", default=d.kv_cache_dtype, choices=list(KV_CACHE_DTYPES),
+      help="KV cache element type: auto (the model's dtype) or float32 / bfloat16 "
+           "(bfloat16 halves what decode attention reads)")
     a("--max-num-seqs", type=int, default=d.max_num_seqs)
     a("--max-model-len", type=int, default=None)
     a("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)

@@ -6,6 +6,8 @@ Every token attends to earlier-or-equal positions of its own segment (sequence).
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import struct
@@ -13,10 +15,12 @@ from flax import struct
 
 @struct.dataclass
 class DenseMetadata:
-    """segment_ids [T]: sequence of each token, -1 for padding; positions [T]."""
+    """segment_ids [T]: sequence of each token, -1 for padding; positions [T]. `kv_dtype`:
+    round K/V to it before attending, as a paged cache of that dtype stores them (None: not)."""
 
     segment_ids: jax.Array
     positions: jax.Array
+    kv_dtype: Any = struct.field(pytree_node=False, default=None)
 
 
 def dense_causal_attention(q, k, v, layer_cache, md: DenseMetadata, *, sm_scale: float,
@@ -24,6 +28,8 @@ def dense_causal_attention(q, k, v, layer_cache, md: DenseMetadata, *, sm_scale:
     """q [T, Hq, D], k/v [T, Hkv, D] -> ([T, Hq, D], layer_cache unchanged)."""
     t, hq, d = q.shape
     hkv = k.shape[1]
+    if md.kv_dtype is not None:
+        k, v = k.astype(md.kv_dtype), v.astype(md.kv_dtype)
     qg = q.reshape(t, hkv, hq // hkv, d).astype(jnp.float32)
     logits = jnp.einsum("qhgd,khd->hgqk", qg, k.astype(jnp.float32)) * sm_scale
     if soft_cap is not None:

@@ -61,6 +61,32 @@ def test_greedy_equals_plain_decode(tiny_model_dir, plain_model, variant):
         assert llm.engine.scheduler.num_preemptions > 0
 
 
+@pytest.mark.parametrize("impl", ["cpu_native", "cpu", "reference"])
+def test_bfloat16_kv_cache_equals_plain_decode_with_rounded_kv(tiny_model_dir, plain_model, impl):
+    """kv_cache_dtype="bfloat16" under a float32 model: the cache holds K/V rounded to
+    bfloat16, so the engine equals the plain decode that rounds K/V the same way (and the
+    rounding is real: the plain logits move)."""
+    from jaxllm.kernels.native_build import native_attention_available
+
+    if impl == "cpu_native" and not native_attention_available():
+        pytest.skip("native attention unavailable")
+    seed = _fresh_seed()
+    prompts = _prompts(seed, [5, 17, 1, 30, 9])
+    expected = plain_generate(plain_model, prompts, max_new_tokens=10, kv_dtype="bfloat16")
+    llm = LLM(str(tiny_model_dir), kv_cache_dtype="bfloat16", attention_impl=impl,
+              **{**SMALL, "prefill_chunk_size": 8})
+    assert all(c.dtype == jax.numpy.bfloat16 for c in llm.engine.runner.kv_caches)
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True),
+                        use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == expected, f"seed={seed} impl={impl}"
+    _assert_no_leaks(llm.engine)
+    assert llm.engine.runner.recompiles == 0
+    exact, rounded = (forward_logits(plain_model, prompts[3:4], kv)[0] for kv in (None, "bfloat16"))
+    assert 0 < np.abs(exact - rounded).max() < 0.05 * np.abs(exact).max(), f"seed={seed}"
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
+        EngineConfig(kv_cache_dtype="fp8")
+
+
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
     return LLMEngine(EngineConfig(model=str(tiny_model_dir), **SMALL))
