@@ -4,9 +4,10 @@
 // the bytes it reads. Here every query row reads its sequence's K/V rows straight out of the
 // cache buffer, page by page, with an online (running max / running sum) softmax in float32,
 // so nothing is gathered or copied and a page is read while it sits in L1. Pages lie anywhere
-// in the cache, where the hardware prefetcher cannot follow: the next page of a sequence is
-// prefetched while the current one is computed (decode attention is a stream from DRAM: each
-// layer's cache is read once per step). The query heads sharing a KV head (GQA) are handled
+// in the cache, where the hardware prefetcher cannot follow: the next page of a sequence (or,
+// on its last page, the first page of the worker's next unit) is prefetched while the current
+// one is computed, a few lines at a time from the inner loops (decode attention is a stream
+// from DRAM: each layer's cache is read once per step). The query heads sharing a KV head (GQA) are handled
 // together, up to 4 at a time, so each K/V row is loaded once for all of them.
 //
 // Work unit: (sequence, block of up to kQueryBlock consecutive query tokens), all heads. A
@@ -136,12 +137,34 @@ inline v8f Exp8(v8f x) {
   return p * scale;
 }
 
+// The next page's cache lines, issued a few at a time from the inner loops of the current
+// page: issued all at once they fill the core's miss buffers, the prefetch instructions stall
+// and the compute waits for them (measured: cold pages cost as much again as the compute).
+struct Prefetcher {
+  const char* next = nullptr;
+  const char* end = nullptr;
+  int per_step = 0;  // lines per call of Step
+
+  void Start(const void* page, std::ptrdiff_t bytes, int steps) {
+    next = static_cast<const char*>(page);
+    end = next + bytes;
+    const std::ptrdiff_t lines = (bytes + 63) / 64;
+    per_step = static_cast<int>(std::max<std::ptrdiff_t>(1, (lines + steps - 1) / std::max(1, steps)));
+  }
+  inline void Step() {
+    for (int i = 0; i < per_step && next < end; ++i, next += 64) __builtin_prefetch(next, 0, 3);
+  }
+  void Finish() {
+    for (; next < end; next += 64) __builtin_prefetch(next, 0, 3);
+  }
+};
+
 // s[g * ld + j] = <q_g, k_j> for NG query rows q_g = q + g * d and n key rows
 // k_j = k + j * stride: each key row is loaded once for the NG rows of a GQA group, four keys
 // at a time (their sums reduced together).
 template <int NG, typename T>
 void GroupDots(const float* q, const T* k, std::ptrdiff_t stride, int n, int d, float* s,
-               int ld) {
+               int ld, Prefetcher& pf) {
   const int dv = d - d % kLanes;
   int j = 0;
   for (; j + 4 <= n; j += 4) {
@@ -149,6 +172,7 @@ void GroupDots(const float* q, const T* k, std::ptrdiff_t stride, int n, int d, 
     const T* k1 = k + (j + 1) * stride;
     const T* k2 = k + (j + 2) * stride;
     const T* k3 = k + (j + 3) * stride;
+    pf.Step();
     v8f a[NG][4] = {};
     for (int c = 0; c < dv; c += kLanes) {
       const v8f x0 = Load8(k0 + c), x1 = Load8(k1 + c), x2 = Load8(k2 + c), x3 = Load8(k3 + c);
@@ -189,12 +213,13 @@ void GroupDots(const float* q, const T* k, std::ptrdiff_t stride, int n, int d, 
 // p_g = p + g * ld, v_j = v + j * stride), the accumulators kept in registers over the n rows.
 template <int NG, int NV, typename T>
 inline void AxpyBlock(float* acc, const float* p, int ld, const T* v, std::ptrdiff_t stride,
-                      int n, int d, int c0) {
+                      int n, int d, int c0, Prefetcher& pf) {
   v8f a[NG][NV];
   for (int g = 0; g < NG; ++g)
     for (int i = 0; i < NV; ++i) a[g][i] = Load8(acc + g * d + c0 + i * kLanes);
   for (int j = 0; j < n; ++j) {
     const T* row = v + j * stride + c0;
+    pf.Step();
     v8f x[NV];
     for (int i = 0; i < NV; ++i) x[i] = Load8(row + i * kLanes);
     for (int g = 0; g < NG; ++g) {
@@ -209,13 +234,13 @@ inline void AxpyBlock(float* acc, const float* p, int ld, const T* v, std::ptrdi
 // acc_g[:d] += sum_j p_g[j] * v_j for NG rows; each value row is loaded once for the group.
 template <int NG, typename T>
 void GroupAxpys(float* acc, const float* p, int ld, const T* v, std::ptrdiff_t stride, int n,
-                int d) {
+                int d, Prefetcher& pf) {
   constexpr int kWide = NG <= 2 ? 8 : 4;  // NG * kWide accumulators stay in registers
   int c = 0;
   for (; c + kWide * kLanes <= d; c += kWide * kLanes) {
-    AxpyBlock<NG, kWide>(acc, p, ld, v, stride, n, d, c);
+    AxpyBlock<NG, kWide>(acc, p, ld, v, stride, n, d, c, pf);
   }
-  for (; c + kLanes <= d; c += kLanes) AxpyBlock<NG, 1>(acc, p, ld, v, stride, n, d, c);
+  for (; c + kLanes <= d; c += kLanes) AxpyBlock<NG, 1>(acc, p, ld, v, stride, n, d, c, pf);
   for (; c < d; ++c) {
     for (int g = 0; g < NG; ++g) {
       float t = acc[g * d + c];
@@ -280,6 +305,7 @@ constexpr int kLogitsStride = kMaxPageSize + kLanes;
 // the logits of one group of rows over one page.
 struct Scratch {
   std::vector<float> q, acc, row_max, row_sum;
+  Prefetcher prefetch;
   alignas(32) float logits[kGroupRows * kLogitsStride];
 };
 
@@ -334,19 +360,23 @@ template <int NG, typename T>
 void GroupStep(const Problem& pb, Scratch& sc, int64_t row, const T* k, std::ptrdiff_t row_len,
                int n) {
   const int d = static_cast<int>(pb.head_dim);
-  GroupDots<NG>(sc.q.data() + row * d, k, row_len, n, d, sc.logits, kLogitsStride);
+  GroupDots<NG>(sc.q.data() + row * d, k, row_len, n, d, sc.logits, kLogitsStride, sc.prefetch);
   for (int g = 0; g < NG; ++g) {
     SoftmaxUpdate(pb, sc.logits + g * kLogitsStride, n, sc.row_max[row + g],
                   sc.row_sum[row + g], sc.acc.data() + (row + g) * d);
   }
-  GroupAxpys<NG>(sc.acc.data() + row * d, sc.logits, kLogitsStride, k + d, row_len, n, d);
+  GroupAxpys<NG>(sc.acc.data() + row * d, sc.logits, kLogitsStride, k + d, row_len, n, d,
+                 sc.prefetch);
 }
 
 // Page by page (each page is one contiguous block of the cache, consumed while in L1, the next
 // one prefetched meanwhile: pages lie anywhere, so the hardware prefetcher cannot guess them);
 // within a page every query token of the unit and every KV head's group of query heads.
+// `after`: the first page of the unit this worker runs next (nullptr: none), prefetched
+// during this unit's last page.
 template <typename T>
-void RunUnit(const Problem& pb, const Unit& u, const int32_t* page_row, Scratch& sc) {
+void RunUnit(const Problem& pb, const Unit& u, const int32_t* page_row, Scratch& sc,
+             const void* after) {
   const int64_t nq = u.t1 - u.t0, hq = pb.num_q_heads, d = pb.head_dim;
   const int64_t group = hq / pb.num_kv_heads, rows = nq * hq;
   const int64_t row_len = 2 * pb.num_kv_heads * d, page_elems = pb.page_size * row_len;
@@ -366,12 +396,16 @@ void RunUnit(const Problem& pb, const Unit& u, const int32_t* page_row, Scratch&
     auto page_at = [&](int64_t col) {
       return cache + std::clamp<int64_t>(page_row[col], 0, pb.num_pages - 1) * page_elems;
     };
+    // Calls of Prefetcher::Step in one page's work (GroupDots: one per 4 keys; AxpyBlock:
+    // one per key and block of columns), counted for full pages.
+    const int64_t group_calls = nq * pb.num_kv_heads * ((group + kGroupRows - 1) / kGroupRows);
+    const int steps_per_page = static_cast<int>(
+        group_calls * (pb.page_size / 4 + pb.page_size * ((d + 31) / 32)));
     for (int64_t page_col = first_lo / pb.page_size; page_col <= last_col; ++page_col) {
-      if (page_col < last_col) {
-        const char* next = reinterpret_cast<const char*>(page_at(page_col + 1));
-        for (int64_t b = 0; b < page_elems * static_cast<int64_t>(sizeof(T)); b += 64) {
-          __builtin_prefetch(next + b, 0, 3);
-        }
+      const void* next_page = page_col < last_col ? page_at(page_col + 1) : after;
+      if (next_page != nullptr) {
+        sc.prefetch.Start(next_page, page_elems * static_cast<int64_t>(sizeof(T)),
+                          steps_per_page);
       }
       const int64_t page_start = page_col * pb.page_size;
       const T* page_base = page_at(page_col);
@@ -396,6 +430,7 @@ void RunUnit(const Problem& pb, const Unit& u, const int32_t* page_row, Scratch&
           }
         }
       }
+      sc.prefetch.Finish();
     }
   }
   float* out = pb.out + u.t0 * hq * d;
@@ -471,19 +506,36 @@ struct Job {
   std::condition_variable all_done;
   int64_t done = 0;
 
+  // The first page unit u reads (nullptr: it reads none).
+  const void* FirstPage(const Unit& u) const {
+    int64_t lo, hi;
+    KeyRange(pb, u.first_pos, &lo, &hi);
+    if (lo > hi) return nullptr;
+    const int64_t page = std::clamp<int64_t>(
+        pb.page_indices[u.seq * pb.pages_per_seq + lo / pb.page_size], 0, pb.num_pages - 1);
+    const int64_t page_bytes =
+        pb.page_size * 2 * pb.num_kv_heads * pb.head_dim * (pb.cache_bf16 ? 2 : 4);
+    return static_cast<const char*>(pb.cache) + page * page_bytes;
+  }
+
   void Work() {
     Scratch sc;
     int64_t finished = 0;
-    for (int64_t i = next.fetch_add(1); i < static_cast<int64_t>(units.size());
-         i = next.fetch_add(1)) {
+    const int64_t n = static_cast<int64_t>(units.size());
+    // Each worker claims its next unit before running the current one, so the current one's
+    // last page can prefetch the next one's first.
+    for (int64_t i = next.fetch_add(1); i < n;) {
+      const int64_t following = next.fetch_add(1);
+      const void* after = following < n ? FirstPage(units[following]) : nullptr;
       const Unit& u = units[i];
       const int32_t* page_row = pb.page_indices + u.seq * pb.pages_per_seq;
       if (pb.cache_bf16) {
-        RunUnit<uint16_t>(pb, u, page_row, sc);
+        RunUnit<uint16_t>(pb, u, page_row, sc, after);
       } else {
-        RunUnit<float>(pb, u, page_row, sc);
+        RunUnit<float>(pb, u, page_row, sc, after);
       }
       ++finished;
+      i = following;
     }
     if (finished > 0) {
       std::lock_guard<std::mutex> lock(mu);
