@@ -22,7 +22,7 @@
 // Output: y f32 [M, N] row-major, N <= 16 G (columns past N are padding and never written).
 //
 // Work: a register tile of up to 16 rows of x against one group's 16 columns, over all of K.
-// A unit is one row tile against a chunk of groups; units are handed out through an atomic counter to the caller's
+// A unit is a band of row tiles against a chunk of groups; units are handed out through an atomic counter to the caller's
 // thread and, when the call is big enough, to tasks on XLA's intra-op thread pool.
 
 #include <algorithm>
@@ -322,34 +322,48 @@ void Groups(const Problem& pb, int64_t g0, int64_t g1, int64_t tile, float* y_ro
   }
 }
 
-// A unit is one tile of up to 16 rows against a chunk of column groups.
+// A unit is a band of up to kTilesPerBand row tiles against a chunk of column groups, taken
+// kGroupsPerStep groups at a time: those groups' weights are read from memory once and reused
+// from L2 for the band's tiles, while each tile's x stays in L1 over the groups (tile by tile
+// over the whole chunk, a weight too big for the caches -- the LM head -- was streamed from
+// DRAM once per tile).
+constexpr int64_t kTilesPerBand = 4;
+constexpr int64_t kGroupsPerStep = 8;  // Q8_0 at K = 576: 8 groups' codes are 74 KB
+
 struct Split {
-  int64_t row_tiles, chunks_per_tile, groups_per_chunk;
-  int64_t units() const { return row_tiles * chunks_per_tile; }
+  int64_t tiles, bands, chunks_per_band, groups_per_chunk;
+  int64_t units() const { return bands * chunks_per_band; }
 };
 
 Split SplitWork(const Problem& pb) {
   Split s;
-  s.row_tiles = (pb.rows + pb.tile_width - 1) / pb.tile_width;
+  s.tiles = (pb.rows + pb.tile_width - 1) / pb.tile_width;
+  s.bands = (s.tiles + kTilesPerBand - 1) / kTilesPerBand;
   // Enough units to balance a few threads.
   const int64_t chunks = std::min<int64_t>(
-      pb.groups, std::max<int64_t>(1, (kMinUnits + s.row_tiles - 1) / s.row_tiles));
+      pb.groups, std::max<int64_t>(1, (kMinUnits + s.bands - 1) / s.bands));
   s.groups_per_chunk = (pb.groups + chunks - 1) / chunks;
-  s.chunks_per_tile = (pb.groups + s.groups_per_chunk - 1) / s.groups_per_chunk;
+  s.chunks_per_band = (pb.groups + s.groups_per_chunk - 1) / s.groups_per_chunk;
   return s;
 }
 
 void RunUnit(const Problem& pb, const Split& split, int64_t unit) {
-  const int64_t tile = unit / split.chunks_per_tile, chunk = unit % split.chunks_per_tile;
-  const int64_t r0 = tile * pb.tile_width;
-  const int rows = static_cast<int>(std::min<int64_t>(pb.tile_width, pb.rows - r0));
+  const int64_t band = unit / split.chunks_per_band, chunk = unit % split.chunks_per_band;
+  const int64_t t0 = band * kTilesPerBand, t1 = std::min(split.tiles, t0 + kTilesPerBand);
   const int64_t g0 = chunk * split.groups_per_chunk;
   const int64_t g1 = std::min(pb.groups, g0 + split.groups_per_chunk);
-  float* y_rows = pb.y + r0 * pb.n;
-  if (pb.q4) {
-    Groups<true>(pb, g0, g1, tile, y_rows, rows);
-  } else {
-    Groups<false>(pb, g0, g1, tile, y_rows, rows);
+  for (int64_t ga = g0; ga < g1; ga += kGroupsPerStep) {
+    const int64_t gb = std::min(g1, ga + kGroupsPerStep);
+    for (int64_t tile = t0; tile < t1; ++tile) {
+      const int64_t r0 = tile * pb.tile_width;
+      const int rows = static_cast<int>(std::min<int64_t>(pb.tile_width, pb.rows - r0));
+      float* y_rows = pb.y + r0 * pb.n;
+      if (pb.q4) {
+        Groups<true>(pb, ga, gb, tile, y_rows, rows);
+      } else {
+        Groups<false>(pb, ga, gb, tile, y_rows, rows);
+      }
+    }
   }
 }
 
