@@ -52,38 +52,39 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kLanes = 8;
+constexpr int kLanes = 16;               // floats per vector (one AVX-512 register)
 constexpr int kQueryBlock = 16;          // query tokens of one sequence per work unit
 constexpr int kMaxPageSize = 256;        // kernels/validation.py MAX_PAGE_SIZE
 constexpr double kParallelFlops = 4e6;   // below this a second thread costs more than it saves
 
+typedef float vf __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(64)));
+typedef uint32_t vu __attribute__((vector_size(64)));
+typedef uint16_t vh __attribute__((vector_size(32)));
 typedef float v8f __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
-typedef uint32_t v8u __attribute__((vector_size(32)));
-typedef uint16_t v8h __attribute__((vector_size(16)));
 
-inline v8f Load8(const float* p) {
-  v8f v;
+inline vf Load(const float* p) {
+  vf v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
 
-inline v8f Load8(const uint16_t* p) {  // bfloat16 -> float32: the high half of the bits
-#if defined(__AVX2__)
+inline vf Load(const uint16_t* p) {  // bfloat16 -> float32: the high half of the bits
+#if defined(__AVX512F__)
   // One vpmovzxwd + shift; GCC's generic vector conversion below is scalarized.
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return (v8f)_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16);
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return (vf)_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
 #else
-  v8h h;
+  vh h;
   std::memcpy(&h, p, sizeof h);
-  v8u w = __builtin_convertvector(h, v8u) << 16;
-  v8f f;
+  vu w = __builtin_convertvector(h, vu) << 16;
+  vf f;
   std::memcpy(&f, &w, sizeof f);
   return f;
 #endif
 }
 
-inline void Store8(float* p, v8f v) { std::memcpy(p, &v, sizeof v); }
+inline void Store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 
 inline float ToFloat(float x) { return x; }
 
@@ -94,16 +95,23 @@ inline float ToFloat(uint16_t x) {
   return f;
 }
 
-inline v8f Splat(float x) { return v8f{} + x; }
+inline vf Splat(float x) { return vf{} + x; }
 
-inline float HorizontalSum(v8f a) {
+inline float HorizontalSum(vf a) {
   float s = 0.0f;
   for (int i = 0; i < kLanes; ++i) s += a[i];
   return s;
 }
 
-// Lanes 0-3: the sums of the lanes of a0..a3 (pairwise transpose-and-add).
-inline v8f ReduceFour(v8f a0, v8f a1, v8f a2, v8f a3) {
+// The 8 sums of lanes i and i + 8.
+inline v8f FoldHalves(vf a) {
+  return __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7) +
+         __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15);
+}
+
+// Lanes 0-3: the sums of the lanes of a0..a3 (halves folded, then pairwise transpose-and-add).
+inline v8f ReduceFour(vf b0, vf b1, vf b2, vf b3) {
+  const v8f a0 = FoldHalves(b0), a1 = FoldHalves(b1), a2 = FoldHalves(b2), a3 = FoldHalves(b3);
   const v8f t0 = __builtin_shufflevector(a0, a1, 0, 8, 2, 10, 4, 12, 6, 14) +
                  __builtin_shufflevector(a0, a1, 1, 9, 3, 11, 5, 13, 7, 15);
   const v8f t1 = __builtin_shufflevector(a2, a3, 0, 8, 2, 10, 4, 12, 6, 14) +
@@ -116,23 +124,23 @@ inline v8f ReduceFour(v8f a0, v8f a1, v8f a2, v8f a3) {
 // exp for x <= 0 (softmax numerators): Cody-Waite range reduction and a degree-6 polynomial,
 // relative error ~1e-7. Inputs below -87 give exp(-87) ~ 1.6e-38 instead of a smaller number,
 // which no softmax sum (>= 1) can notice. NaN propagates through the polynomial.
-inline v8f Exp8(v8f x) {
-  const v8f lo = Splat(-87.0f);
+inline vf Exp(vf x) {
+  const vf lo = Splat(-87.0f);
   x = x < lo ? lo : x;
-  const v8f shifter = Splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-  v8f n = x * 1.44269504088896341f + shifter;
+  const vf shifter = Splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  vf n = x * 1.44269504088896341f + shifter;
   n = n - shifter;
-  v8f r = x - n * 0.693359375f;
+  vf r = x - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
-  v8f p = Splat(1.9875691500e-4f);
+  vf p = Splat(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  v8i e = (__builtin_convertvector(n, v8i) + 127) << 23;
-  v8f scale;
+  vi e = (__builtin_convertvector(n, vi) + 127) << 23;
+  vf scale;
   std::memcpy(&scale, &e, sizeof scale);
   return p * scale;
 }
@@ -173,11 +181,11 @@ void GroupDots(const float* q, const T* k, std::ptrdiff_t stride, int n, int d, 
     const T* k2 = k + (j + 2) * stride;
     const T* k3 = k + (j + 3) * stride;
     pf.Step();
-    v8f a[NG][4] = {};
+    vf a[NG][4] = {};
     for (int c = 0; c < dv; c += kLanes) {
-      const v8f x0 = Load8(k0 + c), x1 = Load8(k1 + c), x2 = Load8(k2 + c), x3 = Load8(k3 + c);
+      const vf x0 = Load(k0 + c), x1 = Load(k1 + c), x2 = Load(k2 + c), x3 = Load(k3 + c);
       for (int g = 0; g < NG; ++g) {
-        const v8f qv = Load8(q + g * d + c);
+        const vf qv = Load(q + g * d + c);
         a[g][0] += qv * x0;
         a[g][1] += qv * x1;
         a[g][2] += qv * x2;
@@ -200,8 +208,8 @@ void GroupDots(const float* q, const T* k, std::ptrdiff_t stride, int n, int d, 
   for (; j < n; ++j) {
     const T* row = k + j * stride;
     for (int g = 0; g < NG; ++g) {
-      v8f a = {};
-      for (int c = 0; c < dv; c += kLanes) a += Load8(q + g * d + c) * Load8(row + c);
+      vf a = {};
+      for (int c = 0; c < dv; c += kLanes) a += Load(q + g * d + c) * Load(row + c);
       float t = HorizontalSum(a);
       for (int c = dv; c < d; ++c) t += q[g * d + c] * ToFloat(row[c]);
       s[g * ld + j] = t;
@@ -214,21 +222,21 @@ void GroupDots(const float* q, const T* k, std::ptrdiff_t stride, int n, int d, 
 template <int NG, int NV, typename T>
 inline void AxpyBlock(float* acc, const float* p, int ld, const T* v, std::ptrdiff_t stride,
                       int n, int d, int c0, Prefetcher& pf) {
-  v8f a[NG][NV];
+  vf a[NG][NV];
   for (int g = 0; g < NG; ++g)
-    for (int i = 0; i < NV; ++i) a[g][i] = Load8(acc + g * d + c0 + i * kLanes);
+    for (int i = 0; i < NV; ++i) a[g][i] = Load(acc + g * d + c0 + i * kLanes);
   for (int j = 0; j < n; ++j) {
     const T* row = v + j * stride + c0;
     pf.Step();
-    v8f x[NV];
-    for (int i = 0; i < NV; ++i) x[i] = Load8(row + i * kLanes);
+    vf x[NV];
+    for (int i = 0; i < NV; ++i) x[i] = Load(row + i * kLanes);
     for (int g = 0; g < NG; ++g) {
-      const v8f pj = Splat(p[g * ld + j]);
+      const vf pj = Splat(p[g * ld + j]);
       for (int i = 0; i < NV; ++i) a[g][i] += pj * x[i];
     }
   }
   for (int g = 0; g < NG; ++g)
-    for (int i = 0; i < NV; ++i) Store8(acc + g * d + c0 + i * kLanes, a[g][i]);
+    for (int i = 0; i < NV; ++i) Store(acc + g * d + c0 + i * kLanes, a[g][i]);
 }
 
 // acc_g[:d] += sum_j p_g[j] * v_j for NG rows; each value row is loaded once for the group.
@@ -240,7 +248,20 @@ void GroupAxpys(float* acc, const float* p, int ld, const T* v, std::ptrdiff_t s
   for (; c + kWide * kLanes <= d; c += kWide * kLanes) {
     AxpyBlock<NG, kWide>(acc, p, ld, v, stride, n, d, c, pf);
   }
-  for (; c + kLanes <= d; c += kLanes) AxpyBlock<NG, 1>(acc, p, ld, v, stride, n, d, c, pf);
+  if constexpr (kWide > 4) {
+    if (c + 4 * kLanes <= d) {
+      AxpyBlock<NG, 4>(acc, p, ld, v, stride, n, d, c, pf);
+      c += 4 * kLanes;
+    }
+  }
+  if (c + 2 * kLanes <= d) {
+    AxpyBlock<NG, 2>(acc, p, ld, v, stride, n, d, c, pf);
+    c += 2 * kLanes;
+  }
+  if (c + kLanes <= d) {
+    AxpyBlock<NG, 1>(acc, p, ld, v, stride, n, d, c, pf);
+    c += kLanes;
+  }
   for (; c < d; ++c) {
     for (int g = 0; g < NG; ++g) {
       float t = acc[g * d + c];
@@ -306,7 +327,7 @@ constexpr int kLogitsStride = kMaxPageSize + kLanes;
 struct Scratch {
   std::vector<float> q, acc, row_max, row_sum;
   Prefetcher prefetch;
-  alignas(32) float logits[kGroupRows * kLogitsStride];
+  alignas(64) float logits[kGroupRows * kLogitsStride];
 };
 
 // Inclusive key range [lo, hi] of a query at `pos` (lo > hi: nothing visible).
@@ -325,9 +346,9 @@ inline void SoftmaxUpdate(const Problem& pb, float* s, int n, float& m, float& l
   }
   const int padded = (n + kLanes - 1) / kLanes * kLanes;
   for (int j = n; j < padded; ++j) s[j] = -INFINITY;
-  v8f mx = Load8(s);
+  vf mx = Load(s);
   for (int j = kLanes; j < padded; j += kLanes) {
-    const v8f x = Load8(s + j);
+    const vf x = Load(s + j);
     mx = x > mx ? x : mx;
   }
   float block_max = mx[0];
@@ -340,11 +361,11 @@ inline void SoftmaxUpdate(const Problem& pb, float* s, int n, float& m, float& l
     }
     m = block_max;
   }
-  const v8f mv = Splat(m);
-  v8f sum = {};
+  const vf mv = Splat(m);
+  vf sum = {};
   for (int j = 0; j < padded; j += kLanes) {
-    const v8f e = Exp8(Load8(s + j) - mv);
-    Store8(s + j, e);
+    const vf e = Exp(Load(s + j) - mv);
+    Store(s + j, e);
     sum += e;
   }
   for (int j = n; j < padded; ++j) {  // padding lanes: exp(-87), not 0
@@ -400,7 +421,7 @@ void RunUnit(const Problem& pb, const Unit& u, const int32_t* page_row, Scratch&
     // one per key and block of columns), counted for full pages.
     const int64_t group_calls = nq * pb.num_kv_heads * ((group + kGroupRows - 1) / kGroupRows);
     const int steps_per_page = static_cast<int>(
-        group_calls * (pb.page_size / 4 + pb.page_size * ((d + 31) / 32)));
+        group_calls * (pb.page_size / 4 + pb.page_size * ((d + 63) / 64)));
     for (int64_t page_col = first_lo / pb.page_size; page_col <= last_col; ++page_col) {
       const void* next_page = page_col < last_col ? page_at(page_col + 1) : after;
       if (next_page != nullptr) {
