@@ -7,8 +7,7 @@
 //   g++ -O3 -march=native -std=c++17 -fno-math-errno -pthread \
 //     -isystem "$(python -c 'import jax; print(jax.ffi.include_dir())')" \
 //     benchmarks/native/attention_cold.cc -o /tmp/attention_cold
-//   /tmp/attention_cold [context=192] [threads=1|2] [w: one shared, warm cache]
-//   F32=1 /tmp/attention_cold ...   # float32 cache (default bfloat16)
+//   /tmp/attention_cold [context=192] [threads=1|2] [cache=bf16|f32] [warm: one shared cache]
 //   add -DPA_SRC='"/path/to/other/paged_attention.cc"' to time another version of the kernel
 #ifndef PA_SRC
 #define PA_SRC "../../kernels/native/paged_attention.cc"
@@ -19,12 +18,13 @@
 #include <random>
 #include <thread>
 #include <algorithm>
+#include <string>
 int main(int argc, char** argv) {
   const int layers = 30, seqs = 32, ctx = argc > 1 ? atoi(argv[1]) : 192, page = 16, hq = 9, hkv = 3, d = 64;
-  const int threads = argc > 2 ? atoi(argv[2]) : 1; const int warm = argc > 3;
+  const int threads = argc > 2 ? atoi(argv[2]) : 1; const int warm = argc > 4;
   const int pages_per_seq = 256 / page * 4, num_pages = 1456;
   const size_t page_elems = (size_t)page * 2 * hkv * d;
-  const bool f32 = getenv("F32") != nullptr;
+  const bool f32 = argc > 3 && std::string(argv[3]) == "f32";
   std::vector<std::vector<uint16_t>> caches(layers, std::vector<uint16_t>(num_pages * page_elems * (f32 ? 2 : 1)));
   std::mt19937 g(1);
   for (auto& c : caches) for (auto& x : c) x = 0x3f80 + (g() & 0x7f);
