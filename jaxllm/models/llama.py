@@ -19,7 +19,7 @@ from flax import nnx
 
 from jaxllm.config import ModelConfig
 from jaxllm.kernels.quantized_weights import PackedWeight
-from jaxllm.models.layers import Embed, Linear, RMSNorm, apply_rope, rope_inverse_frequencies
+from jaxllm.models.layers import Embed, Linear, RMSNorm, apply_rope, rope_inverse_frequencies, rope_tables
 from jaxllm.models.params import check_params, logical_axes
 from jaxllm.models.quantized_layers import (
     QuantizedEmbed,
@@ -89,7 +89,7 @@ class DecoderLayer(nnx.Module):
         half = gate_up.shape[-1] // 2
         return gate_up[:, :half], gate_up[:, half:]
 
-    def __call__(self, x, positions, inv_freq, layer_cache, metadata, attention_fn: AttentionFn):
+    def __call__(self, x, rope_cos, rope_sin, layer_cache, metadata, attention_fn: AttentionFn):
         t = x.shape[0]
         h = self.input_norm(x)
         q, k, v = self._qkv(h)
@@ -98,7 +98,7 @@ class DecoderLayer(nnx.Module):
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        q, k = apply_rope(q, rope_cos, rope_sin), apply_rope(k, rope_cos, rope_sin)
         attn, layer_cache = attention_fn(
             q, k, v, layer_cache, metadata,
             sm_scale=self.head_dim ** -0.5, sliding_window=self.sliding_window, soft_cap=None)
@@ -118,7 +118,8 @@ class LlamaModel(nnx.Module):
     """
 
     def __init__(self, cfg: ModelConfig, params: Mapping[str, Any], dtype=jnp.float32,
-                 quantized: QuantizedMatmulOptions | None = None) -> None:
+                 quantized: QuantizedMatmulOptions | None = None,
+                 max_positions: int | None = None) -> None:
         check_params(cfg, params, "model parameters")
         self.config = cfg
         self.dtype = jnp.dtype(dtype)
@@ -135,16 +136,20 @@ class LlamaModel(nnx.Module):
         self.final_norm = RMSNorm(params["final_norm.scale"], cfg.rms_norm_eps, ("embed",), self.dtype)
         self.lm_head = (None if cfg.tie_word_embeddings else
                         make_linear(params, "lm_head", self.dtype, quantized))
-        self.inv_freq = nnx.Variable(jnp.asarray(rope_inverse_frequencies(cfg), jnp.float32))
+        # Positions past the table (max_positions, default the model's maximum) read its last row.
+        cos, sin = rope_tables(rope_inverse_frequencies(cfg),
+                               max(1, max_positions or cfg.max_position_embeddings))
+        self.rope_cos, self.rope_sin = nnx.Variable(jnp.asarray(cos)), nnx.Variable(jnp.asarray(sin))
 
     def __call__(self, input_ids: jax.Array, positions: jax.Array, kv_caches: list | None,
                  metadata: Any, attention_fn: AttentionFn) -> tuple[jax.Array, list]:
         """Hidden states [T, E] after the final norm, and the updated per-layer caches."""
         x = self.embed_tokens(input_ids)
         caches = list(kv_caches) if kv_caches is not None else [None] * len(self.layers)
-        inv_freq = self.inv_freq[...]
+        cos = jnp.take(self.rope_cos[...], positions, axis=0, mode="clip")
+        sin = jnp.take(self.rope_sin[...], positions, axis=0, mode="clip")
         for i, layer in enumerate(self.layers):
-            x, caches[i] = layer(x, positions, inv_freq, caches[i], metadata, attention_fn)
+            x, caches[i] = layer(x, cos, sin, caches[i], metadata, attention_fn)
         return self.final_norm(x), caches
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
@@ -167,8 +172,10 @@ def resolve_dtype(dtype: str, checkpoint_dtype: str = "float32") -> jnp.dtype:
 
 def build_model(cfg: ModelConfig, params: Mapping[str, np.ndarray | jax.Array | PackedWeight],
                 dtype: str | jnp.dtype = "auto",
-                quantized: QuantizedMatmulOptions | None = None) -> LlamaModel:
-    """The model for `cfg` holding `params` (flat naming of jaxllm.models.params)."""
+                quantized: QuantizedMatmulOptions | None = None,
+                max_positions: int | None = None) -> LlamaModel:
+    """The model for `cfg` holding `params` (flat naming of jaxllm.models.params);
+    `max_positions`: positions its rotary table covers (default the model's maximum)."""
     if isinstance(dtype, str):
         dtype = resolve_dtype(dtype, cfg.torch_dtype)
-    return LlamaModel(cfg, params, dtype, quantized)
+    return LlamaModel(cfg, params, dtype, quantized, max_positions)

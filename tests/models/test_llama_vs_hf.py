@@ -49,3 +49,25 @@ def test_rope_config_both_generations():
     a, b = ModelConfig.from_hf_dict(legacy), ModelConfig.from_hf_dict(new)
     assert a == b
     assert a.rope_theta == 500000.0 and a.rope_scaling.kind == "llama3"
+
+
+@pytest.mark.parametrize("kind", sorted(ARCH_CONFIGS))
+def test_rope_tables_match_transformers_rotary_embedding(kind):
+    """The model's cos/sin tables, read at random positions across the whole range, equal
+    HF's rotary embedding (llama3 and linear scaling included) to float32 rounding."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    hf = make_tiny_hf_model(kind, seed)
+    cfg = ModelConfig.from_hf_dict(hf.config.to_dict())
+    model = build_model(cfg, hf_state_to_flat(hf), "float32")
+    rng = np.random.default_rng(seed)
+    positions = rng.integers(0, cfg.max_position_embeddings, size=37)
+    rotary = LlamaRotaryEmbedding(config=hf.config)
+    with torch.no_grad():
+        cos, sin = rotary(torch.zeros(1, dtype=torch.float32), torch.tensor(positions[None]))
+    half = np.asarray(model.rope_cos[...]).shape[1]
+    np.testing.assert_allclose(np.asarray(model.rope_cos[...])[positions], cos[0, :, :half].numpy(),
+                               atol=2e-6, err_msg=f"seed={seed}")
+    np.testing.assert_allclose(np.asarray(model.rope_sin[...])[positions], sin[0, :, :half].numpy(),
+                               atol=2e-6, err_msg=f"seed={seed}")
