@@ -13,6 +13,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -143,8 +144,12 @@ class LLMEngine:
         self._sleeping_specs = None
         self._profiling = False
         self._last_result_time: float | None = None  # when the previous step's result arrived
-        self._stats.warmup_time_s = self.runner.warm_up(self.buckets.all(), self.tensors.dummy)
-        logger.info("warm-up compiled %d shapes in %.1f s", self.runner.compile_count,
+        store = (self.runner.program_store(str(Path(config.compilation_cache_dir) / "programs"))
+                 if config.compilation_cache_dir else None)
+        self._stats.warmup_time_s = self.runner.warm_up(self.buckets.all(), self.tensors.dummy,
+                                                        store=store)
+        logger.info("warm-up prepared %d programs (%d loaded from saved ones) in %.1f s",
+                    self.runner.compile_count, getattr(self.runner, "loaded_programs", 0),
                     self._stats.warmup_time_s)
 
     def _pages_from_budget(self) -> int:

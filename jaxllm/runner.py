@@ -8,7 +8,9 @@ compiled during warm-up; afterwards any new compilation is logged as an error an
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
+import re
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +23,14 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from jaxllm.buckets import Bucket
+from jaxllm.executable_store import (
+    ExecutableStore,
+    describe_inputs,
+    environment_fingerprint,
+    source_fingerprint,
+)
 from jaxllm.kernels import AttentionMetadata, ragged_paged_attention_from_metadata
+from jaxllm.kernels.native_build import native_targets_used, register_native_target
 from jaxllm.models.llama import LlamaModel
 from jaxllm.sampling import SamplingTensors, sample
 
@@ -82,12 +91,13 @@ class ModelRunner:
         # (tokens, seqs, pages) bucket: compile time is what users wait for at start-up.
         self._sample_fn = jax.jit(functools.partial(sample, max_logprobs=max_logprobs))
         self._prompt_logprobs_fn = jax.jit(self._prompt_logprobs)
-        self.warm_compiles: int | None = None  # programs compiled by warm-up
+        self.warm_compiles: int | None = None  # programs compiled (or loaded) by warm-up
+        self.loaded_programs = 0  # of which loaded from an ExecutableStore
         self.recompiles = 0
-        self._warm_steps: set[tuple[int, int, int]] = set()  # (tokens, seqs, pages) warmed
-        self._warm_sample_rows: set[int] = set()
-        self._warm_prompt_rows: set[int] = set()
-        self._first_calls: set[tuple[str, object]] = set()
+        # Warm-up's programs, called directly (no re-trace on a shape's first call):
+        self._steps: dict[tuple[int, int, int], jax.stages.Compiled] = {}  # (tokens, seqs, pages)
+        self._samplers: dict[int, jax.stages.Compiled] = {}  # by rows
+        self._prompt_programs: dict[int, jax.stages.Compiled] = {}  # by token rows
 
     # -- jitted bodies -------------------------------------------------------------------
     @property
@@ -119,18 +129,14 @@ class ModelRunner:
 
         Host arrays go to jit as numpy: its C++ dispatch moves them in one go, measurably
         cheaper than a jnp.asarray per array (the host gap between steps)."""
-        step_before = self._step_fn._cache_size()
-        sample_before = self._sample_fn._cache_size()
-        logits, self.kv_caches, hidden = self._step_fn(
+        t, s = arrays["input_ids"].shape[0], arrays["logits_indices"].shape[0]
+        shape = (t, s, arrays["page_indices"].shape[1])
+        step = self._steps.get(shape) or self._counted(self._step_fn, "step", shape)
+        logits, self.kv_caches, hidden = step(
             self.state_leaves, self.kv_caches, arrays["input_ids"], arrays["positions"],
             _metadata(arrays), arrays["logits_indices"])
-        out = self._sample_fn(logits, tensors)
-        t, s = arrays["input_ids"].shape[0], arrays["logits_indices"].shape[0]
-        self._note_compiles(step_before, self._step_fn._cache_size(), "step",
-                            (t, s, arrays["page_indices"].shape[1]), self._warm_steps)
-        self._note_compiles(sample_before, self._sample_fn._cache_size(), "sampler", s,
-                            self._warm_sample_rows)
-        return out, hidden
+        sampler = self._samplers.get(s) or self._counted(self._sample_fn, "sampler", s)
+        return sampler(logits, tensors), hidden
 
     @staticmethod
     def fetch(out) -> StepResult:
@@ -146,42 +152,74 @@ class ModelRunner:
         pr = np.zeros(t, np.int32)
         pt = np.zeros(t, np.int32)
         pr[:n], pt[:n] = rows, targets
-        before = self._prompt_logprobs_fn._cache_size()
-        res = self._prompt_logprobs_fn(self.state_leaves, hidden, jnp.asarray(pr), jnp.asarray(pt))
-        self._note_compiles(before, self._prompt_logprobs_fn._cache_size(), "prompt_logprobs", t,
-                            self._warm_prompt_rows)
+        fn = (self._prompt_programs.get(t)
+              or self._counted(self._prompt_logprobs_fn, "prompt_logprobs", t))
+        res = fn(self.state_leaves, hidden, jnp.asarray(pr), jnp.asarray(pt))
         chosen, rank, ids, vals = (np.asarray(x)[:n] for x in jax.device_get(res))
         return chosen, rank, ids, vals
 
-    def warm_up(self, buckets: Iterable[Bucket], dummy_tensors, *, compile_threads: int = 2
-                ) -> float:
+    def warm_up(self, buckets: Iterable[Bucket], dummy_tensors, *, compile_threads: int = 2,
+                store: ExecutableStore | None = None) -> float:
         """Compile every bucket's step, sampler and prompt-logprobs programs ahead of time;
         returns seconds taken.
 
         Programs are traced and lowered here, then compiled on `compile_threads` threads (XLA
         releases the GIL while compiling), without running them: executing a dummy step of
-        the widest buckets took seconds each. The executables land in JAX's in-memory cache
-        (and the persistent one, when enabled), so a step's first real call only re-traces.
+        the widest buckets took seconds each. Steps call these programs directly afterwards.
+        The samplers and prompt-logprobs programs are traced from the compiled steps' outputs
+        (a sharded step's logits come out sharded; only the compiled program says how).
+        With a `store`, programs saved by an earlier start are loaded instead of traced (most
+        of a warm start was tracing), and newly compiled ones are saved to it.
         """
         start = time.perf_counter()
         buckets = list(buckets)
-        lowered = []
-        for b in tqdm(buckets, desc="tracing step buckets", unit="shape"):
-            step = self._trace_step(b).lower()
-            logits, _, hidden = step.out_info
-            lowered.append(step)
-            if b.num_seqs not in self._warm_sample_rows:
-                self._warm_sample_rows.add(b.num_seqs)
-                lowered.append(self._sample_fn.trace(logits, dummy_tensors(b.num_seqs)).lower())
-            if b.num_tokens not in self._warm_prompt_rows:
-                self._warm_prompt_rows.add(b.num_tokens)
-                rows = jax.ShapeDtypeStruct((b.num_tokens,), jnp.int32)
-                lowered.append(self._prompt_logprobs_fn.trace(self.state_leaves, hidden, rows, rows).lower())
-            self._warm_steps.add((b.num_tokens, b.num_seqs, b.pages_per_seq))
-        with ThreadPoolExecutor(max(1, compile_threads)) as pool:
-            list(tqdm(pool.map(lambda low: low.compile(), lowered), total=len(lowered),
-                      desc="compiling step buckets", unit="program"))
-        self.warm_compiles = len(lowered)
+        shared = describe_inputs((self.state_leaves, self.kv_caches)) if store else ""
+        pending: list[tuple] = []  # (table, key, name, inputs, lowered, native targets)
+
+        def want(table: dict, key, name: str, args: tuple, trace, derived: bool = False) -> None:
+            """Load (table, key) from the store, or queue its lowering for compile_pending.
+            `derived`: args include a step's outputs (see describe_inputs)."""
+            if key in table or any(p[0] is table and p[1] == key for p in pending):
+                return
+            inputs = (f"{shared}\n{describe_inputs(args, shardings=not derived)}"
+                      if store else "")
+            program = store.load(name, inputs) if store else None
+            if program is not None:
+                table[key] = program
+                self.loaded_programs += 1
+                return
+            lowered = trace(*args).lower()
+            needs = native_targets_used(lowered.as_text()) if store else []
+            pending.append((table, key, name, inputs, lowered, needs))
+
+        def compile_pending(desc: str) -> None:
+            with ThreadPoolExecutor(max(1, compile_threads)) as pool:
+                compiled = list(tqdm(pool.map(lambda p: p[4].compile(), pending),
+                                     total=len(pending), desc=desc, unit="program"))
+            for (table, key, name, inputs, _, needs), program in zip(pending, compiled,
+                                                                      strict=True):
+                table[key] = program
+                if store:
+                    store.save(name, inputs, program, needs)
+            pending.clear()
+
+        self.loaded_programs = 0
+        for b in tqdm(buckets, desc="preparing step buckets", unit="shape"):
+            arrays = _blank_step_arrays(b)
+            want(self._steps, (b.num_tokens, b.num_seqs, b.pages_per_seq), "step",
+                 (arrays["input_ids"], arrays["positions"], _metadata(arrays),
+                  arrays["logits_indices"]),
+                 lambda *a: self._step_fn.trace(self.state_leaves, self.kv_caches, *a))
+        compile_pending("compiling step buckets")
+        for b in buckets:
+            logits, _, hidden = self._steps[(b.num_tokens, b.num_seqs, b.pages_per_seq)].out_info
+            want(self._samplers, b.num_seqs, "sampler", (logits, dummy_tensors(b.num_seqs)),
+                 self._sample_fn.trace, derived=True)
+            rows = jax.ShapeDtypeStruct((b.num_tokens,), jnp.int32)
+            want(self._prompt_programs, b.num_tokens, "prompt_logprobs", (hidden, rows, rows),
+                 lambda *a: self._prompt_logprobs_fn.trace(self.state_leaves, *a), derived=True)
+        compile_pending("compiling samplers")
+        self.warm_compiles = len(self._steps) + len(self._samplers) + len(self._prompt_programs)
         return time.perf_counter() - start
 
     def warm_up_by_running(self, buckets: Iterable[Bucket], dummy_tensors) -> float:
@@ -197,10 +235,19 @@ class ModelRunner:
         self.warm_compiles = self._jit_cache_entries()
         return time.perf_counter() - start
 
-    def _trace_step(self, b: Bucket):
-        arrays = _blank_step_arrays(b)
-        return self._step_fn.trace(self.state_leaves, self.kv_caches, arrays["input_ids"],
-                                   arrays["positions"], _metadata(arrays), arrays["logits_indices"])
+    def program_store(self, directory: str) -> ExecutableStore:
+        """A store for this runner's programs: keyed by the code, the environment and the
+        model's static structure (what its jitted functions close over)."""
+        import jaxllm
+        import jaxllm.kernels
+
+        static = "\n".join([repr(self.graphdef), repr(self.attention_fn), str(self.max_logprobs),
+                            str(self._state_treedef)])
+        static = re.sub(r" at 0x[0-9a-f]+", "", static)  # function reprs carry addresses
+        fingerprint = hashlib.sha256("\0".join([
+            source_fingerprint([jaxllm, jaxllm.kernels]), environment_fingerprint(), static,
+        ]).encode()).hexdigest()
+        return ExecutableStore(directory, fingerprint, prepare=register_native_target)
 
     @property
     def compile_count(self) -> int:
@@ -211,19 +258,19 @@ class ModelRunner:
         return (self._step_fn._cache_size() + self._sample_fn._cache_size()
                 + self._prompt_logprobs_fn._cache_size())
 
-    def _note_compiles(self, before: int, after: int, what: str, key, warmed: set) -> None:
-        """Count jit cache entries added after warm-up, except the one entry a warmed shape
-        adds on its first call (its executable comes from warm-up's compile)."""
-        if after <= before or self.warm_compiles is None:
-            return
-        added = after - before
-        if key in warmed and (what, key) not in self._first_calls:
-            self._first_calls.add((what, key))
-            added -= 1
-        if added > 0:
-            self.recompiles += added
-            logger.error("recompiled %s for shape %s after warm-up (%d so far)", what, key,
-                         self.recompiles)
+    def _counted(self, fn, what: str, key):
+        """`fn` (a jit function) wrapped to count and log the compilations a call adds after
+        warm-up: warm-up's programs are called directly, so any is a shape it missed."""
+        def call(*args):
+            before = fn._cache_size()
+            out = fn(*args)
+            added = fn._cache_size() - before
+            if added > 0 and self.warm_compiles is not None:
+                self.recompiles += added
+                logger.error("recompiled %s for shape %s after warm-up (%d so far)", what, key,
+                             self.recompiles)
+            return out
+        return call
 
     def drop_kv_caches(self) -> list[tuple[tuple[int, ...], jnp.dtype, object]]:
         """Free the KV cache arrays (sleep); returns what is needed to re-create them."""

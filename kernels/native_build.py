@@ -46,6 +46,7 @@ PAGED_ATTENTION = NativeKernel(
     "jaxllm_ragged_paged_attention")
 QUANTIZED_MATMUL = NativeKernel(
     _NATIVE_DIR / "quantized_matmul.cc", "JaxllmQuantizedMatmul", "jaxllm_quantized_matmul")
+NATIVE_KERNELS = (PAGED_ATTENTION, QUANTIZED_MATMUL)
 # No -ffast-math: it lets the compiler assume no NaN/inf, which the masking relies on seeing.
 DEFAULT_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
 
@@ -66,7 +67,7 @@ class NativeBuildConfig:
         return self.cache_dir or Path.home() / ".cache" / "jaxllm" / "native"
 
 
-def _cpu_flags() -> str:
+def cpu_features() -> str:
     """The CPU's feature flags (what -march=native compiles for)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -92,7 +93,7 @@ def library_path(config: NativeBuildConfig, kernel: NativeKernel = PAGED_ATTENTI
         _compiler_version(config.compiler).encode(),
         " ".join(config.flags).encode(),
         jaxlib.__version__.encode(),
-        _cpu_flags().encode(),
+        cpu_features().encode(),
     ):
         key.update(part)
         key.update(b"\0")
@@ -156,6 +157,21 @@ def native_kernel_available(kernel: NativeKernel, config: NativeBuildConfig | No
         logger.warning("native CPU kernel %s unavailable: %s", kernel.source.name, e)
         return False
     return True
+
+
+def native_targets_used(program_text: str) -> list[str]:
+    """FFI targets of the native kernels that a lowered program's text calls."""
+    return [k.target for k in NATIVE_KERNELS if k.target in program_text]
+
+
+def register_native_target(target: str, config: NativeBuildConfig | None = None) -> None:
+    """Register the native kernel behind `target` (a program loaded from disk calls it: the
+    handler must be registered before XLA loads the program)."""
+    for kernel in NATIVE_KERNELS:
+        if kernel.target == target:
+            register_native_kernel(kernel, config)
+            return
+    raise ValueError(f"no native kernel has FFI target {target!r}")
 
 
 def register_native_attention(config: NativeBuildConfig | None = None) -> str:

@@ -19,7 +19,14 @@ from flax import nnx
 
 from jaxllm.config import ModelConfig
 from jaxllm.kernels.quantized_weights import PackedWeight
-from jaxllm.models.layers import Embed, Linear, RMSNorm, apply_rope, rope_inverse_frequencies, rope_tables
+from jaxllm.models.layers import (
+    Embed,
+    Linear,
+    RMSNorm,
+    apply_rope,
+    rope_inverse_frequencies,
+    rope_tables,
+)
 from jaxllm.models.params import check_params, logical_axes
 from jaxllm.models.quantized_layers import (
     QuantizedEmbed,
