@@ -22,7 +22,6 @@ IMPLEMENTATIONS = ("native", "reference")
 # "float32": exact products of float32 x and the weights. "bfloat16": x rounded to bfloat16 first
 # (weights stay exact, sums float32): twice the multiply-add rate on CPUs with AVX512-BF16.
 PRECISIONS = QUANTIZED_ACTIVATIONS
-ROW_TILE = 16  # rows of x per register tile of the native kernel at float32 precision
 
 
 def default_impl(backend: str | None = None) -> str:
@@ -63,11 +62,6 @@ def quantized_matmul(x: jax.Array, codes: jax.Array, scales: jax.Array, mins: ja
         return jnp.zeros((0, n), jnp.float32)
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, n), jnp.float32))
     mins = scales if mins is None else mins
-    if precision == "bfloat16":  # the kernel rounds and pairs x itself
-        return call(x, codes, scales, mins, precision=np.int32(1))
-    # Rows in tiles of the kernel's register tile, row index fastest: [tiles, k, width] (one
-    # row: a free reshape; up to 16: a transpose; more: padded to whole tiles).
-    width = min(m, ROW_TILE)
-    tiles = -(-m // width)
-    x_tiles = jnp.pad(x, ((0, tiles * width - m), (0, 0))).reshape(tiles, width, k)
-    return call(x_tiles.transpose(0, 2, 1), codes, scales, mins, precision=np.int32(0))
+    # x row-major: the kernel lays it out in its register tiles (float32) or rounds and pairs
+    # it (bfloat16) itself, cheaper than an XLA transpose before each call.
+    return call(x, codes, scales, mins, precision=np.int32(1 if precision == "bfloat16" else 0))

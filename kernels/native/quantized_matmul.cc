@@ -96,7 +96,7 @@ inline v16f SignedBytesToFloats(const int8_t* p) {
 }
 
 struct Problem {
-  const float* x;         // float32 precision: [tiles, K, W]
+  const float* x;         // float32 precision: [tiles, K, W] (TileRows)
   const uint32_t* xp;     // bfloat16 precision: bfloat16 pairs [tiles, B, 16, W] (PreparePairs)
   const float* xsums;     // bfloat16 precision: block sums of the rounded x [tiles, B, W]
   const uint8_t* codes;
@@ -392,10 +392,28 @@ struct Job {
   }
 };
 
+// x f32 [M, K] row-major -> [tiles, K, W], row index fastest (rows past M are zero): what Tile
+// reads. On the calling thread before the units start: microseconds for a decode batch, where
+// an XLA transpose before the call cost a fusion of its own per matmul.
+void TileRows(const float* x, int64_t rows, int64_t k, int64_t w, float* out) {
+  const int64_t tiles = (rows + w - 1) / w;
+  for (int64_t t = 0; t < tiles; ++t) {
+    float* tile = out + t * k * w;
+    const int64_t live = std::min<int64_t>(w, rows - t * w);
+    for (int64_t r = 0; r < live; ++r) {
+      const float* row = x + (t * w + r) * k;
+      for (int64_t i = 0; i < k; ++i) tile[i * w + r] = row[i];
+    }
+    for (int64_t r = live; r < w; ++r) {
+      for (int64_t i = 0; i < k; ++i) tile[i * w + r] = 0.0f;
+    }
+  }
+}
+
 constexpr int kPairMaxRows = 12;  // bfloat16 register tile: a block sum and a total per row live
 
-// precision 0: float32, x f32 [ceil(M/W), K, W] tiled by the caller; 1: bfloat16, x f32 [M, K]
-// row-major, rounded and paired here (PreparePairs) into a per-thread scratch buffer.
+// x f32 [M, K] row-major. precision 0: float32, x tiled here (TileRows); 1: bfloat16, x rounded
+// and paired here (PreparePairs); either into a per-thread scratch buffer.
 ffi::Error QuantizedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                ffi::AnyBuffer codes, ffi::Buffer<ffi::F16> scales,
                                ffi::Buffer<ffi::F16> mins, ffi::ResultBuffer<ffi::F32> y,
@@ -408,11 +426,9 @@ ffi::Error QuantizedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     return ffi::Error::InvalidArgument("quantized matmul: precision must be 0 or 1");
   }
   const bool bf16 = precision == 1;
-  if (x_dims.size() != (bf16 ? 2u : 3u) || c_dims.size() != 4 || s_dims.size() != 3 ||
-      y_dims.size() != 2) {
+  if (x_dims.size() != 2 || c_dims.size() != 4 || s_dims.size() != 3 || y_dims.size() != 2) {
     return ffi::Error::InvalidArgument(
-        "quantized matmul: x must be rank 3 (float32) or 2 (bfloat16), y rank 2, codes rank 4, "
-        "scales rank 3");
+        "quantized matmul: x and y must be rank 2, codes rank 4, scales rank 3");
   }
   auto job = std::make_shared<Job>();
   Problem& pb = job->pb;
@@ -422,7 +438,8 @@ ffi::Error QuantizedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   pb.groups = c_dims[0];
   pb.blocks = c_dims[1];
   pb.k = pb.blocks * kBlock;
-  pb.tile_width = bf16 ? std::min<int64_t>(pb.rows, kPairMaxRows) : x_dims[2];
+  pb.tile_width =
+      std::max<int64_t>(1, std::min<int64_t>(pb.rows, bf16 ? kPairMaxRows : kMaxRows));
   if (codes.element_type() == ffi::DataType::U8) {
     pb.q4 = true;
   } else if (codes.element_type() == ffi::DataType::S8) {
@@ -431,10 +448,7 @@ ffi::Error QuantizedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     return ffi::Error::InvalidArgument("quantized matmul: codes must be u8 (q4) or s8 (q8)");
   }
   const int64_t rows_per_block = pb.q4 ? kBlock / 2 : kBlock;
-  const bool x_ok = bf16 ? (x_dims[0] == pb.rows && x_dims[1] == pb.k)
-                         : (x_dims[1] == pb.k && pb.tile_width >= 1 &&
-                            pb.tile_width <= kMaxRows &&
-                            x_dims[0] == (pb.rows + pb.tile_width - 1) / pb.tile_width);
+  const bool x_ok = x_dims[0] == pb.rows && x_dims[1] == pb.k;
   if (c_dims[2] != rows_per_block || c_dims[3] != kCols || !x_ok || s_dims[0] != pb.groups ||
       s_dims[1] != pb.blocks || s_dims[2] != kCols || pb.n > pb.groups * kCols ||
       pb.n <= (pb.groups - 1) * kCols ||
@@ -447,12 +461,18 @@ ffi::Error QuantizedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   pb.scales = reinterpret_cast<const _Float16*>(scales.typed_data());
   pb.mins = reinterpret_cast<const _Float16*>(mins.typed_data());
   pb.y = y->typed_data();
+  // Scratch reused across calls on this thread (no allocation per call); read by the pool
+  // tasks only while this call waits for them.
+  const int64_t tiles = (pb.rows + pb.tile_width - 1) / pb.tile_width;
+  if (!bf16 && pb.tile_width > 1) {  // one row: [1, K] is already its own tile
+    thread_local std::vector<float> tiled;
+    tiled.resize(std::max<size_t>(tiled.size(), tiles * pb.tile_width * pb.k));
+    TileRows(pb.x, pb.rows, pb.k, pb.tile_width, tiled.data());
+    pb.x = tiled.data();
+  }
   if (bf16) {
-    // Reused across calls on this thread (no allocation per call); read by the pool tasks only
-    // while this call waits for them.
     thread_local std::vector<uint32_t> pairs;
     thread_local std::vector<float> sums;
-    const int64_t tiles = (pb.rows + pb.tile_width - 1) / pb.tile_width;
     pairs.resize(std::max<size_t>(pairs.size(), tiles * pb.tile_width * pb.k / 2));
     sums.resize(std::max<size_t>(sums.size(), tiles * pb.tile_width * pb.blocks));
     PreparePairs(pb.x, pb.rows, pb.blocks, pb.tile_width, pairs.data(), sums.data());
