@@ -149,7 +149,7 @@ class LLMEngine:
         self._stats.warmup_time_s = self.runner.warm_up(self.buckets.all(), self.tensors.dummy,
                                                         store=store)
         logger.info("warm-up prepared %d programs (%d loaded from saved ones) in %.1f s",
-                    self.runner.compile_count, getattr(self.runner, "loaded_programs", 0),
+                    self.runner.compile_count, self.runner.loaded_programs,
                     self._stats.warmup_time_s)
 
     def _pages_from_budget(self) -> int:

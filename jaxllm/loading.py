@@ -182,19 +182,20 @@ def _parts_on(config: EngineConfig, host: _HostModel, mesh: Mesh | None) -> Engi
     if max_len > cfg.max_position_embeddings:
         logger.warning("max_model_len %d exceeds the model's max_position_embeddings %d",
                        max_len, cfg.max_position_embeddings)
+    rope_positions = max(max_len, cfg.max_position_embeddings)  # the model's cos/sin table
     backend = jax.default_backend()
     page_size = config.page_size or (16 if backend == "cpu" else 64)
     kv_sharding = attention_wrapper = None
     if mesh is None:
         model = build_model(cfg, host.params, host.dtype,
                             QuantizedMatmulOptions(precision=config.quantized_activations),
-                            max_positions=max(max_len, cfg.max_position_embeddings))
+                            max_positions=rope_positions)
     else:
         # Each parameter goes straight to its slices (no full copy on one device first).
         shardings = flat_param_shardings({k: v.shape for k, v in host.params.items()}, mesh)
         placed = {k: place_array(v, shardings[k]) for k, v in host.params.items()}
-        model = _place_remaining(build_model(cfg, placed, host.dtype, max_positions=max(
-            max_len, cfg.max_position_embeddings)), mesh)
+        model = _place_remaining(
+            build_model(cfg, placed, host.dtype, max_positions=rope_positions), mesh)
         kv_sharding = _without_trailing_none(kv_cache_sharding(mesh))
         attention_wrapper = _AttentionWrapper(mesh)
     return EngineParts(model_config=cfg, model=model, tokenizer=host.tokenizer,

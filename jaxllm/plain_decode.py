@@ -48,6 +48,10 @@ def forward_logits(model: LlamaModel, seqs: Sequence[Sequence[int]],
                    kv_dtype: str | None = None) -> list[np.ndarray]:
     """Float32 logits [len(s), V] for every token of every sequence (a ragged batch); K/V
     rounded to `kv_dtype` first when given (what a KV cache of that dtype holds)."""
+    longest = max((len(s) for s in seqs), default=0)
+    if longest > model.max_positions:
+        raise ValueError(f"a sequence of {longest} tokens exceeds the model's "
+                         f"{model.max_positions} positions (build_model(max_positions=...))")
     ids, pos, seg = flatten_batch(seqs)
     logits = np.asarray(_forward_all(model, jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(seg),
                                      kv_dtype=kv_dtype))

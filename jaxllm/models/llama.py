@@ -143,7 +143,8 @@ class LlamaModel(nnx.Module):
         self.final_norm = RMSNorm(params["final_norm.scale"], cfg.rms_norm_eps, ("embed",), self.dtype)
         self.lm_head = (None if cfg.tie_word_embeddings else
                         make_linear(params, "lm_head", self.dtype, quantized))
-        # Positions past the table (max_positions, default the model's maximum) read its last row.
+        # Positions past the table (max_positions, default the model's maximum) would read its
+        # last row: the engine admits none (max_model_len <= max_positions), plain_decode checks.
         cos, sin = rope_tables(rope_inverse_frequencies(cfg),
                                max(1, max_positions or cfg.max_position_embeddings))
         self.rope_cos, self.rope_sin = nnx.Variable(jnp.asarray(cos)), nnx.Variable(jnp.asarray(sin))
@@ -158,6 +159,11 @@ class LlamaModel(nnx.Module):
         for i, layer in enumerate(self.layers):
             x, caches[i] = layer(x, cos, sin, caches[i], metadata, attention_fn)
         return self.final_norm(x), caches
+
+    @property
+    def max_positions(self) -> int:
+        """Positions 0 .. max_positions - 1 have rotary angles (the cos/sin table's rows)."""
+        return self.rope_cos.shape[0]
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
         """Float32 logits [N, V] for the rows that need them."""

@@ -71,3 +71,15 @@ def test_rope_tables_match_transformers_rotary_embedding(kind):
                                atol=2e-6, err_msg=f"seed={seed}")
     np.testing.assert_allclose(np.asarray(model.rope_sin[...])[positions], sin[0, :, :half].numpy(),
                                atol=2e-6, err_msg=f"seed={seed}")
+
+
+def test_sequence_past_the_rotary_table_is_rejected():
+    """A position the cos/sin table lacks would silently reuse its last row: refused instead."""
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    hf = make_tiny_hf_model("llama", seed)
+    cfg = ModelConfig.from_hf_dict(hf.config.to_dict())
+    model = build_model(cfg, hf_state_to_flat(hf), "float32", max_positions=16)
+    assert model.max_positions == 16
+    assert forward_logits(model, [[1] * 16])[0].shape == (16, cfg.vocab_size)
+    with pytest.raises(ValueError, match="exceeds the model's 16 positions"):
+        forward_logits(model, [[1] * 5, [2] * 17])
