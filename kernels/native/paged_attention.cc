@@ -148,6 +148,10 @@ inline vf Exp(vf x) {
 // The next page's cache lines, issued a few at a time from the inner loops of the current
 // page: issued all at once they fill the core's miss buffers, the prefetch instructions stall
 // and the compute waits for them (measured: cold pages cost as much again as the compute).
+// Into L2 (prefetcht1), not L1: L2 tracks more misses in flight, and a float32 page (24 KB)
+// next to the current one does not fit a 32 KB L1. Measured on Zen 4, 30 layers of batch-32
+// decode attention at context 192: 18.7 -> 13.2 ms (bfloat16 cache), 21.3 -> 15.7 ms (float32);
+// prefetching two pages ahead or a whole page at once was no better.
 struct Prefetcher {
   const char* next = nullptr;
   const char* end = nullptr;
@@ -160,10 +164,10 @@ struct Prefetcher {
     per_step = static_cast<int>(std::max<std::ptrdiff_t>(1, (lines + steps - 1) / std::max(1, steps)));
   }
   inline void Step() {
-    for (int i = 0; i < per_step && next < end; ++i, next += 64) __builtin_prefetch(next, 0, 3);
+    for (int i = 0; i < per_step && next < end; ++i, next += 64) __builtin_prefetch(next, 0, 2);
   }
   void Finish() {
-    for (; next < end; next += 64) __builtin_prefetch(next, 0, 3);
+    for (; next < end; next += 64) __builtin_prefetch(next, 0, 2);
   }
 };
 
