@@ -172,9 +172,10 @@ def _read_rope(d: dict[str, Any]) -> tuple[float, RopeScaling, float]:
 
 
 QUANTIZATION_MODES = ("auto", "gguf", "none")
-# Activations entering matmuls with weights kept in GGUF blocks: float32 (exact products) or
-# rounded to bfloat16 (weights exact, float32 sums; ~1.5x the CPU kernel's rate with AVX512-BF16).
-QUANTIZED_ACTIVATIONS = ("float32", "bfloat16")
+# Activations entering matmuls with weights kept in GGUF blocks: float32 (exact products),
+# rounded to bfloat16 (weights exact, float32 sums; ~1.5x the CPU kernel's rate with AVX512-BF16)
+# or quantized to int8 per block of 32 as llama.cpp does (integer dot products with AVX512-VNNI).
+QUANTIZED_ACTIVATIONS = ("float32", "bfloat16", "int8")
 # The paged KV cache's element type: "auto" is the model's dtype; "bfloat16" under a float32
 # model halves the bytes decode attention reads (K/V rounded when written; math stays float32).
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16")

@@ -31,11 +31,11 @@ from jaxllm.kernels.native_build import cpu_features
 
 logger = logging.getLogger(__name__)
 
-_SOURCE_SUFFIXES = (".py", ".cc")
+_SOURCE_SUFFIXES = (".py", ".cc", ".h")
 
 
 def source_fingerprint(packages: Iterable[Any]) -> str:
-    """sha256 of every .py / .cc file under the given packages' directories."""
+    """sha256 of every .py / .cc / .h file under the given packages' directories."""
     h = hashlib.sha256()
     for pkg in packages:
         root = Path(pkg.__file__).parent

@@ -4,9 +4,9 @@ Two kernels: ragged paged attention (kernels/cpu_native.py) and the matmul over 
 quantization blocks (kernels/quantized_matmul.py); each is its own library and FFI target.
 
 The shared library is compiled with the system C++ compiler into a cache directory, under a
-file name keyed on everything that decides its machine code: the source, the compiler and its
-flags, the jaxlib version (FFI headers) and the CPU's feature flags, so a -march=native build is
-never loaded on a different CPU. Builds go to a temporary file renamed into place, so parallel
+file name keyed on everything that decides its machine code: the source and the headers beside
+it, the compiler and its flags, the jaxlib version (FFI headers) and the CPU's feature flags, so
+a -march=native build is never loaded on a different CPU. Builds go to a temporary file renamed into place, so parallel
 processes never see a half-written library. Failures raise NativeBuildError with the
 compiler's output; native_attention_available() turns that into False (and one warning).
 """
@@ -87,8 +87,10 @@ def _compiler_version(compiler: str) -> str:
 def library_path(config: NativeBuildConfig, kernel: NativeKernel = PAGED_ATTENTION) -> Path:
     """The cached library's path for this source, toolchain, jaxlib and CPU."""
     key = hashlib.sha256()
+    headers = sorted(kernel.source.parent.glob("*.h"))  # what the source may include
     for part in (
         kernel.source.read_bytes(),
+        *(h.read_bytes() for h in headers),
         config.compiler.encode(),
         _compiler_version(config.compiler).encode(),
         " ".join(config.flags).encode(),

@@ -12,13 +12,15 @@
 //   q4: codes u8 [G, B, 16, 16]: byte [g, b, j, l] = q[32b+j] | q[32b+j+16] << 4 of column
 //       16g+l (GGUF's own nibble pairing); scales, mins f16 [G, B, 16]; w = d * q + m.
 //   q8: codes s8 [G, B, 32, 16]: q[32b+j] of column 16g+l; scales f16 [G, B, 16]; w = d * q.
-// Inputs: x in tiles of W <= 16 rows (the caller picks W, pads and transposes), the row index
-// fastest, so a tile's broadcasts are offsets from one pointer:
-//   float32 precision: x f32 [ceil(M/W), K, W], x[r, i] at ((r / W) * K + i) * W + r % W;
-//   bfloat16 precision: x u32 [ceil(M/W), K/2, W], each a pair of bfloat16
-//       (x[r, 32b+j], x[r, 32b+j+16]) at ((r / W) * K/2 + 16b + j) * W + r % W;
-// xsums f32 [ceil(M/W), K/32, W]: per block the sum of the bfloat16 x (q4 at bfloat16
-// precision only; otherwise ignored, any shape); codes, scales, mins (q8: ignored, any shape).
+// Inputs: x f32 [M, K] row-major, codes, scales, mins (q8: ignored, any shape). Per precision
+// the kernel first lays x out in a per-thread scratch buffer, for tiles of W rows:
+//   float32: [ceil(M/W), K, W], row index fastest, so a tile's broadcasts are offsets from one
+//       pointer (TileRows; W <= 16);
+//   bfloat16: pairs of bfloat16 (x[r, 32b+j], x[r, 32b+j+16]) as u32 [ceil(M/W), K/2, W] and
+//       per block the sum of the rounded x (PreparePairs; W <= 12);
+//   int8: x quantized per row and block of 32, row-major, with per-block scales
+//       (quantized_matmul_int8.h; W <= 8), block sums in integers with vpdpbusd (AVX512-VNNI
+//       and VBMI; portable loops otherwise).
 // Output: y f32 [M, N] row-major, N <= 16 G (columns past N are padding and never written).
 //
 // Work: a register tile of up to 16 rows of x against one group's 16 columns, over all of K.
@@ -38,6 +40,7 @@
 #include <mutex>
 #include <vector>
 
+#include "quantized_matmul_int8.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -99,12 +102,16 @@ struct Problem {
   const float* x;         // float32 precision: [tiles, K, W] (TileRows)
   const uint32_t* xp;     // bfloat16 precision: bfloat16 pairs [tiles, B, 16, W] (PreparePairs)
   const float* xsums;     // bfloat16 precision: block sums of the rounded x [tiles, B, W]
+  const int8_t* xq;       // int8 precision: x quantized [M, K] (QuantizeRows), and + 128 (q8)
+  const uint8_t* xu;
+  const float* xscale;    // int8 precision: per row and block [M, B], d and d * sum(q)
+  const float* xoffset;
   const uint8_t* codes;
   const _Float16* scales;
   const _Float16* mins;
   float* y;
   int64_t rows, k, n, groups, blocks, tile_width;
-  bool q4, bf16;
+  bool q4, bf16, int8;
 };
 
 // Independent accumulator chains per row, so the FMA latency is hidden even for a few rows.
@@ -307,12 +314,81 @@ void PreparePairs(const float* x, int64_t rows, int64_t blocks, int64_t w, uint3
   }
 }
 
+// --- int8 precision (quantized_matmul_int8.h) ----------------------------------------------
+
+// As Tile, at int8 precision, for the R rows from row0: exact integer block sums, then scaled.
+template <bool kQ4, int R>
+void Int8Tile(const Problem& pb, int64_t g, int64_t row0, float* y_rows) {
+  v16f total[R];
+  for (int r = 0; r < R; ++r) total[r] = v16f{};
+  for (int64_t b = 0; b < pb.blocks; ++b) {
+    const int64_t gb = g * pb.blocks + b;
+    v16i sums[R];
+#if defined(__AVX512VNNI__) && defined(__AVX512VBMI__) && defined(__AVX512BW__)
+    __m512i w[8];
+    __m512i start = _mm512_setzero_si512();
+    if constexpr (kQ4) {
+      int8_activations::Q4Quads(pb.codes + gb * (kBlock / 2) * kCols, w);
+    } else {
+      start = int8_activations::Q8Quads(
+          reinterpret_cast<const int8_t*>(pb.codes) + gb * kBlock * kCols, w);
+    }
+    __m512i acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = start;
+    for (int i = 0; i < 8; ++i) {
+      for (int r = 0; r < R; ++r) {
+        const int64_t at = (row0 + r) * pb.k + b * kBlock + 4 * i;
+        if constexpr (kQ4) {
+          acc[r] = _mm512_dpbusd_epi32(acc[r], w[i],
+                                       _mm512_set1_epi32(int8_activations::Quad(pb.xq + at)));
+        } else {
+          acc[r] = _mm512_dpbusd_epi32(acc[r],
+                                       _mm512_set1_epi32(int8_activations::Quad(pb.xu + at)), w[i]);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) sums[r] = (v16i)acc[r];
+#else
+    for (int r = 0; r < R; ++r) {
+      const int8_t* xb = pb.xq + (row0 + r) * pb.k + b * kBlock;
+      for (int l = 0; l < kCols; ++l) {
+        int32_t s = 0;
+        for (int j = 0; j < kBlock; ++j) {
+          int32_t code;
+          if constexpr (kQ4) {
+            const uint8_t byte = pb.codes[(gb * (kBlock / 2) + j % 16) * kCols + l];
+            code = j < 16 ? (byte & 15) : (byte >> 4);
+          } else {
+            code = reinterpret_cast<const int8_t*>(pb.codes)[(gb * kBlock + j) * kCols + l];
+          }
+          s += code * xb[j];
+        }
+        sums[r][l] = s;
+      }
+    }
+#endif
+    const v16f d = LoadHalves(pb.scales + gb * kCols);
+    for (int r = 0; r < R; ++r) {
+      total[r] = ToFloats(sums[r]) * (d * pb.xscale[(row0 + r) * pb.blocks + b]) + total[r];
+    }
+    if constexpr (kQ4) {
+      const v16f m = LoadHalves(pb.mins + gb * kCols);
+      for (int r = 0; r < R; ++r) total[r] = m * pb.xoffset[(row0 + r) * pb.blocks + b] + total[r];
+    }
+  }
+  const int64_t col0 = g * kCols;
+  const int64_t width = std::min<int64_t>(kCols, pb.n - col0);
+  for (int r = 0; r < R; ++r) std::memcpy(y_rows + r * pb.n + col0, &total[r], width * sizeof(float));
+}
+
 template <bool kQ4, int R = kMaxRows>
 void Groups(const Problem& pb, int64_t g0, int64_t g1, int64_t tile, float* y_rows, int rows) {
   if constexpr (R > 1) {
     if (rows < R) return Groups<kQ4, R - 1>(pb, g0, g1, tile, y_rows, rows);
   }
-  if (pb.bf16) {
+  if (pb.int8) {
+    for (int64_t g = g0; g < g1; ++g) Int8Tile<kQ4, R>(pb, g, tile * pb.tile_width, y_rows);
+  } else if (pb.bf16) {
     const uint32_t* xp = pb.xp + tile * pb.blocks * (kBlock / 2) * pb.tile_width;
     const float* sums = pb.xsums + tile * pb.blocks * pb.tile_width;
     for (int64_t g = g0; g < g1; ++g) PairTile<kQ4, R>(pb, g, xp, sums, y_rows);
@@ -411,9 +487,11 @@ void TileRows(const float* x, int64_t rows, int64_t k, int64_t w, float* out) {
 }
 
 constexpr int kPairMaxRows = 12;  // bfloat16 register tile: a block sum and a total per row live
+constexpr int kInt8MaxRows = 8;   // int8: 8 weight quads, an integer sum and a total per row
 
 // x f32 [M, K] row-major. precision 0: float32, x tiled here (TileRows); 1: bfloat16, x rounded
-// and paired here (PreparePairs); either into a per-thread scratch buffer.
+// and paired here (PreparePairs); 2: int8, x quantized here (QuantizeRows); each into a
+// per-thread scratch buffer.
 ffi::Error QuantizedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                ffi::AnyBuffer codes, ffi::Buffer<ffi::F16> scales,
                                ffi::Buffer<ffi::F16> mins, ffi::ResultBuffer<ffi::F32> y,
@@ -422,10 +500,10 @@ ffi::Error QuantizedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const auto c_dims = codes.dimensions();
   const auto s_dims = scales.dimensions();
   const auto y_dims = y->dimensions();
-  if (precision != 0 && precision != 1) {
-    return ffi::Error::InvalidArgument("quantized matmul: precision must be 0 or 1");
+  if (precision < 0 || precision > 2) {
+    return ffi::Error::InvalidArgument("quantized matmul: precision must be 0, 1 or 2");
   }
-  const bool bf16 = precision == 1;
+  const bool bf16 = precision == 1, int8 = precision == 2;
   if (x_dims.size() != 2 || c_dims.size() != 4 || s_dims.size() != 3 || y_dims.size() != 2) {
     return ffi::Error::InvalidArgument(
         "quantized matmul: x and y must be rank 2, codes rank 4, scales rank 3");
@@ -433,13 +511,16 @@ ffi::Error QuantizedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   auto job = std::make_shared<Job>();
   Problem& pb = job->pb;
   pb.bf16 = bf16;
+  pb.int8 = int8;
   pb.rows = y_dims[0];
   pb.n = y_dims[1];
   pb.groups = c_dims[0];
   pb.blocks = c_dims[1];
   pb.k = pb.blocks * kBlock;
   pb.tile_width =
-      std::max<int64_t>(1, std::min<int64_t>(pb.rows, bf16 ? kPairMaxRows : kMaxRows));
+      std::max<int64_t>(1, std::min<int64_t>(pb.rows, int8   ? kInt8MaxRows
+                                                      : bf16 ? kPairMaxRows
+                                                             : kMaxRows));
   if (codes.element_type() == ffi::DataType::U8) {
     pb.q4 = true;
   } else if (codes.element_type() == ffi::DataType::S8) {
@@ -464,7 +545,7 @@ ffi::Error QuantizedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   // Scratch reused across calls on this thread (no allocation per call); read by the pool
   // tasks only while this call waits for them.
   const int64_t tiles = (pb.rows + pb.tile_width - 1) / pb.tile_width;
-  if (!bf16 && pb.tile_width > 1) {  // one row: [1, K] is already its own tile
+  if (!bf16 && !int8 && pb.tile_width > 1) {  // one row: [1, K] is already its own tile
     thread_local std::vector<float> tiled;
     tiled.resize(std::max<size_t>(tiled.size(), tiles * pb.tile_width * pb.k));
     TileRows(pb.x, pb.rows, pb.k, pb.tile_width, tiled.data());
@@ -478,6 +559,22 @@ ffi::Error QuantizedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     PreparePairs(pb.x, pb.rows, pb.blocks, pb.tile_width, pairs.data(), sums.data());
     pb.xp = pairs.data();
     pb.xsums = sums.data();
+  }
+  if (int8) {
+    thread_local std::vector<int8_t> quantized;
+    thread_local std::vector<uint8_t> shifted;
+    thread_local std::vector<float> scale, offset;
+    const size_t elems = pb.rows * pb.k, per_block = pb.rows * pb.blocks;
+    quantized.resize(std::max(quantized.size(), elems));
+    if (!pb.q4) shifted.resize(std::max(shifted.size(), elems));
+    scale.resize(std::max(scale.size(), per_block));
+    offset.resize(std::max(offset.size(), per_block));
+    int8_activations::QuantizeRows(pb.x, pb.rows, pb.blocks, quantized.data(),
+                                   pb.q4 ? nullptr : shifted.data(), scale.data(), offset.data());
+    pb.xq = quantized.data();
+    pb.xu = shifted.data();
+    pb.xscale = scale.data();
+    pb.xoffset = offset.data();
   }
   job->split = SplitWork(pb);
   job->units = job->split.units();

@@ -210,4 +210,4 @@ def test_engine_choice_of_kept_blocks(tmp_path):
     with pytest.raises(ValueError, match="quantization must be one of"):
         EngineConfig(quantization="awq")
     with pytest.raises(ValueError, match="quantized_activations must be one of"):
-        EngineConfig(quantized_activations="int8")
+        EngineConfig(quantized_activations="int4")

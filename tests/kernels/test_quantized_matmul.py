@@ -11,7 +11,12 @@ import numpy as np
 import pytest
 
 from jaxllm.kernels.native_build import quantized_matmul_available
-from jaxllm.kernels.quantized_matmul import PRECISIONS, default_impl, quantized_matmul
+from jaxllm.kernels.quantized_matmul import (
+    PRECISIONS,
+    default_impl,
+    quantize_rows_int8,
+    quantized_matmul,
+)
 from jaxllm.kernels.quantized_weights import (
     PackedWeight,
     dequantize,
@@ -71,7 +76,8 @@ def test_packing_follows_reordered_rows():
 @pytest.mark.parametrize("impl", ["native", "reference"])
 @pytest.mark.parametrize("gguf_type", TYPES)
 def test_matmul_matches_float64_oracle(gguf_type, impl, precision):
-    """bfloat16 precision: the oracle multiplies x rounded to bfloat16, exactly."""
+    """bfloat16 precision: the oracle multiplies x rounded to bfloat16, exactly; int8: x
+    quantized per block of 32 (numpy's own quantizer), exactly."""
     if impl == "native" and not quantized_matmul_available():
         pytest.skip("native kernel unavailable (no C++ compiler or build failed; see log)")
     seed, rng = _fresh_rng()
@@ -89,10 +95,48 @@ def test_matmul_matches_float64_oracle(gguf_type, impl, precision):
             continue
         if precision == "bfloat16":
             x = np.asarray(jnp.asarray(x).astype(jnp.bfloat16).astype(jnp.float32))
+        if precision == "int8":
+            q, d = _quantize_rows_numpy(x)
+            x = (q * d[..., None].astype(np.float64)).reshape(m, k)
         want = x.astype(np.float64) @ _gguf_dense(gguf_type, raw, n, k).astype(np.float64)
         err = np.abs(got - want).max() / np.abs(want).max()
         assert err < 2e-6, (f"seed={seed} {gguf_type} {precision} m={m} k={k} n={n}: "
                             f"rel err {err:.2e}")
+
+
+def _quantize_rows_numpy(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The int8 precision's quantizer in numpy float32: (q [M, B, 32], d [M, B])."""
+    blocks = x.astype(np.float32).reshape(x.shape[0], x.shape[1] // 32, 32)
+    d = np.abs(blocks).max(axis=-1) * np.float32(1 / 127)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+    return np.clip(np.rint(blocks * inv[..., None]), -127, 127), d
+
+
+def test_int8_quantizer_matches_numpy_with_ties_and_zero_blocks():
+    """Both twins quantize as numpy does: round half to even (blocks whose scale is exactly 1
+    put x on ties), all-zero blocks give zeros and no NaN."""
+    seed, rng = _fresh_rng()
+    m, k = 7, 128
+    x = rng.standard_normal((m, k)).astype(np.float32) * rng.uniform(0.01, 100, (m, 1))
+    ties = rng.integers(-126, 126, 31) + 0.5
+    x[0, :32] = np.concatenate([[127.0], ties]).astype(np.float32)  # d = 1: x * 1/d is a tie
+    x[1, 32:64] = 0.0
+    q, d = quantize_rows_int8(jnp.asarray(x))
+    want_q, want_d = _quantize_rows_numpy(x)
+    np.testing.assert_array_equal(np.asarray(q), want_q, err_msg=f"seed={seed}")
+    np.testing.assert_array_equal(np.asarray(d), want_d, err_msg=f"seed={seed}")
+    assert np.asarray(q)[0, 0, 1:].tolist() == np.rint(ties).tolist()  # half to even
+    if not quantized_matmul_available():
+        return
+    # The kernel quantizes inside; equal products (to float32 order) show it rounds the same.
+    for gguf_type in ("Q4_1", "Q8_0"):
+        packed = pack_gguf_rows(*random_gguf_rows(rng.standard_normal((48, k)), gguf_type, rng), k)
+        got, want = (np.asarray(quantized_matmul(jnp.asarray(x), *_arrays(packed), kind=packed.kind,
+                                                 n=48, impl=impl, precision="int8"))
+                     for impl in ("native", "reference"))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max(),
+                                   err_msg=f"seed={seed} {gguf_type}")
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
@@ -135,7 +179,7 @@ def test_errors():
     with pytest.raises(ValueError, match="impl must be one of"):
         quantized_matmul(jnp.ones((2, 64)), *_arrays(packed), kind="q4", n=16, impl="fast")
     with pytest.raises(ValueError, match="precision must be one of"):
-        quantized_matmul(jnp.ones((2, 64)), *_arrays(packed), kind="q4", n=16, precision="int8")
+        quantized_matmul(jnp.ones((2, 64)), *_arrays(packed), kind="q4", n=16, precision="int4")
     with pytest.raises(ValueError, match="need mins"):
         PackedWeight("q4", packed.codes, packed.scales, None, 64, 16)
     big = np.full((16, 2), 60000.0, np.float16)  # -8 * d overflows float16
@@ -181,7 +225,7 @@ target = native_build.register_native_kernel(native_build.QUANTIZED_MATMUL, conf
 native_build.register_quantized_matmul = lambda config=None: target  # keep this build
 rng = np.random.default_rng(int(sys.argv[2]))
 for gguf_type in ("Q4_1", "Q8_0"):
-    for precision in ("float32", "bfloat16"):
+    for precision in ("float32", "bfloat16", "int8"):
         m, k, n = 13, 96, 40
         packed = pack_gguf_rows(*random_gguf_rows(rng.standard_normal((n, k)), gguf_type, rng), k)
         arrays = [jnp.asarray(a) if a is not None else None
@@ -198,7 +242,7 @@ print("ok")
 
 def test_portable_build_matches_reference(tmp_path):
     """The kernel built without AVX-512 (plain x86-64-v2: the portable loops) gives the same
-    products, at both precisions; in a subprocess, since the FFI target has one name."""
+    products, at every precision; in a subprocess, since the FFI target has one name."""
     import subprocess
     import sys
 

@@ -86,17 +86,19 @@ def test_greedy_chat_continuations_match_generate(hf_model, ours, tokenizer):
         assert g == ref_new, f"{tokenizer.decode(g)!r} != {tokenizer.decode(ref_new)!r}"
 
 
-def test_bfloat16_activations_stay_near_transformers(hf_model, gguf, tokenizer):
-    """`quantized_activations="bfloat16"` rounds what enters every block matmul: logits move
-    (measured 0.7-2.8% of their scale) but stay near the float32 reference, and greedy choices
-    on real text mostly agree."""
+@pytest.mark.parametrize("precision", ["bfloat16", "int8"])
+def test_rounded_activations_stay_near_transformers(hf_model, gguf, tokenizer, precision):
+    """`quantized_activations="bfloat16"` rounds what enters every block matmul, "int8"
+    quantizes it per block of 32 (as llama.cpp does): logits move (measured 0.7-2.8% of their
+    scale for bfloat16, 3.7-5.4% for int8; greedy choices on chat prompts 100% / 96%) but stay
+    near the float32 reference, and greedy choices on real text mostly agree."""
     from jaxllm.kernels.native_build import quantized_matmul_available
     from jaxllm.models.quantized_layers import QuantizedMatmulOptions
 
     if not quantized_matmul_available():
         pytest.skip("native quantized matmul unavailable")
     cfg, params = load_checkpoint(gguf, dtype="float32", keep_blocks=True)
-    model = build_model(cfg, params, "float32", QuantizedMatmulOptions(precision="bfloat16"))
+    model = build_model(cfg, params, "float32", QuantizedMatmulOptions(precision=precision))
     seed = int(np.random.SeedSequence().entropy % 2**31)
     rng = np.random.default_rng(seed)
     text = [tokenizer.apply_chat_template_ids([{"role": "user", "content": c}]) for c in CHATS]
@@ -106,8 +108,11 @@ def test_bfloat16_activations_stay_near_transformers(hf_model, gguf, tokenizer):
         with torch.no_grad():
             ref = hf_model(torch.tensor([p])).logits[0].numpy()
         err = float(np.abs(g - ref).max() / np.abs(ref).max())
-        assert 1e-4 < err < 0.08, f"seed={seed} len={len(p)} rel err {err:.2e}"
+        print(f"{precision} len={len(p)} rel err {err:.2e}")
+        assert 1e-4 < err < {"bfloat16": 0.08, "int8": 0.12}[precision], (
+            f"seed={seed} len={len(p)} rel err {err:.2e}")
         if i < len(text):
             agree += int((g.argmax(-1) == ref.argmax(-1)).sum())
             total += len(p)
+    print(f"{precision}: greedy choices agree on {agree} of {total} positions")
     assert agree >= 0.9 * total, f"greedy choices agree on {agree} of {total} positions"

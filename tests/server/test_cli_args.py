@@ -36,7 +36,7 @@ def test_flags() -> None:
 
 
 @pytest.mark.parametrize("argv", [["--max-num-seqs", "0"], ["--dtype", "float8"], ["--quantization", "awq"],
-                                  ["--quantized-activations", "int8"], ["--kv-cache-dtype", "fp8"], ["--port", "x"], ["--num-pages", "3", "--memory-fraction", "0.3"],
+                                  ["--quantized-activations", "int4"], ["--kv-cache-dtype", "fp8"], ["--port", "x"], ["--num-pages", "3", "--memory-fraction", "0.3"],
                                   ["--page-size", "1"], ["--max-logprobs", "50"]])
 def test_bad_flags_exit_with_usage(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as e:
