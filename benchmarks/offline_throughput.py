@@ -10,8 +10,9 @@ benchmarks/results/. Both sides run the default model on the same random prompts
 ignored so every request makes exactly --output-len tokens. HF dequantizes the GGUF to fp32;
 jaxllm keeps its blocks (on CPU) and runs once per --variant: engine options as
 `name=value,...` (`default`: none). Without --variant: the exact default (float32 activations
-and KV cache) and the fast one (activations entering the block matmuls and the KV cache in
-bfloat16).
+and KV cache), the fast one (activations entering the block matmuls and the KV cache in
+bfloat16) and the fastest (those activations quantized to int8, as llama.cpp computes; KV
+cache bfloat16).
 """
 
 from __future__ import annotations
@@ -102,7 +103,8 @@ def warm_start_seconds(cache_dir: str) -> list[float]:
     return out
 
 
-DEFAULT_VARIANTS = ("default", "quantized_activations=bfloat16,kv_cache_dtype=bfloat16")
+DEFAULT_VARIANTS = ("default", "quantized_activations=bfloat16,kv_cache_dtype=bfloat16",
+                    "quantized_activations=int8,kv_cache_dtype=bfloat16")
 
 
 def parse_variant(text: str) -> dict:

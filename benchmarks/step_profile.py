@@ -4,7 +4,8 @@ Usage: python benchmarks/step_profile.py [--impl reference,cpu,cpu_native] [--ba
            [--ctx 192] [--kv-dtype float32|bfloat16] [--iters 5] [--repeats 5] [--compile]
        python benchmarks/step_profile.py --warmup [--impl ...] [--token-bucket-ratio 4]
        add --quantization none for dense float32 weights (default: the GGUF blocks, on CPU),
-       --quantized-activations bfloat16 to round activations entering those blocks' matmuls,
+       --quantized-activations bfloat16 (int8) to round (quantize) activations entering those
+       blocks' matmuls,
        --ops N to print the N ops taking most time in the first impl's step (jax.profiler)
 
 For each batch size it runs decode steps (every sequence one new token at context --ctx, page
@@ -120,7 +121,7 @@ def main() -> None:
     parser.add_argument("--quantization", default="auto",
                         help="EngineConfig.quantization: auto (GGUF blocks on CPU) | none (dense)")
     parser.add_argument("--quantized-activations", default="float32",
-                        help="EngineConfig.quantized_activations: float32 | bfloat16")
+                        help="EngineConfig.quantized_activations: float32 | bfloat16 | int8")
     parser.add_argument("--ops", type=int, default=0,
                         help="print the N ops taking most time per step (first impl)")
     args = parser.parse_args()

@@ -49,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="GGUF weights: auto keeps Q4_0/Q4_1/Q8_0 blocks on CPU, gguf always, none dequantizes")
     a("--quantized-activations", default=d.quantized_activations,
       choices=list(QUANTIZED_ACTIVATIONS),
-      help="activations entering matmuls with weights kept in blocks: float32 (exact) or "
-           "bfloat16 (faster, rounded)")
+      help="activations entering matmuls with weights kept in blocks: float32 (exact), "
+           "bfloat16 (faster, rounded) or int8 (fastest, quantized per block of 32 as llama.cpp)")
     a("--kv-cache-dtype", default=d.kv_cache_dtype, choices=list(KV_CACHE_DTYPES),
       help="KV cache element type: auto (the model's dtype) or float32 / bfloat16 "
            "(bfloat16 halves what decode attention reads)")

@@ -55,7 +55,18 @@ def tokenizer(gguf):
     return load_tokenizer(gguf)
 
 
-def test_logits_match_transformers(hf_model, ours, tokenizer):
+def _float64_reference(gguf, prompt, ref32) -> tuple[np.ndarray, float]:
+    """Float64 transformers' logits for one prompt, and float32 transformers' error against them."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                 dtype=torch.float64).eval()
+    with torch.no_grad():
+        ref64 = model(torch.tensor([prompt])).logits[0].numpy()
+    return ref64, float(np.abs(ref32 - ref64).max() / np.abs(ref64).max())
+
+
+def test_logits_match_transformers(hf_model, ours, tokenizer, gguf):
     seed = int(np.random.SeedSequence().entropy % 2**31)
     rng = np.random.default_rng(seed)
     prompts = [tokenizer.encode("The quick brown fox jumps over the lazy dog."),
@@ -69,7 +80,15 @@ def test_logits_match_transformers(hf_model, ours, tokenizer):
             ref = hf_model(torch.tensor([p])).logits[0].numpy()
         err = float(np.abs(g - ref).max() / np.abs(ref).max())
         worst = max(worst, err)
-        assert err < 1e-4, f"seed={seed} len={len(p)} rel err {err:.2e}"
+        if err >= 1e-4:
+            # Rare ill-conditioned random prompts (seed 417894733: position 1 of a 5-token one)
+            # put both float32 sides ~6e-5 off the float64 truth in opposite directions. Then
+            # ours must be as close to float64 transformers as float32 transformers is.
+            ref64, hf_err = _float64_reference(gguf, p, ref)
+            ours_err = float(np.abs(g - ref64).max() / np.abs(ref64).max())
+            assert ours_err < max(1e-4, 2 * hf_err), (
+                f"seed={seed} len={len(p)} rel err {err:.2e}; vs float64 {ours_err:.2e} "
+                f"(float32 transformers {hf_err:.2e})")
     print(f"worst relative logits error vs transformers: {worst:.2e}")
 
 
