@@ -6,9 +6,10 @@ quantization blocks (kernels/quantized_matmul.py); each is its own library and F
 The shared library is compiled with the system C++ compiler into a cache directory, under a
 file name keyed on everything that decides its machine code: the source and the headers beside
 it, the compiler and its flags, the jaxlib version (FFI headers) and the CPU's feature flags, so
-a -march=native build is never loaded on a different CPU. Builds go to a temporary file renamed into place, so parallel
-processes never see a half-written library. Failures raise NativeBuildError with the
-compiler's output; native_attention_available() turns that into False (and one warning).
+a -march=native build is never loaded on a different CPU. Builds go to a temporary file renamed
+into place, so parallel processes never see a half-written library. Failures raise
+NativeBuildError with the compiler's output; native_attention_available() turns that into False
+(and one warning).
 """
 
 from __future__ import annotations

@@ -69,8 +69,8 @@ def quantized_matmul(x: jax.Array, codes: jax.Array, scales: jax.Array, mins: ja
         return jnp.zeros((0, n), jnp.float32)
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, n), jnp.float32))
     mins = scales if mins is None else mins
-    # x row-major: the kernel lays it out in its register tiles (float32) or rounds and pairs
-    # it (bfloat16) itself, cheaper than an XLA transpose before each call.
+    # x row-major: the kernel lays it out in its register tiles (float32), rounds and pairs it
+    # (bfloat16) or quantizes it (int8) itself, cheaper than XLA ops before each call.
     return call(x, codes, scales, mins, precision=np.int32(_PRECISION_CODES[precision]))
 
 

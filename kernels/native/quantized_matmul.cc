@@ -50,6 +50,7 @@ namespace {
 constexpr int kCols = 16;          // output columns per group: one vector
 constexpr int kBlock = 32;         // weights per quantization block along K
 constexpr int kMaxRows = 16;       // rows of x per register tile
+constexpr int kInt8MaxRows = 8;    // int8: 8 weight quads, an integer sum and a total per row
 constexpr int64_t kMinUnits = 16;
 constexpr double kParallelFlops = 2e6;  // below this a second thread costs more than it saves
 
@@ -387,7 +388,9 @@ void Groups(const Problem& pb, int64_t g0, int64_t g1, int64_t tile, float* y_ro
     if (rows < R) return Groups<kQ4, R - 1>(pb, g0, g1, tile, y_rows, rows);
   }
   if (pb.int8) {
-    for (int64_t g = g0; g < g1; ++g) Int8Tile<kQ4, R>(pb, g, tile * pb.tile_width, y_rows);
+    if constexpr (R <= kInt8MaxRows) {  // int8 tiles are never wider
+      for (int64_t g = g0; g < g1; ++g) Int8Tile<kQ4, R>(pb, g, tile * pb.tile_width, y_rows);
+    }
   } else if (pb.bf16) {
     const uint32_t* xp = pb.xp + tile * pb.blocks * (kBlock / 2) * pb.tile_width;
     const float* sums = pb.xsums + tile * pb.blocks * pb.tile_width;
@@ -487,7 +490,6 @@ void TileRows(const float* x, int64_t rows, int64_t k, int64_t w, float* out) {
 }
 
 constexpr int kPairMaxRows = 12;  // bfloat16 register tile: a block sum and a total per row live
-constexpr int kInt8MaxRows = 8;   // int8: 8 weight quads, an integer sum and a total per row
 
 // x f32 [M, K] row-major. precision 0: float32, x tiled here (TileRows); 1: bfloat16, x rounded
 // and paired here (PreparePairs); 2: int8, x quantized here (QuantizeRows); each into a
