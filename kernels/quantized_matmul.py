@@ -79,6 +79,8 @@ def quantize_rows_int8(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     x ~ d * q per block of 32: d = max|x| * float32(1/127), q = round_half_even(x * (1 / d))
     (0 where d = 0). The kernel's QuantizeRows does the same float32 operations, so both get
     the same q. (A multiply, not max|x| / 127: XLA rewrites division by a constant into that.)"""
+    if x.ndim != 2 or x.shape[1] % BLOCK:
+        raise ValueError(f"x must be [M, K] with K a multiple of {BLOCK}, got {x.shape}")
     blocks = x.reshape(x.shape[0], x.shape[1] // BLOCK, BLOCK)
     d = jnp.max(jnp.abs(blocks), axis=-1) * jnp.float32(1 / 127)
     inv = jnp.where(d != 0, jnp.float32(1) / jnp.where(d != 0, d, 1), 0)

@@ -180,6 +180,10 @@ def test_errors():
         quantized_matmul(jnp.ones((2, 64)), *_arrays(packed), kind="q4", n=16, impl="fast")
     with pytest.raises(ValueError, match="precision must be one of"):
         quantized_matmul(jnp.ones((2, 64)), *_arrays(packed), kind="q4", n=16, precision="int4")
+    with pytest.raises(ValueError, match="multiple of 32"):
+        quantize_rows_int8(jnp.ones((2, 48)))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        quantize_rows_int8(jnp.ones((64,)))
     with pytest.raises(ValueError, match="need mins"):
         PackedWeight("q4", packed.codes, packed.scales, None, 64, 16)
     big = np.full((16, 2), 60000.0, np.float16)  # -8 * d overflows float16
