@@ -145,7 +145,7 @@ def test_kept_blocks_stand_for_the_dequantized_weights(tmp_path, qtype, tied):
     from jaxllm.kernels.quantized_weights import PackedWeight, dequantize
     from jaxllm.models import build_model
     from jaxllm.models.quantized_layers import QuantizedMatmulOptions
-    from jaxllm.plain_decode import forward_logits
+    from tests.oracles.plain_decode import forward_logits
 
     seed = int(np.random.SeedSequence().entropy % 1000)
     model = _tiny_llama(seed=seed, tied=tied)

@@ -11,8 +11,8 @@ from jaxllm.conversions import load_checkpoint
 from jaxllm.engine import LLMEngine
 from jaxllm.llm import LLM
 from jaxllm.models import build_model
-from jaxllm.plain_decode import forward_logits, plain_generate
 from jaxllm.sampling_params import SamplingParams
+from tests.oracles.plain_decode import forward_logits, plain_generate
 
 SMALL = dict(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=256, page_size=8)
 

@@ -6,8 +6,8 @@ import pytest
 
 from jaxllm.llm import LLM
 from jaxllm.models import build_model
-from jaxllm.plain_decode import plain_generate
 from jaxllm.sampling_params import SamplingParams
+from tests.oracles.plain_decode import plain_generate
 
 pytestmark = pytest.mark.slow
 
@@ -61,7 +61,7 @@ def _assert_near_plain_decode(plain, prompts, outs) -> None:
     be off by nats)."""
     import numpy as np
 
-    from jaxllm.plain_decode import forward_logits
+    from tests.oracles.plain_decode import forward_logits
 
     worst_gap = worst_diff = 0.0
     for p, o in zip(prompts, outs, strict=True):

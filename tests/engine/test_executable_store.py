@@ -12,8 +12,8 @@ from jaxllm.conversions import load_checkpoint
 from jaxllm.executable_store import ExecutableStore, describe_inputs, source_fingerprint
 from jaxllm.llm import LLM
 from jaxllm.models import build_model
-from jaxllm.plain_decode import plain_generate
 from jaxllm.sampling_params import SamplingParams
+from tests.oracles.plain_decode import plain_generate
 
 SMALL = dict(max_num_seqs=4, max_num_batched_tokens=32, max_model_len=128, page_size=8)
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)

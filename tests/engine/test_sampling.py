@@ -19,7 +19,7 @@ from jaxllm.sampling import (
     update_counts,
 )
 from jaxllm.sampling_params import MAX_LOGPROBS, SamplingParams
-from jaxllm.sampling_reference import (
+from tests.oracles.sampling_reference import (
     reference_filtered_logprobs,
     reference_logprobs,
     reference_penalties,

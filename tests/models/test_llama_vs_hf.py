@@ -6,8 +6,8 @@ import torch
 
 from jaxllm.config import ModelConfig
 from jaxllm.models import build_model
-from jaxllm.plain_decode import forward_logits
 from tests.models.hf_tiny import ARCH_CONFIGS, hf_state_to_flat, make_tiny_hf_model
+from tests.oracles.plain_decode import forward_logits
 
 
 def rel_err(a: np.ndarray, ref: np.ndarray) -> float:

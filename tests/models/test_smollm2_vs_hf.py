@@ -16,8 +16,8 @@ from jaxllm.conversions import load_checkpoint
 from jaxllm.default_model import default_model_path
 from jaxllm.kernels.quantized_weights import PackedWeight
 from jaxllm.models import build_model
-from jaxllm.plain_decode import forward_logits, plain_generate
 from jaxllm.tokenizer import load_tokenizer
+from tests.oracles.plain_decode import forward_logits, plain_generate
 
 pytestmark = pytest.mark.slow
 

@@ -27,8 +27,8 @@ from jaxllm.parallel import (
     shard_attention,
     shard_model,
 )
-from jaxllm.plain_decode import flatten_batch, forward_logits, plain_generate
 from tests.kernels.ragged_cases import make_case
+from tests.oracles.plain_decode import flatten_batch, forward_logits, plain_generate
 from tests.sharding.tiny import hf_tiny_config, random_params, smol_shaped_config
 
 

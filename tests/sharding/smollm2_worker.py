@@ -15,7 +15,7 @@ import numpy as np
 from jaxllm.conversions import load_checkpoint
 from jaxllm.models import build_model
 from jaxllm.parallel import data_slice_meshes, make_mesh, pad_heads_for_tp, shard_model
-from jaxllm.plain_decode import forward_logits, plain_generate
+from tests.oracles.plain_decode import forward_logits, plain_generate
 
 
 def gguf_path() -> str:

@@ -7,7 +7,7 @@ import pytest
 
 from jaxllm.models import build_model
 from jaxllm.parallel import pad_heads_for_tp, plan_head_layout
-from jaxllm.plain_decode import forward_logits
+from tests.oracles.plain_decode import forward_logits
 from tests.sharding.tiny import fresh_seed, hf_tiny_config, random_params, smol_shaped_config
 
 # (num_heads, num_kv_heads, tp): SmolLM2's 9/3 over 2, 4, 8; MQA; more KV heads than shards.

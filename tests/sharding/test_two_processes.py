@@ -9,7 +9,7 @@ import sys
 import numpy as np
 
 from jaxllm.models import build_model
-from jaxllm.plain_decode import forward_logits, plain_generate
+from tests.oracles.plain_decode import forward_logits, plain_generate
 from tests.sharding.tiny import REPO, fresh_seed, random_params, smol_shaped_config
 
 

@@ -31,7 +31,7 @@ from jaxllm.parallel import (
     place_array,
     shard_model,
 )
-from jaxllm.plain_decode import flatten_batch
+from tests.oracles.plain_decode import flatten_batch
 from tests.sharding.tiny import random_params, smol_shaped_config
 
 SCHEMA = {"ids": (np.int32, 1), "pos": (np.int32, 1), "seg": (np.int32, 1)}
