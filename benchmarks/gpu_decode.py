@@ -25,6 +25,8 @@ import numpy as np
 
 from jaxllm.cache.kv_cache import allocate_kv_caches
 from jaxllm.config import ModelConfig
+from jaxllm.kernels import AttentionMetadata
+from jaxllm.model_inputs import StepInputs
 from jaxllm.models import build_model
 from jaxllm.models.params import expected_param_shapes
 from jaxllm.runner import ModelRunner
@@ -63,7 +65,7 @@ def copy_bandwidth(nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / statistics.median(times)
 
 
-def decode_step_inputs(batch: int, ctx: int, page: int) -> dict[str, np.ndarray]:
+def decode_step_inputs(batch: int, ctx: int, page: int) -> StepInputs:
     pages_per_seq = -(-ctx // page)
     t = max(8, 1 << (batch - 1).bit_length())
     s = t
@@ -77,9 +79,10 @@ def decode_step_inputs(batch: int, ctx: int, page: int) -> dict[str, np.ndarray]
     positions[:batch] = ctx - 1
     logits_indices = np.zeros(s, np.int32)
     logits_indices[:batch] = np.arange(batch)
-    return dict(input_ids=np.ones(t, np.int32), positions=positions, kv_lens=kv_lens,
-                page_indices=pages, cu_q_lens=cu, num_seqs=np.array([batch], np.int32),
-                logits_indices=logits_indices)
+    return StepInputs(input_ids=np.ones(t, np.int32), positions=positions,
+                      attention=AttentionMetadata(kv_lens=kv_lens, page_indices=pages, cu_q_lens=cu,
+                                                  num_seqs=np.array([batch], np.int32)),
+                      logits_indices=logits_indices)
 
 
 def run_jaxllm(cfg: ModelConfig, batches: list[int], ctx: int, page: int, dtype) -> dict:
@@ -91,7 +94,7 @@ def run_jaxllm(cfg: ModelConfig, batches: list[int], ctx: int, page: int, dtype)
     out = {}
     for b in batches:
         arrays = decode_step_inputs(b, ctx, page)
-        dummy = tensors.dummy(arrays["kv_lens"].shape[0])
+        dummy = tensors.dummy(arrays.attention.kv_lens.shape[0])
         jax.block_until_ready(runner.execute(arrays, dummy)[0])  # compile
         times = []
         for _ in range(10):

@@ -54,7 +54,7 @@ def run_jaxllm(prompts, output_len: int, batch: int, extra: dict) -> dict:
         # drive the engine directly to sample the host gap between steps
         engine = llm.engine
         for i, p in enumerate(chunk):
-            engine.add_request(f"b{b}-{i}", p, params)
+            engine.add_request(p, params, f"b{b}-{i}")
         step_times = []
         while engine.has_unfinished_requests():
             engine.step()

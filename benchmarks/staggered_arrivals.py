@@ -32,7 +32,7 @@ def run(engine, prompts: list[list[int]], lengths: np.ndarray, slots: int) -> di
         while active < slots and next_up < len(prompts):
             params = SamplingParams(temperature=0.0, max_tokens=int(lengths[next_up]),
                                     ignore_eos=True)
-            engine.add_request(f"r{next_up}", prompts[next_up], params)
+            engine.add_request(prompts[next_up], params, f"r{next_up}")
             next_up, active = next_up + 1, active + 1
         for out in engine.step():
             if out.finished:

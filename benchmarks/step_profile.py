@@ -33,7 +33,9 @@ import numpy as np
 from jaxllm.buckets import BucketSet
 from jaxllm.cache.kv_cache import allocate_kv_caches
 from jaxllm.config import EngineConfig
+from jaxllm.kernels import AttentionMetadata
 from jaxllm.loading import load_engine_parts
+from jaxllm.model_inputs import StepInputs
 from jaxllm.runner import ModelRunner
 from jaxllm.step_inputs import SamplingTensorBuilder
 
@@ -50,7 +52,7 @@ def no_attention(_attn):
     return attn
 
 
-def decode_arrays(batch: int, ctx: int, buckets: BucketSet) -> dict[str, np.ndarray]:
+def decode_arrays(batch: int, ctx: int, buckets: BucketSet) -> StepInputs:
     """A decode step of `batch` sequences at context `ctx`, padded to its bucket."""
     b = buckets.pick(batch, batch, -(-ctx // PAGE))
     t, s, p = b.num_tokens, b.num_seqs, b.pages_per_seq
@@ -67,9 +69,10 @@ def decode_arrays(batch: int, ctx: int, buckets: BucketSet) -> dict[str, np.ndar
     positions[:batch] = ctx - 1
     logits_indices = np.zeros(s, np.int32)
     logits_indices[:batch] = np.arange(batch)
-    return dict(input_ids=ids, positions=positions, kv_lens=kv_lens, page_indices=pages,
-                cu_q_lens=cu, num_seqs=np.array([batch], np.int32),
-                logits_indices=logits_indices)
+    return StepInputs(input_ids=ids, positions=positions,
+                      attention=AttentionMetadata(kv_lens=kv_lens, page_indices=pages,
+                                                  cu_q_lens=cu, num_seqs=np.array([batch], np.int32)),
+                      logits_indices=logits_indices)
 
 
 def time_rounds(runs: dict, arrays, tensors, iters: int, repeats: int) -> dict[str, float]:
@@ -150,7 +153,7 @@ def main() -> None:
           f"{'compile s':>9s}")
     for batch in (int(b) for b in args.batches.split(",")):
         arrays = decode_arrays(batch, args.ctx, buckets)
-        rows = arrays["page_indices"].shape[0]
+        rows = arrays.attention.page_indices.shape[0]
         dummy = tensors.dummy(rows)
         compile_s = {}
         for name, runner in runs.items():
@@ -158,7 +161,7 @@ def main() -> None:
             jax.block_until_ready(runner.execute(arrays, dummy)[0])
             compile_s[name] = time.perf_counter() - start
         ms = time_rounds(runs, arrays, dummy, args.iters, args.repeats)
-        shape = f"{len(arrays['input_ids'])}x{rows}x{arrays['page_indices'].shape[1]}"
+        shape = f"{len(arrays.input_ids)}x{rows}x{arrays.attention.page_indices.shape[1]}"
         for name in runs:
             first = f"{compile_s[name]:9.2f}" if args.compile else ""
             print(f"{name:10s} {batch:5d} {shape:>12s} {ms[name]:8.1f} "

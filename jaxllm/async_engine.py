@@ -144,7 +144,7 @@ class AsyncEngine:
         def add() -> None:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use")
-            self.engine.add_request(request_id, prompt, sampling_params,
+            self.engine.add_request(prompt, sampling_params, request_id,
                                     cache_salt=cache_salt, priority=priority)
             self._streams[request_id] = stream
 

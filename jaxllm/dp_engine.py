@@ -2,8 +2,8 @@
 
 Each `data` index of the mesh gets its own engine (own pages, scheduler, prefix cache and
 jitted step on its [1, tp] sub-mesh; see jaxllm.parallel.data_parallel for why not one SPMD
-program). `DataParallelEngine` has the AsyncEngine interface the server uses, so the server
-does not know how many replicas serve it. `create_async_engine(config)` picks the engine kind.
+program). `DataParallelEngine` implements `EngineClient`, the interface the server uses, so the
+server does not know how many replicas serve it. `create_async_engine(config)` picks the engine kind.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 from jaxllm.async_engine import AsyncEngine
 from jaxllm.config import EngineConfig
 from jaxllm.engine import EngineStats, LLMEngine
+from jaxllm.engine_client import EngineClient
 from jaxllm.errors import EngineDeadError
 from jaxllm.outputs import RequestOutput
 from jaxllm.parallel import LoadBalancer
@@ -155,7 +156,7 @@ class DataParallelEngine:
         await self._all("shutdown", drain_timeout)
 
 
-async def create_async_engine(config: EngineConfig) -> AsyncEngine | DataParallelEngine:
+async def create_async_engine(config: EngineConfig) -> EngineClient:
     """The serving engine the config asks for: one AsyncEngine, a DataParallelEngine for
     data_parallel_size > 1, or (several processes) the multi-host leader's engine.
 

@@ -1,9 +1,11 @@
 """LLMEngine: the synchronous loop body. request -> tokenizer -> scheduler -> runner -> outputs.
 
-`add_request` tokenizes and admits (ValueError for bad input, nothing half-admitted);
-`step` schedules one bucketed step, runs it, feeds the sampled tokens back to the scheduler
-and turns them into cumulative `RequestOutput`s (detokenized, stop strings, logprobs).
-`LLM` drives it directly; `AsyncEngine` drives it from a thread.
+`add_request` tokenizes and admits (ValueError for bad input, nothing half-admitted).
+A step is two halves: `dispatch` schedules one bucketed step, lays out its `StepInputs` and
+sampling tensors and hands forward + sampler to the device without waiting; `complete`
+waits for the sampled tokens, feeds them to the scheduler and lets the `OutputProcessor` turn
+them into cumulative `RequestOutput`s (detokenized, stop strings, logprobs, finish reasons).
+`step()` is `complete(dispatch())`. `LLM` drives it directly; `AsyncEngine` from a thread.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import dataclasses
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +26,12 @@ from jaxllm.cache.allocator import PageAllocator
 from jaxllm.cache.kv_cache import allocate_kv_caches, bytes_per_page, pages_for_budget
 from jaxllm.cache.manager import KVCacheManager
 from jaxllm.config import EngineConfig
-from jaxllm.detokenizer import IncrementalDetokenizer
 from jaxllm.loading import EngineParts, load_engine_parts
-from jaxllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from jaxllm.request import Request, RequestStatus
-from jaxllm.runner import ModelRunner, StepResult
+from jaxllm.model_inputs import StepInputs, build_step_inputs
+from jaxllm.output_processor import OutputProcessor
+from jaxllm.outputs import RequestOutput
+from jaxllm.request import Request
+from jaxllm.runner import ForwardOutput, ModelRunner
 from jaxllm.sampling import request_key_data, unseeded_request_seed
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
@@ -68,30 +71,15 @@ class EngineStats:
 
 
 @dataclass
-class _Sample:
-    """Engine-side state of one sequence (one of n samples)."""
+class InFlightStep:
+    """A dispatched step whose sampled tokens the host has not seen yet."""
 
-    seq: Request
-    detok: IncrementalDetokenizer
-    key_data: np.ndarray
-    text: str = ""
-    logprobs: list[dict[int, Logprob]] | None = None
-    cumulative_logprob: float | None = None
-
-
-@dataclass
-class _Tracked:
-    """Engine-side state of one user request."""
-
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    samples: list[_Sample]
-    metrics: RequestMetrics
-    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
-    finished: bool = False
-    touched: bool = field(default=False, repr=False)
+    sched: SchedulerOutput
+    inputs: StepInputs
+    forward: ForwardOutput
+    sampled: Any  # device SamplerOutput
+    dispatched_at: float
+    host_gap_s: float
 
 
 class LLMEngine:
@@ -137,13 +125,13 @@ class LLMEngine:
         self.runner = make_runner(parts.model, kv, attention_impl=config.attention_impl,
                                   attention_wrapper=parts.attention_wrapper)
         self.tensors = SamplingTensorBuilder(self.model_config.vocab_size)
-        self._tracked: dict[str, _Tracked] = {}
-        self._seq_owner: dict[str, _Tracked] = {}
+        self.outputs = OutputProcessor(self.tokenizer, self.scheduler, self.max_model_len)
         self._request_counter = 0
         self._stats = EngineStats()
         self._sleeping_specs = None
         self._profiling = False
         self._last_result_time: float | None = None  # when the previous step's result arrived
+        self._step_started = 0.0
         store = (self.runner.program_store(str(Path(config.compilation_cache_dir) / "programs"))
                  if config.compilation_cache_dir else None)
         self._stats.warmup_time_s = self.runner.warm_up(self.buckets.all(), self.tensors.dummy,
@@ -165,14 +153,17 @@ class LLMEngine:
     def default_sampling_params(self) -> SamplingParams:
         return SamplingParams.from_generation_config(self.generation_config)
 
-    def add_request(self, request_id: str, prompt: str | list[int],
-                    params: SamplingParams | None = None, *, cache_salt: str | None = None,
+    def add_request(self, prompt: str | list[int], sampling_params: SamplingParams | None,
+                    request_id: str, *, cache_salt: str | None = None,
                     priority: int = 0) -> None:
-        """Tokenize and admit; ValueError (and nothing admitted) for bad input."""
-        params = params if params is not None else self.default_sampling_params()
+        """Tokenize and admit; ValueError (and nothing admitted) for bad input. The argument
+        order is `EngineClient.generate`'s."""
+        params = sampling_params if sampling_params is not None else self.default_sampling_params()
         if not isinstance(params, SamplingParams):
             raise ValueError("sampling params must be a SamplingParams")
-        if request_id in self._tracked:
+        if not isinstance(request_id, str):
+            raise ValueError(f"request_id must be a string, got {type(request_id).__name__}")
+        if request_id in self.outputs:
             raise ValueError(f"request id {request_id!r} is already in use")
         if self._sleeping_specs is not None:
             raise ValueError("the engine is asleep (its KV cache is released): call wake_up() first")
@@ -187,25 +178,14 @@ class LLMEngine:
         seq_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
         seqs = [Request(request_id=sid, prompt_token_ids=ids, sampling_params=params,
                         eos_token_ids=self.eos_token_ids, priority=priority, cache_salt=cache_salt,
-                        parent_id=request_id if params.n > 1 else None, sample_index=i)
+                        parent_id=request_id if params.n > 1 else None, sample_index=i,
+                        key_data=request_key_data(seed, i))
                 for i, sid in enumerate(seq_ids)]
         if params.n == 1:
             self.scheduler.add_request(seqs[0])
         else:
             self.scheduler.add_parallel_samples(seqs)
-        samples = [_Sample(seq=s, key_data=request_key_data(seed, s.sample_index),
-                           detok=IncrementalDetokenizer(
-                               self.tokenizer, ids, params.skip_special_tokens, params.stop,
-                               params.include_stop_str_in_output),
-                           logprobs=[] if params.logprobs is not None else None,
-                           cumulative_logprob=0.0 if params.logprobs is not None else None)
-                   for s in seqs]
-        tracked = _Tracked(request_id, text, ids, params, samples,
-                           RequestMetrics(arrival_time=time.time()),
-                           prompt_logprobs=[None] if params.prompt_logprobs is not None else None)
-        self._tracked[request_id] = tracked
-        for s in samples:
-            self._seq_owner[s.seq.request_id] = tracked
+        self.outputs.add(request_id, text, ids, params, seqs)
         self._stats.prompt_tokens_total += len(ids)
 
     def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
@@ -226,150 +206,63 @@ class LLMEngine:
 
     def abort_request(self, request_id: str, return_output: bool = False) -> RequestOutput | bool | None:
         """Abort a request (all its samples) and free its pages now."""
-        tracked = self._tracked.pop(request_id, None)
-        if tracked is None:
-            return None if return_output else False
-        for s in tracked.samples:
-            self.scheduler.abort(s.seq.request_id)
-            self._seq_owner.pop(s.seq.request_id, None)
-            if not s.seq.is_finished:
-                s.seq.status = RequestStatus.FINISHED_ABORTED
-        tracked.finished = True
-        return self._output(tracked) if return_output else True
+        out = self.outputs.abort(request_id)
+        if return_output:
+            return out
+        return out is not None
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._tracked)
+        return len(self.outputs) > 0
 
     # -- one step -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one scheduled step; outputs for every request that progressed or finished."""
+        step = self.dispatch()
+        return self.complete(step) if step is not None else self.outputs.collect()
+
+    def dispatch(self) -> InFlightStep | None:
+        """Schedule a step and hand it to the device without waiting; None if idle."""
         start = time.perf_counter()
         sched = self.scheduler.schedule()
         if sched.is_empty:
-            return self._collect()
-        arrays = sched.to_step_arrays()
-        rows = [self._seq_owner[s.request.request_id] for s in sched.seqs]
-        tensors = self.tensors.build(sched, [t.params for t in rows],
-                                     [self._sample_of(s.request).key_data for s in sched.seqs],
+            return None
+        inputs = build_step_inputs(sched)
+        tensors = self.tensors.build(sched, [s.request.sampling_params for s in sched.seqs],
+                                     [s.request.key_data for s in sched.seqs],
                                      sched.bucket.num_seqs)
-        dev_out, hidden = self.runner.execute(arrays, tensors)
+        forward = self.runner.forward(inputs)
+        sampled = self.runner.sample(forward.logits, tensors)
         # Host work between the previous result and this dispatch (output processing, the
         # scheduler, input packing) is time the device sat idle.
         dispatched = time.perf_counter()
         host_gap = dispatched - self._last_result_time if self._last_result_time else 0.0
-        self._prompt_logprobs(sched, arrays, hidden)
-        result = self.runner.fetch(dev_out)
+        self._step_started = start
+        return InFlightStep(sched, inputs, forward, sampled, dispatched, host_gap)
+
+    def complete(self, step: InFlightStep) -> list[RequestOutput]:
+        """Wait for a dispatched step's tokens and turn them into outputs."""
+        self._prompt_logprobs(step)
+        result = self.runner.fetch(step.sampled)
         self._last_result_time = time.perf_counter()
-        before = [s.request.num_output_tokens for s in sched.seqs]
-        self.scheduler.update(sched, result.token_ids)
-        now = time.time()
-        for i, s in enumerate(sched.seqs):
-            tracked = self._seq_owner.get(s.request.request_id)
-            if tracked is None:
-                continue
-            if tracked.metrics.first_scheduled_time is None:
-                tracked.metrics.first_scheduled_time = now
-            tracked.touched = True
-            if s.request.num_output_tokens > before[i]:
-                self._on_token(tracked, self._sample_of(s.request), result, i, now)
+        produced = self.scheduler.update(step.sched, result.token_ids)
+        before = self.outputs.generation_tokens_total
+        self.outputs.process(step.sched, result, produced)
+        self._stats.generation_tokens_total += self.outputs.generation_tokens_total - before
         if not self.scheduler.has_work():
             self._last_result_time = None  # idle time until the next request is not a host gap
         self._stats.steps_total += 1
-        self._stats.step_time_s = time.perf_counter() - start
-        self._stats.host_gap_s = host_gap
-        return self._collect()
+        self._stats.step_time_s = time.perf_counter() - self._step_started
+        self._stats.host_gap_s = step.host_gap_s
+        return self.outputs.collect()
 
-    def _sample_of(self, seq: Request) -> _Sample:
-        tracked = self._seq_owner[seq.request_id]
-        return tracked.samples[seq.sample_index]
-
-    def _on_token(self, tracked: _Tracked, sample: _Sample, result: StepResult, row: int,
-                  now: float) -> None:
-        seq, params = sample.seq, tracked.params
-        token = seq.output_token_ids[-1]
-        self._stats.generation_tokens_total += 1
-        if tracked.metrics.first_token_time is None:
-            tracked.metrics.first_token_time = now
-        if sample.logprobs is not None:
-            sample.logprobs.append(self._logprob_entry(
-                token, float(result.logprobs[row]), int(result.ranks[row]),
-                result.top_ids[row, :params.logprobs], result.top_logprobs[row, :params.logprobs]))
-            sample.cumulative_logprob += float(result.logprobs[row])
-        sample.text += sample.detok.step([token])
-        if seq.is_finished and seq.status is not RequestStatus.FINISHED_ABORTED:
-            if sample.detok.stop_hit is None:
-                # Text held back (bytes of an unfinished character) is released now, and
-                # may itself complete a stop string.
-                sample.text += sample.detok.flush()
-        if sample.detok.stop_hit is not None:
-            if not seq.is_finished:
-                self.scheduler.finish(seq.request_id, RequestStatus.FINISHED_STOPPED,
-                                      sample.detok.stop_hit)
-            elif seq.status is RequestStatus.FINISHED_LENGTH:
-                # The token that reached max_tokens also completed a stop string: the stop
-                # wins, as in vLLM (the pages are already free; only the reason changes).
-                seq.status = RequestStatus.FINISHED_STOPPED
-                seq.stop_reason = sample.detok.stop_hit
-
-    def _logprob_entry(self, token: int, logprob: float, rank: int, top_ids, top_vals
-                       ) -> dict[int, Logprob]:
-        entry = {int(t): Logprob(float(v), r + 1, self.tokenizer.decode([int(t)]))
-                 for r, (t, v) in enumerate(zip(top_ids, top_vals, strict=True))}
-        entry[token] = Logprob(logprob, rank, self.tokenizer.decode([token]))
-        return entry
-
-    def _prompt_logprobs(self, sched: SchedulerOutput, arrays: dict[str, np.ndarray], hidden) -> None:
-        rows, targets, where = [], [], []
-        for i, s in enumerate(sched.seqs):
-            tracked = self._seq_owner.get(s.request.request_id)
-            if tracked is None or tracked.prompt_logprobs is None or s.request.sample_index != 0:
-                continue
-            n_prompt = len(tracked.prompt_token_ids)
-            base = int(arrays["cu_q_lens"][i])
-            for j in range(s.num_new_tokens):
-                pos = s.start_pos + j
-                if pos + 1 < n_prompt and pos + 1 >= len(tracked.prompt_logprobs):
-                    rows.append(base + j)
-                    targets.append(tracked.prompt_token_ids[pos + 1])
-                    where.append((tracked, pos + 1))
+    def _prompt_logprobs(self, step: InFlightStep) -> None:
+        rows, targets, where = self.outputs.prompt_logprob_rows(
+            step.sched, np.asarray(step.inputs.attention.cu_q_lens))
         if not rows:
             return
-        chosen, rank, ids, vals = self.runner.prompt_logprobs(hidden, np.array(rows), np.array(targets))
-        for k, (tracked, pos) in enumerate(where):
-            if pos == len(tracked.prompt_logprobs):
-                n = tracked.params.prompt_logprobs
-                tracked.prompt_logprobs.append(self._logprob_entry(
-                    targets[k], float(chosen[k]), int(rank[k]), ids[k, :n], vals[k, :n]))
-
-    def _collect(self) -> list[RequestOutput]:
-        outs = []
-        for rid, tracked in list(self._tracked.items()):
-            if not tracked.touched:
-                continue
-            tracked.touched = False
-            if all(s.seq.is_finished for s in tracked.samples):
-                tracked.finished = True
-                tracked.metrics.finished_time = time.time()
-                del self._tracked[rid]
-                for s in tracked.samples:
-                    self._seq_owner.pop(s.seq.request_id, None)
-            outs.append(self._output(tracked))
-        return outs
-
-    def _output(self, tracked: _Tracked) -> RequestOutput:
-        tracked.metrics.num_cached_tokens = tracked.samples[0].seq.num_cached_tokens
-        outputs = [CompletionOutput(
-            index=i, text=s.text, token_ids=list(s.seq.output_token_ids),
-            cumulative_logprob=s.cumulative_logprob,
-            logprobs=list(s.logprobs) if s.logprobs is not None else None,
-            finish_reason=s.seq.status.finish_reason, stop_reason=s.seq.stop_reason)
-            for i, s in enumerate(tracked.samples)]
-        return RequestOutput(
-            request_id=tracked.request_id, prompt=tracked.prompt,
-            prompt_token_ids=tracked.prompt_token_ids, outputs=outputs,
-            finished=tracked.finished,
-            prompt_logprobs=list(tracked.prompt_logprobs) if tracked.prompt_logprobs else None,
-            metrics=dataclasses.replace(tracked.metrics))
+        chosen, rank, ids, vals = self.runner.prompt_logprobs(
+            step.forward.hidden, np.array(rows), np.array(targets))
+        self.outputs.add_prompt_logprobs(where, targets, chosen, rank, ids, vals)
 
     # -- management ---------------------------------------------------------------------------
     def get_stats(self) -> EngineStats:
@@ -393,7 +286,7 @@ class LLMEngine:
         """Drop the KV cache (and the prefix cache that indexes it); requires no live requests."""
         if level not in (1, 2):
             raise ValueError(f"sleep level must be 1 or 2, got {level}")
-        if self._tracked:
+        if len(self.outputs):
             raise ValueError("cannot sleep with requests in flight")
         if self._sleeping_specs is None:
             self.scheduler.reset_prefix_cache()

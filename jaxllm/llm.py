@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from jaxllm.config import EngineConfig
 from jaxllm.engine import LLMEngine
+from jaxllm.engine_client import EngineCore
 from jaxllm.outputs import RequestOutput
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.tokenizer import Tokenizer
@@ -27,7 +28,7 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, **engine_config: Any) -> None:
-        self.engine = LLMEngine(EngineConfig.from_kwargs(model=model, **engine_config))
+        self.engine: EngineCore = LLMEngine(EngineConfig.from_kwargs(model=model, **engine_config))
         self._ids = itertools.count()
 
     def get_tokenizer(self) -> Tokenizer:
@@ -68,7 +69,7 @@ class LLM:
         added: list[str] = []
         try:
             for rid, prompt, p in zip(ids, prompts, params, strict=True):
-                self.engine.add_request(rid, prompt, p)
+                self.engine.add_request(prompt, p, rid)
                 added.append(rid)
         except Exception:
             for rid in added:

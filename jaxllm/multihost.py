@@ -1,8 +1,9 @@
 """Multi-host serving: the leader schedules and broadcasts each step, followers replay it.
 
 Process 0 (the leader) runs HTTP, tokenizer and scheduler; its `BroadcastingRunner` sends
-every device call's host inputs -- the runner's step arrays and the sampling tensors, or the
-rows of a prompt-logprobs call -- to the followers with a StepBroadcaster before running it.
+every device call's host inputs -- a forward pass's `StepInputs`, a sampler call's sampling
+tensors, or the rows of a prompt-logprobs call -- to the followers with a StepBroadcaster
+before running it.
 Each follower (`run_follower`) holds the same model and KV-cache shards and runs the same
 jitted programs in the same order (multi-controller SPMD), so the cross-host collectives
 inside the step line up. Warm-up is broadcast like any step.
@@ -26,18 +27,16 @@ import numpy as np
 from jaxllm.async_engine import AsyncEngine
 from jaxllm.config import EngineConfig
 from jaxllm.errors import EngineDeadError
+from jaxllm.model_inputs import StepInputs
 from jaxllm.parallel import CollectiveWatchdog, HeartbeatMonitor, StepBroadcaster
 from jaxllm.runner import ModelRunner
 from jaxllm.sampling import SamplingTensors
 
 logger = logging.getLogger(__name__)
 
-OP_SETUP, OP_STEP, OP_PROMPT_LOGPROBS = 1, 2, 3
+OP_SETUP, OP_FORWARD, OP_SAMPLE, OP_PROMPT_LOGPROBS = 1, 2, 3, 4
 
-# The step arrays ModelRunner.execute reads (host-only extras such as the scheduler's
-# sample_mask are not sent): a field the runner starts reading must be added here.
-_STEP_ARRAYS = {"input_ids": 1, "positions": 1, "kv_lens": 1, "page_indices": 2,
-                "cu_q_lens": 1, "num_seqs": 1, "logits_indices": 1}
+_STEP_ARRAYS = StepInputs.field_ranks()  # the one definition of a step's inputs
 _SAMPLING = {"temperature": (np.float32, 1), "top_k": (np.int32, 1), "top_p": (np.float32, 1),
              "min_p": (np.float32, 1), "presence_penalty": (np.float32, 1),
              "frequency_penalty": (np.float32, 1), "repetition_penalty": (np.float32, 1),
@@ -68,13 +67,11 @@ def _blank(n_dims: int, dtype: Any = np.int32) -> np.ndarray:
 
 
 def _message(op: int, *, setup: np.ndarray = _EMPTY, rows: np.ndarray = _EMPTY,
-             targets: np.ndarray = _EMPTY, arrays: dict[str, np.ndarray] | None = None,
+             targets: np.ndarray = _EMPTY, inputs: StepInputs | None = None,
              tensors: SamplingTensors | None = None) -> dict[str, np.ndarray]:
     """One broadcast: every schema field, unused ones as size-1 blanks."""
     msg = {"op": np.array([op], np.int32), "setup": setup, "rows": rows, "targets": targets}
-    if arrays is not None and not set(_STEP_ARRAYS) <= set(arrays):
-        raise ValueError(f"runner step arrays {sorted(arrays)} lack multi-host schema fields "
-                         f"{sorted(set(_STEP_ARRAYS) - set(arrays))}")
+    arrays = inputs.to_flat() if inputs is not None else None
     for k, nd in _STEP_ARRAYS.items():
         msg[f"a.{k}"] = np.asarray(arrays[k]) if arrays is not None else _blank(nd)
     penalties = False
@@ -90,9 +87,11 @@ def _message(op: int, *, setup: np.ndarray = _EMPTY, rows: np.ndarray = _EMPTY,
     return msg
 
 
-def _unpack_step(msg: dict[str, np.ndarray], vocab_size: int
-                 ) -> tuple[dict[str, np.ndarray], SamplingTensors]:
-    arrays = {k: msg[f"a.{k}"] for k in _STEP_ARRAYS}
+def _unpack_inputs(msg: dict[str, np.ndarray]) -> StepInputs:
+    return StepInputs.from_flat({k: msg[f"a.{k}"] for k in _STEP_ARRAYS})
+
+
+def _unpack_tensors(msg: dict[str, np.ndarray], vocab_size: int) -> SamplingTensors:
     rows = msg["s.temperature"].shape[0]
     s = {k: msg[f"s.{k}"] for k in _SAMPLING}
     if s["output_counts"].shape != (rows, vocab_size):
@@ -100,7 +99,7 @@ def _unpack_step(msg: dict[str, np.ndarray], vocab_size: int
         s["prompt_mask"] = np.zeros((rows, vocab_size), bool)
     s["greedy"] = s["greedy"].astype(bool)
     s["prompt_mask"] = s["prompt_mask"].astype(bool)
-    return arrays, SamplingTensors(**{k: jnp.asarray(v) for k, v in s.items()})
+    return SamplingTensors(**{k: jnp.asarray(v) for k, v in s.items()})
 
 
 class BroadcastingRunner(ModelRunner):
@@ -112,9 +111,13 @@ class BroadcastingRunner(ModelRunner):
         caster.send(_message(OP_SETUP, setup=np.array([kv_caches[0].shape[0]], np.int32)))
         super().__init__(model, kv_caches, **kwargs)
 
-    def execute(self, arrays: dict[str, np.ndarray], tensors: SamplingTensors):
-        self.caster.send(_message(OP_STEP, arrays=arrays, tensors=tensors))
-        return super().execute(arrays, tensors)
+    def forward(self, inputs: StepInputs):
+        self.caster.send(_message(OP_FORWARD, inputs=inputs))
+        return super().forward(inputs)
+
+    def sample(self, logits, tensors: SamplingTensors):
+        self.caster.send(_message(OP_SAMPLE, tensors=tensors))
+        return super().sample(logits, tensors)
 
     def warm_up(self, buckets, dummy_tensors, **kwargs: Any) -> float:
         # Run (and so broadcast) a dummy step per bucket: the followers compile in lockstep
@@ -242,15 +245,16 @@ def run_follower(config: EngineConfig, options: MultiHostOptions = MultiHostOpti
         runner = ModelRunner(parts.model, kv, attention_impl=config.attention_impl,
                              attention_wrapper=parts.attention_wrapper)
         logger.info("follower %d ready: %d KV pages", config.process_id, num_pages)
-        hidden = None
+        forward = None
         while (msg := caster.receive()) is not None:
             op = int(msg["op"][0])
-            if op == OP_STEP:
-                arrays, tensors = _unpack_step(msg, parts.model_config.vocab_size)
-                out, hidden = runner.execute(arrays, tensors)
-                runner.fetch(out)  # keep in lockstep: one step in flight, as on the leader
+            if op == OP_FORWARD:
+                forward = runner.forward(_unpack_inputs(msg))
+            elif op == OP_SAMPLE:
+                tensors = _unpack_tensors(msg, parts.model_config.vocab_size)
+                runner.fetch(runner.sample(forward.logits, tensors))  # lockstep with the leader
             elif op == OP_PROMPT_LOGPROBS:
-                runner.prompt_logprobs(hidden, msg["rows"], msg["targets"])
+                runner.prompt_logprobs(forward.hidden, msg["rows"], msg["targets"])
             else:
                 raise RuntimeError(f"unknown step op {op} from the leader")
         logger.info("follower %d: leader stopped", config.process_id)

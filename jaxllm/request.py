@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from jaxllm.sampling_params import SamplingParams
+    import numpy as np
+
+from jaxllm.sampling_params import SamplingParams
 
 
 class RequestStatus(enum.Enum):
@@ -72,6 +74,8 @@ class Request:
     num_preemptions: int = 0
     awaiting_sample: bool = False  # a scheduled step will sample this sequence's next token
     max_tokens: int = 0  # effective limit, set by the scheduler at admission
+    # The sample's PRNG identity (jaxllm.sampling.request_key_data): a seed reproduces it.
+    key_data: np.ndarray | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.prompt_token_ids = list(self.prompt_token_ids)

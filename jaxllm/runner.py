@@ -1,8 +1,11 @@
-"""Turns one scheduled step into device calls: one jitted function per bucket shape.
+"""Turns one scheduled step into device calls: one jitted program per bucket shape.
 
-embed -> layers (ragged paged attention, fused cache write, cache donated) -> final norm ->
-logits for the rows that sample -> on-device sampler. Every shape the scheduler can ask for is
-compiled during warm-up; afterwards any new compilation is logged as an error and counted.
+Two calls, so that features can slot in between them (grammar bitmasks, speculative
+verification, the overlapped loop): `forward(StepInputs)` runs embed -> layers (ragged paged
+attention, fused cache write, cache donated) -> final norm -> logits for the rows that sample;
+`sample(logits, SamplingTensors)` runs the on-device sampler. Both dispatch asynchronously;
+the host blocks only in `fetch`. Every shape the scheduler can ask for is compiled during
+warm-up; afterwards any new compilation is logged as an error and counted.
 """
 
 from __future__ import annotations
@@ -29,8 +32,9 @@ from jaxllm.executable_store import (
     environment_fingerprint,
     source_fingerprint,
 )
-from jaxllm.kernels import AttentionMetadata, ragged_paged_attention_from_metadata
+from jaxllm.kernels import ragged_paged_attention_from_metadata
 from jaxllm.kernels.native_build import native_targets_used, register_native_target
+from jaxllm.model_inputs import StepInputs
 from jaxllm.models.llama import LlamaModel
 from jaxllm.sampling import SamplingTensors, sample
 
@@ -48,22 +52,12 @@ class StepResult:
     top_logprobs: np.ndarray  # [S, K]
 
 
-def _blank_step_arrays(b: Bucket) -> dict[str, np.ndarray]:
-    """A step of bucket b's shapes with no sequences: what warm-up traces and runs."""
-    return {
-        "input_ids": np.zeros(b.num_tokens, np.int32),
-        "positions": np.zeros(b.num_tokens, np.int32),
-        "kv_lens": np.zeros(b.num_seqs, np.int32),
-        "page_indices": np.zeros((b.num_seqs, b.pages_per_seq), np.int32),
-        "cu_q_lens": np.zeros(b.num_seqs + 1, np.int32),
-        "num_seqs": np.zeros(1, np.int32),
-        "logits_indices": np.zeros(b.num_seqs, np.int32),
-    }
+@dataclass
+class ForwardOutput:
+    """Device outputs of one step's forward pass (not yet waited for)."""
 
-
-def _metadata(arrays: dict[str, np.ndarray]) -> AttentionMetadata:
-    return AttentionMetadata(kv_lens=arrays["kv_lens"], page_indices=arrays["page_indices"],
-                             cu_q_lens=arrays["cu_q_lens"], num_seqs=arrays["num_seqs"])
+    logits: jax.Array  # [S, V] float32, one row per sequence (its last token)
+    hidden: jax.Array  # [T, E] final hidden states of every token (prompt logprobs)
 
 
 def _attention(impl: str | None):
@@ -108,10 +102,11 @@ class ModelRunner:
     def _model(self, state_leaves) -> LlamaModel:
         return nnx.merge(self.graphdef, jax.tree.unflatten(self._state_treedef, state_leaves))
 
-    def _step(self, state_leaves, kv_caches, input_ids, positions, md, logits_indices):
+    def _step(self, state_leaves, kv_caches, inputs: StepInputs):
         model = self._model(state_leaves)
-        hidden, kv_caches = model(input_ids, positions, kv_caches, md, self.attention_fn)
-        logits = model.compute_logits(hidden[logits_indices])
+        hidden, kv_caches = model(inputs.input_ids, inputs.positions, kv_caches,
+                                  inputs.attention, self.attention_fn)
+        logits = model.compute_logits(hidden[inputs.logits_indices])
         return logits, kv_caches, hidden
 
     def _prompt_logprobs(self, state_leaves, hidden, rows, targets):
@@ -124,19 +119,32 @@ class ModelRunner:
         return chosen, rank, top_ids, top_vals
 
     # -- host API ------------------------------------------------------------------------
-    def execute(self, arrays: dict[str, np.ndarray], tensors: SamplingTensors):
-        """Dispatch one step (asynchronously); returns device outputs and hidden states.
-
-        Host arrays go to jit as numpy: its C++ dispatch moves them in one go, measurably
-        cheaper than a jnp.asarray per array (the host gap between steps)."""
-        t, s = arrays["input_ids"].shape[0], arrays["logits_indices"].shape[0]
-        shape = (t, s, arrays["page_indices"].shape[1])
+    def forward(self, inputs: StepInputs) -> ForwardOutput:
+        """Dispatch one step's forward pass (asynchronously). Host arrays go to jit as numpy:
+        its C++ dispatch moves them in one go, measurably cheaper than a jnp.asarray per array
+        (the host gap between steps)."""
+        shape = inputs.shape_key
         step = self._steps.get(shape) or self._counted(self._step_fn, "step", shape)
-        logits, self.kv_caches, hidden = step(
-            self.state_leaves, self.kv_caches, arrays["input_ids"], arrays["positions"],
-            _metadata(arrays), arrays["logits_indices"])
-        sampler = self._samplers.get(s) or self._counted(self._sample_fn, "sampler", s)
-        return sampler(logits, tensors), hidden
+        logits, self.kv_caches, hidden = step(self.state_leaves, self.kv_caches, inputs)
+        return ForwardOutput(logits, hidden)
+
+    def sample(self, logits: jax.Array, tensors: SamplingTensors):
+        """Dispatch the sampler over `logits` rows (asynchronously); its program is compiled
+        per row count, so a caller verifying several tokens per sequence passes them as rows.
+        Per-row token masks and biases travel in `tensors`."""
+        rows = logits.shape[0]
+        sampler = self._samplers.get(rows) or self._counted(self._sample_fn, "sampler", rows)
+        return sampler(logits, tensors)
+
+    def execute(self, inputs: StepInputs, tensors: SamplingTensors):
+        """forward + sample: (device sampler output, hidden states)."""
+        out = self.forward(inputs)
+        return self.sample(out.logits, tensors), out.hidden
+
+    def lower_step(self, bucket: Bucket) -> jax.stages.Lowered:
+        """The step program of `bucket`, lowered (for inspecting its HLO)."""
+        return self._step_fn.trace(self.state_leaves, self.kv_caches,
+                                   StepInputs.blank(bucket)).lower()
 
     @staticmethod
     def fetch(out) -> StepResult:
@@ -205,10 +213,8 @@ class ModelRunner:
 
         self.loaded_programs = 0
         for b in tqdm(buckets, desc="preparing step buckets", unit="shape"):
-            arrays = _blank_step_arrays(b)
             want(self._steps, (b.num_tokens, b.num_seqs, b.pages_per_seq), "step",
-                 (arrays["input_ids"], arrays["positions"], _metadata(arrays),
-                  arrays["logits_indices"]),
+                 (StepInputs.blank(b),),
                  lambda *a: self._step_fn.trace(self.state_leaves, self.kv_caches, *a))
         compile_pending("compiling step buckets")
         for b in buckets:
@@ -228,8 +234,7 @@ class ModelRunner:
         followers compile in lockstep)."""
         start = time.perf_counter()
         for b in tqdm(list(buckets), desc="compiling step buckets", unit="shape"):
-            arrays = _blank_step_arrays(b)
-            out, hidden = self.execute(arrays, dummy_tensors(b.num_seqs))
+            out, hidden = self.execute(StepInputs.blank(b), dummy_tensors(b.num_seqs))
             jax.block_until_ready(out)
             self.prompt_logprobs(hidden, np.zeros(1, np.int32), np.zeros(1, np.int32))
         self.warm_compiles = self._jit_cache_entries()

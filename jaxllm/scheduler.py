@@ -89,50 +89,6 @@ class SchedulerOutput:
     def is_empty(self) -> bool:
         return not self.seqs
 
-    def to_step_arrays(self, bucket: Bucket | None = None) -> dict[str, np.ndarray]:
-        """The runner's host inputs, padded to `bucket` (default: the chosen one), all int32
-        except sample_mask (bool):
-
-        input_ids[T], positions[T]: padding tokens get id 0 and position 0;
-        kv_lens[S]: tokens per sequence after the step, 0 for padded sequences;
-        page_indices[S, P]: pages per sequence, padded entries point at the null page;
-        cu_q_lens[S+1]: padded sequences have q_len 0; num_seqs[1];
-        logits_indices[S]: each sequence's last token row; sample_mask[S]: rows that sample.
-        """
-        b = bucket or self.bucket
-        if b is None:
-            raise ValueError("empty step has no bucket")
-        if self.num_tokens > b.num_tokens or len(self.seqs) > b.num_seqs:
-            raise ValueError(f"step ({self.num_tokens} tokens, {len(self.seqs)} seqs) does not "
-                             f"fit bucket {b}")
-        input_ids = np.zeros(b.num_tokens, np.int32)
-        positions = np.zeros(b.num_tokens, np.int32)
-        kv_lens = np.zeros(b.num_seqs, np.int32)
-        page_indices = np.full((b.num_seqs, b.pages_per_seq), self.null_page, np.int32)
-        cu_q_lens = np.zeros(b.num_seqs + 1, np.int32)
-        logits_indices = np.zeros(b.num_seqs, np.int32)
-        sample_mask = np.zeros(b.num_seqs, bool)
-        off = 0
-        for s, seq in enumerate(self.seqs):
-            n = seq.num_new_tokens
-            if len(seq.page_ids) > b.pages_per_seq:
-                raise ValueError(f"{len(seq.page_ids)} pages do not fit bucket {b}")
-            input_ids[off:off + n] = seq.token_ids
-            positions[off:off + n] = np.arange(seq.start_pos, seq.kv_len)
-            kv_lens[s] = seq.kv_len
-            page_indices[s, :len(seq.page_ids)] = seq.page_ids
-            off += n
-            cu_q_lens[s + 1] = off
-            logits_indices[s] = off - 1
-            sample_mask[s] = seq.samples
-        cu_q_lens[len(self.seqs) + 1:] = off
-        return {
-            "input_ids": input_ids, "positions": positions, "kv_lens": kv_lens,
-            "page_indices": page_indices, "cu_q_lens": cu_q_lens,
-            "num_seqs": np.array([len(self.seqs)], np.int32),
-            "logits_indices": logits_indices, "sample_mask": sample_mask,
-        }
-
 
 class Scheduler:
     """Continuous-batching scheduler over a `KVCacheManager` and a `BucketSet`."""
@@ -373,11 +329,12 @@ class Scheduler:
 
     # ---- results ------------------------------------------------------------------------
     def update(self, output: SchedulerOutput, sampled_token_ids: Sequence[int] | np.ndarray
-               ) -> list[Request]:
+               ) -> list[int]:
         """Apply a finished step: sampled_token_ids[i] is the token sampled for
-        output.seqs[i] (entries of non-sampling and padded rows are ignored). Returns the
-        requests that finished (their pages are already freed)."""
-        finished: list[Request] = []
+        output.seqs[i] (entries of non-sampling and padded rows are ignored). Returns the rows
+        whose sequence got a new token. Whether that token ends the sequence is the output
+        processor's call (`jaxllm.output_processor`), which then calls `finish`."""
+        produced: list[int] = []
         for i, seq in enumerate(output.seqs):
             req = seq.request
             if req.status is not RequestStatus.RUNNING or seq.epoch != req.num_preemptions:
@@ -387,25 +344,9 @@ class Scheduler:
             if not seq.samples:
                 continue
             req.awaiting_sample = False
-            token = int(sampled_token_ids[i])
-            req.append_output(token)
-            stop = self._stop_status(req, token)
-            if stop is not None:
-                self._finish(req, *stop)
-                finished.append(req)
-        return finished
-
-    def _stop_status(self, req: Request, token: int) -> tuple[RequestStatus, int | None] | None:
-        sp = req.sampling_params
-        if req.num_output_tokens >= sp.min_tokens:
-            if not sp.ignore_eos and token in req.eos_token_ids:
-                return RequestStatus.FINISHED_STOPPED, None
-            if sp.stop_token_ids and token in sp.stop_token_ids:
-                return RequestStatus.FINISHED_STOPPED, token
-        if (req.num_output_tokens >= req.max_tokens
-                or req.num_tokens >= self.config.max_model_len):
-            return RequestStatus.FINISHED_LENGTH, None
-        return None
+            req.append_output(int(sampled_token_ids[i]))
+            produced.append(i)
+        return produced
 
     def _maybe_fork(self, leader: Request, computed: int) -> None:
         need = self._fork_pages(leader) * self.page_size
@@ -418,7 +359,7 @@ class Scheduler:
 
     def finish(self, request_id: str, status: RequestStatus = RequestStatus.FINISHED_STOPPED,
                stop_reason: int | str | None = None) -> Request | None:
-        """End a request for a reason found on the host (a stop string); frees its pages."""
+        """End a request (the output processor found a stop, or an abort); frees its pages."""
         if not status.is_finished:
             raise ValueError(f"{status} is not a finished status")
         req = self.requests.get(request_id)

@@ -105,13 +105,13 @@ def test_seeded_sampling_independent_of_batch(engine):
     seed = _fresh_seed()
     prompt = _prompts(seed, [11])[0]
     params = SamplingParams(temperature=1.0, top_p=0.9, seed=seed, max_tokens=10, ignore_eos=True)
-    engine.add_request("alone", prompt, params)
+    engine.add_request(prompt, params, "alone")
     alone = _run(engine, ["alone"])["alone"].outputs[0].token_ids
     others = _prompts(seed + 1, [3, 25, 8])
     for i, p in enumerate(others):
-        engine.add_request(f"other{i}", p, SamplingParams(temperature=0.8, max_tokens=14,
-                                                          ignore_eos=True))
-    engine.add_request("crowd", prompt, params)
+        engine.add_request(p, SamplingParams(temperature=0.8, max_tokens=14,
+                                                          ignore_eos=True), f"other{i}")
+    engine.add_request(prompt, params, "crowd")
     crowd = _run(engine, ["crowd"])["crowd"].outputs[0].token_ids
     assert alone == crowd, f"seed={seed}"
     _assert_no_leaks(engine)
@@ -121,7 +121,7 @@ def test_abort_in_every_state_frees_pages(engine):
     seed = _fresh_seed()
     prompts = _prompts(seed, [40, 3, 60, 12, 7])
     for i, p in enumerate(prompts):
-        engine.add_request(f"r{i}", p, SamplingParams(max_tokens=30, ignore_eos=True))
+        engine.add_request(p, SamplingParams(max_tokens=30, ignore_eos=True), f"r{i}")
     engine.abort_request("r4")  # waiting
     engine.step()
     engine.step()
@@ -138,8 +138,8 @@ def test_abort_in_every_state_frees_pages(engine):
 def test_logprobs_match_log_softmax(engine, plain_model):
     seed = _fresh_seed()
     prompt = _prompts(seed, [9])[0]
-    engine.add_request("lp", prompt, SamplingParams(temperature=0.0, max_tokens=4, logprobs=3,
-                                                    prompt_logprobs=2, ignore_eos=True))
+    engine.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=4, logprobs=3,
+                                                    prompt_logprobs=2, ignore_eos=True), "lp")
     out = _run(engine, ["lp"])["lp"]
     seq = prompt + out.outputs[0].token_ids
     logits = forward_logits(plain_model, [seq])[0].astype(np.float64)
@@ -161,8 +161,8 @@ def test_logprobs_match_log_softmax(engine, plain_model):
 def test_n_samples_and_stop_strings(engine):
     seed = _fresh_seed()
     prompt = _prompts(seed, [21])[0]
-    engine.add_request("n3", prompt, SamplingParams(n=3, temperature=1.0, seed=seed,
-                                                    max_tokens=8, ignore_eos=True))
+    engine.add_request(prompt, SamplingParams(n=3, temperature=1.0, seed=seed,
+                                                    max_tokens=8, ignore_eos=True), "n3")
     out = _run(engine, ["n3"])["n3"]
     assert [c.index for c in out.outputs] == [0, 1, 2]
     assert all(len(c.token_ids) == 8 for c in out.outputs)
@@ -174,7 +174,7 @@ def test_n_samples_and_stop_strings(engine):
     prompts = _prompts(seed + 1, [21] * 6)
     greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     for i, p in enumerate(prompts):
-        engine.add_request(f"g{i}", p, greedy)
+        engine.add_request(p, greedy, f"g{i}")
     texts = {k: o.outputs[0].text for k, o in _run(engine, [f"g{i}" for i in range(6)]).items()}
     stops = {}
     for i, p in enumerate(prompts):
@@ -182,8 +182,8 @@ def test_n_samples_and_stop_strings(engine):
         stop = text[len(text) // 2:len(text) // 2 + 2]
         if stop.strip():
             stops[f"s{i}"] = (stop, text)
-            engine.add_request(f"s{i}", p, SamplingParams(temperature=0.0, max_tokens=12,
-                                                          ignore_eos=True, stop=[stop]))
+            engine.add_request(p, SamplingParams(temperature=0.0, max_tokens=12,
+                                                          ignore_eos=True, stop=[stop]), f"s{i}")
     for key, res in _run(engine, list(stops)).items():
         stop, text = stops[key]
         out = res.outputs[0]
@@ -194,14 +194,14 @@ def test_n_samples_and_stop_strings(engine):
 
 def test_bad_input_rejected_without_side_effects(engine):
     with pytest.raises(ValueError, match="empty"):
-        engine.add_request("e", [], SamplingParams())
+        engine.add_request([], SamplingParams(), "e")
     with pytest.raises(ValueError, match="max_model_len"):
-        engine.add_request("long", list(range(3, 300)), SamplingParams(max_tokens=4))
+        engine.add_request(list(range(3, 300)), SamplingParams(max_tokens=4), "long")
     with pytest.raises(ValueError, match="vocabulary"):
-        engine.add_request("v", [10**6], SamplingParams())
-    engine.add_request("dup", [5, 6], SamplingParams(max_tokens=2))
+        engine.add_request([10**6], SamplingParams(), "v")
+    engine.add_request([5, 6], SamplingParams(max_tokens=2), "dup")
     with pytest.raises(ValueError, match="in use"):
-        engine.add_request("dup", [5, 6], SamplingParams(max_tokens=2))
+        engine.add_request([5, 6], SamplingParams(max_tokens=2), "dup")
     _run(engine, ["dup"])
     _assert_no_leaks(engine)
 
@@ -224,7 +224,7 @@ def test_penalties_and_logprob_mixes_do_not_recompile(engine):
     jax.monitoring.register_event_duration_secs_listener(on_event)
     try:
         for i, (p, sp) in enumerate(zip(prompts, mixes, strict=True)):
-            engine.add_request(f"mix{i}", p, sp)
+            engine.add_request(p, sp, f"mix{i}")
         done = _run(engine, [f"mix{i}" for i in range(3)])
     finally:
         jax.monitoring.unregister_event_duration_listener(on_event)
@@ -240,8 +240,8 @@ def test_stop_string_completed_by_the_last_allowed_token_reports_stop(engine):
     for attempt in range(20):
         prompt = _prompts(seed + attempt, [17])[0]
         rid = f"full{attempt}"
-        engine.add_request(rid, prompt, SamplingParams(temperature=0.0, max_tokens=10,
-                                                       ignore_eos=True))
+        engine.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=10,
+                                                       ignore_eos=True), rid)
         ids = _run(engine, [rid])[rid].outputs[0].token_ids
         # find k and a stop string that first appears in the text of exactly k tokens
         for k in range(1, 11):
@@ -253,8 +253,8 @@ def test_stop_string_completed_by_the_last_allowed_token_reports_stop(engine):
                 break
         else:
             continue
-        engine.add_request("sk", prompt, SamplingParams(temperature=0.0, max_tokens=k,
-                                                        ignore_eos=True, stop=[stop]))
+        engine.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=k,
+                                                        ignore_eos=True, stop=[stop]), "sk")
         res = _run(engine, ["sk"])["sk"].outputs[0]
         assert (res.finish_reason, res.stop_reason) == ("stop", stop), f"seed={seed}"
         assert res.text == text[:-len(stop)]
@@ -266,8 +266,8 @@ def test_stop_string_completed_by_the_last_allowed_token_reports_stop(engine):
 def test_sleep_refuses_requests_until_wake_up(engine):
     engine.sleep(1)
     with pytest.raises(ValueError, match="asleep"):
-        engine.add_request("zz", [5, 6, 7], SamplingParams(max_tokens=2))
+        engine.add_request([5, 6, 7], SamplingParams(max_tokens=2), "zz")
     engine.wake_up()
-    engine.add_request("zz", [5, 6, 7], SamplingParams(max_tokens=2, ignore_eos=True))
+    engine.add_request([5, 6, 7], SamplingParams(max_tokens=2, ignore_eos=True), "zz")
     assert len(_run(engine, ["zz"])["zz"].outputs[0].token_ids) == 2
     _assert_no_leaks(engine)

@@ -1,164 +1,30 @@
-"""Scheduler scenarios driven by a fake runner, checked against a plain reference generator.
-
-The fake device mimics the runner and the attention kernel on token ids: it writes each fed
-token (and its position) into a page store through the step's page table, then for every
-sampling row reads the whole context back through the page table and checks it equals the
-request's own tokens (so shared, evicted, freed or preempted pages can never leak into
-another sequence unnoticed). The next token is a fixed function of that context, so every
-request's output must equal `reference_generate`, however it was batched, chunked, cached or
-preempted.
-"""
+"""Scheduler scenarios driven by a fake runner, checked against a plain reference generator
+(tests/engine/scheduler_harness.py has the fake device and the reference)."""
 
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
 
-from jaxllm.buckets import Bucket, BucketSet
-from jaxllm.cache import KVCacheManager, PageAllocator
+from jaxllm.buckets import Bucket
+from jaxllm.model_inputs import build_step_inputs
 from jaxllm.request import Request, RequestStatus
 from jaxllm.sampling_params import SamplingParams
-from jaxllm.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-
-VOCAB = 61
-EOS = (5,)
-_WEIGHTS = np.random.default_rng(1234).integers(1, 1 << 20, size=4096, dtype=np.int64)
-
-
-def next_token(context: list[int] | np.ndarray) -> int:
-    ctx = np.asarray(context, dtype=np.int64)
-    return int((ctx * _WEIGHTS[:len(ctx)]).sum() % VOCAB)
-
-
-def reference_generate(prompt: list[int], sp: SamplingParams, max_model_len: int,
-                       capacity: int) -> tuple[list[int], RequestStatus, int | None]:
-    """One sequence, token by token, with the documented stop rules."""
-    tokens, out = list(prompt), []
-    max_tokens = sp.max_tokens if sp.max_tokens is not None else capacity - len(prompt)
-    while True:
-        t = next_token(tokens)
-        out.append(t)
-        tokens.append(t)
-        if len(out) >= sp.min_tokens:
-            if not sp.ignore_eos and t in EOS:
-                return out, RequestStatus.FINISHED_STOPPED, None
-            if t in sp.stop_token_ids:
-                return out, RequestStatus.FINISHED_STOPPED, t
-        if len(out) >= max_tokens or len(tokens) >= max_model_len:
-            return out, RequestStatus.FINISHED_LENGTH, None
-
-
-class FakeDevice:
-    """Page store of (token, position) per slot; see the module docstring."""
-
-    def __init__(self, num_pages: int, page_size: int, buckets: BucketSet) -> None:
-        self.store = np.full((num_pages, page_size, 2), -1, dtype=np.int64)
-        self.page_size = page_size
-        self.buckets = set(buckets.all())
-        self.steps: list[SchedulerOutput] = []
-
-    def step(self, out: SchedulerOutput) -> np.ndarray:
-        assert out.bucket in self.buckets, f"{out.bucket} not in the bucket set"
-        self.steps.append(out)
-        a = out.to_step_arrays()
-        ps, n = self.page_size, int(a["num_seqs"][0])
-        cu, kv_lens, pages = a["cu_q_lens"], a["kv_lens"], a["page_indices"]
-        assert n == len(out.seqs) and cu[n] == out.num_tokens
-        # padding: tokens id/pos 0, seqs kv_len 0 and q_len 0, tables on the null page
-        assert not a["input_ids"][cu[n]:].any() and not a["positions"][cu[n]:].any()
-        assert not kv_lens[n:].any() and (cu[n:] == cu[n]).all()
-        assert (pages[n:] == out.null_page).all()
-        for s in range(n):
-            used = -(-int(kv_lens[s]) // ps)
-            assert (pages[s, used:] == out.null_page).all()
-            assert out.null_page not in pages[s, :used]
-            q0, q1 = int(cu[s]), int(cu[s + 1])
-            for j in range(q0, q1):
-                pos = int(kv_lens[s]) - (q1 - q0) + (j - q0)
-                assert a["positions"][j] == pos
-                self.store[pages[s, pos // ps], pos % ps] = (a["input_ids"][j], pos)
-        sampled = np.full(out.bucket.num_seqs, -1, dtype=np.int64)
-        for s, seq in enumerate(out.seqs):
-            assert a["logits_indices"][s] == cu[s + 1] - 1
-            assert a["sample_mask"][s] == seq.samples
-            kv = int(kv_lens[s])
-            ctx = self.store[pages[s, :-(-kv // ps)]].reshape(-1, 2)[:kv]
-            assert (ctx[:, 1] == np.arange(kv)).all(), "read a slot holding another position"
-            expected = seq.request.all_token_ids[:kv]
-            assert ctx[:, 0].tolist() == expected, f"{seq.request.request_id} read foreign KV"
-            if seq.samples:
-                sampled[s] = next_token(ctx[:, 0])
-        return sampled
-
-
-@dataclass
-class Setup:
-    sched: Scheduler
-    device: FakeDevice
-    alloc: PageAllocator
-
-
-def make(num_pages: int = 64, page_size: int = 4, max_num_seqs: int = 8,
-         max_num_batched_tokens: int = 32, max_model_len: int = 128, chunk: int | None = None,
-         prefix_caching: bool = True, align: bool = True) -> Setup:
-    alloc = PageAllocator(num_pages, page_size)
-    cache = KVCacheManager(alloc, enable_prefix_caching=prefix_caching)
-    buckets = BucketSet(max_num_batched_tokens, max_num_seqs, max_model_len, page_size,
-                        min_page_width=2)
-    cfg = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                          max_model_len=max_model_len, prefill_chunk_size=chunk,
-                          align_prefill_to_buckets=align)
-    return Setup(Scheduler(cfg, cache, buckets), FakeDevice(num_pages, page_size, buckets), alloc)
-
-
-def req(rid: str, prompt: list[int], t: float = 0.0, **sp_kwargs) -> Request:
-    salt = sp_kwargs.pop("cache_salt", None)
-    priority = sp_kwargs.pop("priority", 0)
-    sp_kwargs.setdefault("max_tokens", 8)
-    return Request(rid, prompt, SamplingParams(**sp_kwargs), eos_token_ids=EOS,
-                   arrival_time=t, cache_salt=salt, priority=priority)
-
-
-def run_step(s: Setup) -> tuple[SchedulerOutput, list[Request]]:
-    out = s.sched.schedule()
-    s.sched.check_invariants([r for r in out.preempted if r.is_finished])
-    finished = s.sched.update(out, s.device.step(out)) if out.seqs else []
-    s.sched.check_invariants(finished)
-    return out, finished
-
-
-def drive(s: Setup, arrivals: dict[int, list[Request]] | None = None,
-          max_steps: int = 2000) -> list[SchedulerOutput]:
-    """Add arrivals at their step, run until idle; invariants after every step."""
-    arrivals = dict(arrivals or {})
-    outs = []
-    for step in range(max_steps):
-        for r in arrivals.pop(step, []):
-            s.sched.add_request(r)
-        if not s.sched.has_work() and not arrivals:
-            break
-        outs.append(run_step(s)[0])
-    else:
-        raise AssertionError("scheduler did not drain")
-    s.sched.check_invariants()
-    assert s.alloc.num_used_pages == 0
-    return outs
-
-
-def assert_matches_reference(s: Setup, reqs: list[Request]) -> None:
-    cap = s.alloc.num_usable_pages * s.alloc.page_size
-    for r in reqs:
-        out, status, reason = reference_generate(r.prompt_token_ids, r.sampling_params,
-                                                 s.sched.config.max_model_len, cap)
-        assert (r.output_token_ids, r.status, r.stop_reason) == (out, status, reason), r.request_id
-
-
-def prompts(rng: np.random.Generator, lengths: list[int]) -> list[list[int]]:
-    return [rng.integers(6, VOCAB, size=n).tolist() for n in lengths]
-
+from tests.engine.scheduler_harness import (
+    EOS,
+    VOCAB,
+    _flat,
+    apply_step,
+    assert_matches_reference,
+    drive,
+    make,
+    prompts,
+    reference_generate,
+    req,
+    run_step,
+)
 
 # ---- scenarios ---------------------------------------------------------------------------
 
@@ -341,7 +207,7 @@ def test_abort_in_every_state():
     out = s.sched.schedule()  # in flight when aborted: its result is ignored
     assert s.sched.abort("dec")
     before = list(reqs["dec"].output_token_ids)
-    s.sched.update(out, s.device.step(out))
+    apply_step(s, out, s.device.step(out))
     assert reqs["dec"].output_token_ids == before
     s.sched.check_invariants()
     assert reqs["dec"].status is RequestStatus.FINISHED_ABORTED
@@ -506,7 +372,7 @@ def test_step_arrays_layout():
     b = req("b", [20, 21, 22], max_tokens=4)
     s.sched.add_request(b)
     out = s.sched.schedule()
-    arr = out.to_step_arrays(Bucket(8, 4, 4))
+    arr = _flat(build_step_inputs(out, Bucket(8, 4, 4)))
     assert arr["input_ids"].tolist() == [a.output_token_ids[0], 20, 21, 22, 0, 0, 0, 0]
     assert arr["positions"].tolist() == [9, 0, 1, 2, 0, 0, 0, 0]
     assert arr["kv_lens"].tolist() == [10, 3, 0, 0]
@@ -514,10 +380,10 @@ def test_step_arrays_layout():
     assert arr["page_indices"].tolist() == [a.page_ids + [0], b.page_ids + [0, 0, 0],
                                             [0] * 4, [0] * 4]
     assert arr["num_seqs"].tolist() == [2] and arr["logits_indices"].tolist() == [0, 3, 0, 0]
-    assert arr["sample_mask"].tolist() == [True, True, False, False]
-    assert all(v.dtype == np.int32 for k, v in arr.items() if k != "sample_mask")
+    assert [q.samples for q in out.seqs] == [True, True]
+    assert all(v.dtype == np.int32 for v in arr.values())
     with pytest.raises(ValueError):
-        out.to_step_arrays(Bucket(2, 2, 4))
+        build_step_inputs(out, Bucket(2, 2, 4))
 
 
 # ---- randomized property test --------------------------------------------------------------

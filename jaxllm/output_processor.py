@@ -1,0 +1,228 @@
+"""From sampled token ids to what callers see: the one owner of finishing.
+
+The `OutputProcessor` keeps the user-visible state of every live request (an
+`IncrementalDetokenizer`, logprob lists and metrics per sample), turns each step's sampled
+tokens into cumulative `RequestOutput`s, and decides every finish reason: EOS and stop token
+ids, max_tokens and max_model_len (`token_stop`), stop strings (the detokenizer finds them),
+aborts. It tells the scheduler (`Scheduler.finish`), which frees the pages; the scheduler
+never decides a finish itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from jaxllm.detokenizer import IncrementalDetokenizer
+from jaxllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from jaxllm.request import Request, RequestStatus
+from jaxllm.sampling_params import SamplingParams
+from jaxllm.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from jaxllm.runner import StepResult
+    from jaxllm.scheduler import Scheduler, SchedulerOutput
+
+
+def token_stop(req: Request, token: int, max_model_len: int
+               ) -> tuple[RequestStatus, int | None] | None:
+    """The finish a just-appended `token` causes by itself: EOS or a stop token id (once
+    min_tokens is reached), then max_tokens / max_model_len; None if the request goes on."""
+    sp = req.sampling_params
+    if req.num_output_tokens >= sp.min_tokens:
+        if not sp.ignore_eos and token in req.eos_token_ids:
+            return RequestStatus.FINISHED_STOPPED, None
+        if sp.stop_token_ids and token in sp.stop_token_ids:
+            return RequestStatus.FINISHED_STOPPED, token
+    if req.num_output_tokens >= req.max_tokens or req.num_tokens >= max_model_len:
+        return RequestStatus.FINISHED_LENGTH, None
+    return None
+
+
+@dataclass
+class _Sample:
+    """Output state of one sequence (one of n samples)."""
+
+    seq: Request
+    detok: IncrementalDetokenizer
+    text: str = ""
+    logprobs: list[dict[int, Logprob]] | None = None
+    cumulative_logprob: float | None = None
+
+
+@dataclass
+class _Tracked:
+    """Output state of one user request."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    samples: list[_Sample]
+    metrics: RequestMetrics
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    finished: bool = False
+    touched: bool = field(default=False, repr=False)
+
+
+class OutputProcessor:
+    """Detokenization, stop strings, logprobs and finish reasons of every live request."""
+
+    def __init__(self, tokenizer: Tokenizer, scheduler: Scheduler, max_model_len: int) -> None:
+        self.tokenizer = tokenizer
+        self.scheduler = scheduler
+        self.max_model_len = max_model_len
+        self._tracked: dict[str, _Tracked] = {}
+        self._owner: dict[str, _Tracked] = {}  # sequence id -> its request
+        self.generation_tokens_total = 0
+
+    # -- requests -----------------------------------------------------------------------------
+    def add(self, request_id: str, prompt: str | None, prompt_ids: list[int],
+            params: SamplingParams, seqs: Sequence[Request]) -> None:
+        samples = [_Sample(seq=s, detok=IncrementalDetokenizer(
+                               self.tokenizer, prompt_ids, params.skip_special_tokens,
+                               params.stop, params.include_stop_str_in_output),
+                           logprobs=[] if params.logprobs is not None else None,
+                           cumulative_logprob=0.0 if params.logprobs is not None else None)
+                   for s in seqs]
+        tracked = _Tracked(request_id, prompt, prompt_ids, params, samples,
+                           RequestMetrics(arrival_time=time.time()),
+                           prompt_logprobs=[None] if params.prompt_logprobs is not None else None)
+        self._tracked[request_id] = tracked
+        for s in samples:
+            self._owner[s.seq.request_id] = tracked
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._tracked
+
+    def __len__(self) -> int:
+        return len(self._tracked)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """End a request (all its samples) now; its final output, None if unknown."""
+        tracked = self._tracked.pop(request_id, None)
+        if tracked is None:
+            return None
+        for s in tracked.samples:
+            self.scheduler.abort(s.seq.request_id)
+            self._owner.pop(s.seq.request_id, None)
+            if not s.seq.is_finished:
+                s.seq.status = RequestStatus.FINISHED_ABORTED
+        tracked.finished = True
+        return self._output(tracked)
+
+    # -- one step -----------------------------------------------------------------------------
+    def process(self, sched: SchedulerOutput, result: StepResult,
+                produced: Sequence[int]) -> None:
+        """Apply a completed step: `produced` are the rows of `sched.seqs` whose sequence
+        got a new token (already appended by `Scheduler.update`)."""
+        now = time.time()
+        for s in sched.seqs:
+            tracked = self._owner.get(s.request.request_id)
+            if tracked is not None:
+                tracked.touched = True
+                if tracked.metrics.first_scheduled_time is None:
+                    tracked.metrics.first_scheduled_time = now
+        for row in produced:
+            seq = sched.seqs[row].request
+            tracked = self._owner.get(seq.request_id)
+            if tracked is not None:
+                self._on_token(tracked, tracked.samples[seq.sample_index], result, row, now)
+
+    def _on_token(self, tracked: _Tracked, sample: _Sample, result: StepResult, row: int,
+                  now: float) -> None:
+        seq, params = sample.seq, tracked.params
+        token = seq.output_token_ids[-1]
+        self.generation_tokens_total += 1
+        if tracked.metrics.first_token_time is None:
+            tracked.metrics.first_token_time = now
+        if sample.logprobs is not None:
+            sample.logprobs.append(self.logprob_entry(
+                token, float(result.logprobs[row]), int(result.ranks[row]),
+                result.top_ids[row, :params.logprobs], result.top_logprobs[row, :params.logprobs]))
+            sample.cumulative_logprob += float(result.logprobs[row])
+        stop = token_stop(seq, token, self.max_model_len)
+        sample.text += sample.detok.step([token])
+        if stop is not None and sample.detok.stop_hit is None:
+            # Text held back (bytes of an unfinished character, a possible stop-string start)
+            # is released now, and may itself complete a stop string.
+            sample.text += sample.detok.flush()
+        if sample.detok.stop_hit is not None and (
+                stop is None or stop[0] is RequestStatus.FINISHED_LENGTH):
+            # A stop string wins over length (as in vLLM); a stop token keeps its own reason.
+            stop = (RequestStatus.FINISHED_STOPPED, sample.detok.stop_hit)
+        if stop is not None:
+            self.scheduler.finish(seq.request_id, *stop)
+
+    def logprob_entry(self, token: int, logprob: float, rank: int, top_ids, top_vals
+                      ) -> dict[int, Logprob]:
+        entry = {int(t): Logprob(float(v), r + 1, self.tokenizer.decode([int(t)]))
+                 for r, (t, v) in enumerate(zip(top_ids, top_vals, strict=True))}
+        entry[token] = Logprob(logprob, rank, self.tokenizer.decode([token]))
+        return entry
+
+    # -- prompt logprobs ----------------------------------------------------------------------
+    def prompt_logprob_rows(self, sched: SchedulerOutput, cu_q_lens: np.ndarray
+                            ) -> tuple[list[int], list[int], list[tuple[_Tracked, int]]]:
+        """Token rows of the step whose next-token logprob a request's prompt_logprobs still
+        needs: (rows, target token ids, where each result goes)."""
+        rows, targets, where = [], [], []
+        for i, s in enumerate(sched.seqs):
+            tracked = self._owner.get(s.request.request_id)
+            if tracked is None or tracked.prompt_logprobs is None or s.request.sample_index != 0:
+                continue
+            n_prompt = len(tracked.prompt_token_ids)
+            base = int(cu_q_lens[i])
+            for j in range(s.num_new_tokens):
+                pos = s.start_pos + j
+                if pos + 1 < n_prompt and pos + 1 >= len(tracked.prompt_logprobs):
+                    rows.append(base + j)
+                    targets.append(tracked.prompt_token_ids[pos + 1])
+                    where.append((tracked, pos + 1))
+        return rows, targets, where
+
+    def add_prompt_logprobs(self, where: list[tuple[_Tracked, int]], targets: list[int],
+                            chosen, rank, ids, vals) -> None:
+        for k, (tracked, pos) in enumerate(where):
+            if pos == len(tracked.prompt_logprobs):
+                n = tracked.params.prompt_logprobs
+                tracked.prompt_logprobs.append(self.logprob_entry(
+                    targets[k], float(chosen[k]), int(rank[k]), ids[k, :n], vals[k, :n]))
+
+    # -- outputs ------------------------------------------------------------------------------
+    def collect(self) -> list[RequestOutput]:
+        """Outputs of every request that progressed since the last call; finished ones are
+        forgotten."""
+        outs = []
+        for rid, tracked in list(self._tracked.items()):
+            if not tracked.touched:
+                continue
+            tracked.touched = False
+            if all(s.seq.is_finished for s in tracked.samples):
+                tracked.finished = True
+                tracked.metrics.finished_time = time.time()
+                del self._tracked[rid]
+                for s in tracked.samples:
+                    self._owner.pop(s.seq.request_id, None)
+            outs.append(self._output(tracked))
+        return outs
+
+    def _output(self, tracked: _Tracked) -> RequestOutput:
+        tracked.metrics.num_cached_tokens = tracked.samples[0].seq.num_cached_tokens
+        outputs = [CompletionOutput(
+            index=i, text=s.text, token_ids=list(s.seq.output_token_ids),
+            cumulative_logprob=s.cumulative_logprob,
+            logprobs=list(s.logprobs) if s.logprobs is not None else None,
+            finish_reason=s.seq.status.finish_reason, stop_reason=s.seq.stop_reason)
+            for i, s in enumerate(tracked.samples)]
+        return RequestOutput(
+            request_id=tracked.request_id, prompt=tracked.prompt,
+            prompt_token_ids=tracked.prompt_token_ids, outputs=outputs,
+            finished=tracked.finished,
+            prompt_logprobs=list(tracked.prompt_logprobs) if tracked.prompt_logprobs else None,
+            metrics=dataclasses.replace(tracked.metrics))
