@@ -1,4 +1,7 @@
-"""What every loader shares: the loaded-checkpoint record and the dtype policy."""
+"""What every loader returns: the loaded-checkpoint record.
+
+The dtype policy the loaders apply is `jaxllm.models.dtypes` (one rule for "auto" everywhere).
+"""
 
 from __future__ import annotations
 
@@ -7,21 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 from jaxllm.config import ModelConfig
-
-# Requested dtypes. "checkpoint" keeps the checkpoint's own dtype (what conversion wants:
-# nothing is lost); "auto" is the runtime policy: checkpoint dtype on accelerators, float32 on
-# CPU (XLA CPU is slow and inexact in bfloat16).
-DTYPE_CHOICES = ("auto", "checkpoint", "float32", "bfloat16", "float16")
-
-_NP_DTYPES: dict[str, np.dtype] = {
-    "float32": np.dtype(np.float32),
-    "bfloat16": np.dtype(ml_dtypes.bfloat16),
-    "float16": np.dtype(np.float16),
-}
 
 
 @dataclass
@@ -44,34 +35,3 @@ class LoadedCheckpoint:
     def __iter__(self) -> Iterator[Any]:
         """Tuple-style unpacking: `config, params = load_checkpoint(path)`."""
         return iter((self.config, self.params))
-
-
-def normalize_dtype_name(name: str) -> str:
-    """'torch.bfloat16' / 'bf16' / 'float' -> 'bfloat16' / 'float32'; unknown -> ValueError."""
-    n = str(name).lower().removeprefix("torch.")
-    aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
-               "float": "float32", "f32": "float32", "f16": "float16"}
-    n = aliases.get(n, n)
-    if n not in _NP_DTYPES:
-        raise ValueError(f"unsupported dtype {name!r}; supported: {', '.join(_NP_DTYPES)}")
-    return n
-
-
-def resolve_dtype(requested: str, checkpoint_dtype: str) -> np.dtype:
-    """The numpy dtype params are returned in, from the requested policy (see DTYPE_CHOICES)."""
-    if requested not in DTYPE_CHOICES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {requested!r}")
-    if requested == "auto":
-        import jax
-
-        requested = "float32" if jax.default_backend() == "cpu" else checkpoint_dtype
-    elif requested == "checkpoint":
-        requested = checkpoint_dtype
-    return _NP_DTYPES[normalize_dtype_name(requested)]
-
-
-def dtype_name(dtype: np.dtype) -> str:
-    for name, d in _NP_DTYPES.items():
-        if d == dtype:
-            return name
-    raise ValueError(f"unsupported parameter dtype {dtype}")

@@ -1,8 +1,9 @@
 """Hugging Face checkpoint directories (config.json + safetensors) -> flat jaxllm params.
 
-Every tensor is checked against `expected_param_shapes` before any is read, so a missing or
-misshapen tensor fails fast with its HF name and file; then tensors are read one at a time
-through the `safetensors` library, transposed from PyTorch's [out, in] to [in, out] and cast.
+Every tensor is mapped through its architecture family's HF name table and checked against
+the family's parameter shapes before any is read, so a missing or misshapen tensor fails
+fast with its HF name and file; then tensors are read one at a time through the
+`safetensors` library, transposed from PyTorch's [out, in] to [in, out] and cast.
 """
 
 from __future__ import annotations
@@ -16,59 +17,21 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxllm.config import ModelConfig
-from jaxllm.conversions.common import LoadedCheckpoint, resolve_dtype
+from jaxllm.conversions.common import LoadedCheckpoint
 from jaxllm.conversions.safetensors_reader import SafetensorsFile
-from jaxllm.models.params import check_params, expected_param_shapes
+from jaxllm.models.dtypes import resolve_param_dtype
+from jaxllm.models.params import check_params
+from jaxllm.models.registry import family_for
 
 logger = logging.getLogger(__name__)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
-# HF per-layer suffix -> (jaxllm suffix, transpose to [in, out]).
-_LAYER_NAMES: dict[str, tuple[str, bool]] = {
-    **{f"self_attn.{p}_proj.weight": (f"{p}_proj.kernel", True) for p in "qkvo"},
-    **{f"self_attn.{p}_proj.bias": (f"{p}_proj.bias", False) for p in "qkvo"},
-    "self_attn.q_norm.weight": ("q_norm.scale", False),
-    "self_attn.k_norm.weight": ("k_norm.scale", False),
-    **{f"mlp.{p}_proj.weight": (f"{p}_proj.kernel", True) for p in ("gate", "up", "down")},
-    **{f"mlp.{p}_proj.bias": (f"{p}_proj.bias", False) for p in ("gate", "up", "down")},
-    "input_layernorm.weight": ("input_norm.scale", False),
-    "post_attention_layernorm.weight": ("post_attention_norm.scale", False),
-}
-_TOP_NAMES: dict[str, tuple[str, bool]] = {
-    "model.embed_tokens.weight": ("embed_tokens.embedding", False),
-    "model.norm.weight": ("final_norm.scale", False),
-    "lm_head.weight": ("lm_head.kernel", True),
-}
 # Safetensors dtype codes we load as weights -> numpy dtype names.
 _FLOAT_CODES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 # Buffers some older checkpoints saved that carry no learned information.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-def hf_to_jaxllm_name(hf_name: str) -> tuple[str, bool] | None:
-    """(jaxllm name, transpose?) for an HF tensor name, or None if it is not a model weight."""
-    if hf_name in _TOP_NAMES:
-        return _TOP_NAMES[hf_name]
-    parts = hf_name.split(".", 3)
-    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[2].isdigit():
-        mapped = _LAYER_NAMES.get(parts[3])
-        if mapped is not None:
-            return f"layers.{parts[2]}.{mapped[0]}", mapped[1]
-    return None
-
-
-def jaxllm_to_hf_name(name: str) -> str:
-    """The HF tensor name a jaxllm parameter comes from (for error messages and export)."""
-    for hf, (ours, _) in _TOP_NAMES.items():
-        if ours == name:
-            return hf
-    _, layer, suffix = name.split(".", 2)
-    for hf, (ours, _) in _LAYER_NAMES.items():
-        if ours == suffix:
-            return f"model.layers.{layer}.{hf}"
-    raise KeyError(f"no HF name for parameter {name!r}")
 
 
 def is_hf_dir(path: Path) -> bool:
@@ -146,10 +109,11 @@ def load_hf_dir(path: str | Path, dtype: str = "auto", progress: bool = False) -
 def _read_params(path: Path, cfg: ModelConfig, files: dict[str, SafetensorsFile], dtype: str,
                  progress: bool) -> dict[str, np.ndarray]:
     """Validate every tensor's name, shape and dtype against `cfg`, then read them one by one."""
-    expected = expected_param_shapes(cfg)
+    family = family_for(cfg.architecture)
+    expected = family.param_shapes(cfg)
     plan: list[tuple[str, str, bool]] = []
     for hf_name, f in files.items():
-        mapped = hf_to_jaxllm_name(hf_name)
+        mapped = family.hf_names.to_jaxllm(hf_name)
         if mapped is None:
             if hf_name.endswith(_IGNORED_SUFFIXES):
                 continue
@@ -171,12 +135,12 @@ def _read_params(path: Path, cfg: ModelConfig, files: dict[str, SafetensorsFile]
         plan.append((hf_name, name, transpose))
     missing = sorted(set(expected) - {name for _, name, _ in plan})
     if missing:
-        shown = ", ".join(jaxllm_to_hf_name(n) for n in missing[:5])
+        shown = ", ".join(family.hf_names.to_source(n) for n in missing[:5])
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise ValueError(f"{path}: missing tensor(s) {shown}{more}")
 
     ckpt_dtype = _checkpoint_dtype(cfg, files)
-    out_dtype = resolve_dtype(dtype, ckpt_dtype)
+    out_dtype = resolve_param_dtype(dtype, ckpt_dtype)
     params: dict[str, np.ndarray] = {}
     for hf_name, name, transpose in tqdm(plan, desc="loading", unit="tensor", disable=not progress):
         a = files[hf_name].get(hf_name)  # a fresh array; cast/transpose copy at most once more

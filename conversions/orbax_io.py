@@ -20,8 +20,10 @@ from typing import Any
 import numpy as np
 
 from jaxllm.config import ModelConfig
-from jaxllm.conversions.common import LoadedCheckpoint, dtype_name, resolve_dtype
+from jaxllm.conversions.common import LoadedCheckpoint
+from jaxllm.models.dtypes import dtype_name, resolve_param_dtype
 from jaxllm.models.params import check_params
+from jaxllm.models.registry import family_for
 
 logger = logging.getLogger(__name__)
 
@@ -60,38 +62,9 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def model_config_to_hf_dict(cfg: ModelConfig) -> dict[str, Any]:
-    """An HF-style config.json dict that `ModelConfig.from_hf_dict` reads back to `cfg`."""
-    scaling = cfg.rope_scaling
-    d: dict[str, Any] = {
-        "architectures": [cfg.architecture],
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads,
-        "head_dim": cfg.head_dim,
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "rope_scaling": None if scaling.kind == "default" else {
-            "rope_type": scaling.kind, "factor": scaling.factor,
-            "low_freq_factor": scaling.low_freq_factor,
-            "high_freq_factor": scaling.high_freq_factor,
-            "original_max_position_embeddings": scaling.original_max_position_embeddings},
-        "partial_rotary_factor": cfg.partial_rotary_factor,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "tie_word_embeddings": cfg.tie_word_embeddings,
-        "attention_bias": cfg.qkv_bias,
-        "mlp_bias": cfg.mlp_bias,
-        "sliding_window": cfg.sliding_window,
-        "use_sliding_window": cfg.sliding_window is not None,
-        "hidden_act": cfg.hidden_act,
-        "bos_token_id": cfg.bos_token_id,
-        "eos_token_id": list(cfg.eos_token_ids) if len(cfg.eos_token_ids) != 1
-        else cfg.eos_token_ids[0],
-        "torch_dtype": cfg.torch_dtype,
-    }
-    return d
+    """An HF-style config.json dict that `ModelConfig.from_hf_dict` reads back to `cfg`
+    (written by the family of cfg's architecture)."""
+    return family_for(cfg.architecture).config_to_hf(cfg)
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -221,7 +194,7 @@ def load_jaxllm_dir(
     """Load a converted jaxllm directory. See `jaxllm.conversions.load_checkpoint`."""
     path = Path(path)
     cfg, saved_dtype = read_jaxllm_config(path)
-    out_dtype = resolve_dtype(dtype, saved_dtype)
+    out_dtype = resolve_param_dtype(dtype, saved_dtype)
     params = restore_params(path, cfg, out_dtype, shardings)
     check_params(cfg, params, str(path))
     gen_path = path / "generation_config.json"

@@ -1,8 +1,8 @@
 """Configuration dataclasses: the model's shape (from config.json) and the engine's settings.
 
-`ModelConfig` is read from a Hugging Face `config.json` (either the transformers-5
-`rope_parameters` form or the older `rope_theta` / `rope_scaling` form). `EngineConfig`
-holds every engine/server flag; the server's CLI and `LLM(**kwargs)` both build one.
+`ModelConfig` is read from a Hugging Face `config.json` by the family module of its
+architecture (`jaxllm.models.registry`). `EngineConfig` holds every engine/server flag; the
+server's CLI and `LLM(**kwargs)` both build one.
 """
 
 from __future__ import annotations
@@ -12,14 +12,6 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-# architectures entry -> family switches. One implementation serves them all.
-SUPPORTED_ARCHITECTURES: dict[str, dict[str, Any]] = {
-    "LlamaForCausalLM": {},
-    "MistralForCausalLM": {},
-    "Qwen2ForCausalLM": {"qkv_bias": True},
-    "Qwen3ForCausalLM": {"qk_norm": True},
-}
 
 
 @dataclass(frozen=True)
@@ -35,7 +27,7 @@ class RopeScaling:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Shape and switches of a Llama-family decoder."""
+    """Shape and switches of a decoder; `architecture` names the family that reads it."""
 
     architecture: str
     vocab_size: int
@@ -71,54 +63,10 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        archs = d.get("architectures") or []
-        arch = archs[0] if archs else _arch_from_model_type(d.get("model_type"))
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(
-                f"unsupported architecture {arch!r}; supported: "
-                f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
-            )
-        switches = SUPPORTED_ARCHITECTURES[arch]
-        num_heads = int(d["num_attention_heads"])
-        hidden = int(d["hidden_size"])
-        head_dim = d.get("head_dim") or hidden // num_heads
-        rope_theta, scaling, partial = _read_rope(d)
-        attention_bias = bool(d.get("attention_bias", False))
-        sliding = d.get("sliding_window")
-        if arch.startswith("Qwen") and not d.get("use_sliding_window", False):
-            sliding = None
-        eos = d.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
-        dtype = d.get("dtype") or d.get("torch_dtype") or "float32"
-        if arch.startswith("Qwen"):
-            qkv_bias, o_bias = switches.get("qkv_bias", attention_bias), False
-        else:
-            qkv_bias, o_bias = attention_bias, attention_bias
-        return cls(
-            architecture=arch,
-            vocab_size=int(d["vocab_size"]),
-            hidden_size=hidden,
-            intermediate_size=int(d["intermediate_size"]),
-            num_layers=int(d["num_hidden_layers"]),
-            num_heads=num_heads,
-            num_kv_heads=int(d.get("num_key_value_heads") or num_heads),
-            head_dim=int(head_dim),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6 if arch.startswith("Qwen") else 1e-5)),
-            rope_theta=rope_theta,
-            rope_scaling=scaling,
-            partial_rotary_factor=partial,
-            max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            qkv_bias=qkv_bias,
-            o_bias=o_bias,
-            mlp_bias=bool(d.get("mlp_bias", False)),
-            qk_norm=bool(switches.get("qk_norm", False)),
-            sliding_window=int(sliding) if sliding else None,
-            hidden_act=str(d.get("hidden_act", "silu")),
-            bos_token_id=d.get("bos_token_id"),
-            eos_token_ids=eos_ids,
-            torch_dtype=str(dtype),
-        )
+        """Parsed by the family of d's architecture; ValueError if no family serves it."""
+        from jaxllm.models.registry import config_from_hf_dict
+
+        return config_from_hf_dict(d)
 
     @classmethod
     def from_file(cls, path: str | Path) -> ModelConfig:
@@ -142,33 +90,6 @@ class ModelConfig:
         d["rope_scaling"] = RopeScaling(**d.get("rope_scaling", {}))
         d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
         return cls(**d)
-
-
-def _arch_from_model_type(model_type: str | None) -> str:
-    known = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-             "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
-    return known.get(model_type or "", f"<model_type {model_type!r}>")
-
-
-def _read_rope(d: dict[str, Any]) -> tuple[float, RopeScaling, float]:
-    """Rope theta, scaling and partial factor from either config.json generation."""
-    params = d.get("rope_parameters") or {}
-    legacy = d.get("rope_scaling") or {}
-    theta = float(params.get("rope_theta", d.get("rope_theta", 10000.0)))
-    src = params if params.get("rope_type") not in (None, "default") else legacy
-    kind = src.get("rope_type") or src.get("type") or "default"
-    partial = float(params.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)))
-    if kind == "default":
-        return theta, RopeScaling(), partial
-    if kind not in ("linear", "llama3"):
-        raise ValueError(f"unsupported rope scaling type {kind!r}; supported: default, linear, llama3")
-    return theta, RopeScaling(
-        kind=kind,
-        factor=float(src.get("factor", 1.0)),
-        low_freq_factor=float(src.get("low_freq_factor", 1.0)),
-        high_freq_factor=float(src.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=int(src.get("original_max_position_embeddings", 8192)),
-    ), partial
 
 
 QUANTIZATION_MODES = ("auto", "gguf", "none")

@@ -23,7 +23,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxllm.config import EngineConfig, ModelConfig
-from jaxllm.models.llama import LlamaModel, build_model, resolve_dtype
+from jaxllm.models import CausalLM, build_model
+from jaxllm.models.dtypes import resolve_compute_dtype
 from jaxllm.models.quantized_layers import QuantizedMatmulOptions
 from jaxllm.parallel import (
     data_slice_meshes,
@@ -48,7 +49,7 @@ class EngineParts:
     tensor parallelism its head counts are the padded ones (the KV cache is sized from it)."""
 
     model_config: ModelConfig
-    model: LlamaModel
+    model: CausalLM
     tokenizer: Tokenizer
     generation_config: dict[str, Any]
     default_name: str
@@ -157,7 +158,7 @@ def _load_host_model(config: EngineConfig) -> _HostModel:
     keep_blocks = keep_gguf_blocks(config, path)
     ckpt = load_checkpoint(path, dtype="float32" if keep_blocks else config.dtype,
                            keep_blocks=keep_blocks)
-    dtype = jnp.dtype(resolve_dtype(config.dtype, ckpt.config.torch_dtype))
+    dtype = resolve_compute_dtype(config.dtype, ckpt.config.torch_dtype)
     if keep_blocks:
         logger.info("GGUF weights kept in quantization blocks (quantized matmul, %s activations)",
                     config.quantized_activations)
@@ -206,7 +207,7 @@ def _parts_on(config: EngineConfig, host: _HostModel, mesh: Mesh | None) -> Engi
                        kv_sharding=kv_sharding, attention_wrapper=attention_wrapper, mesh=mesh)
 
 
-def _place_remaining(model: LlamaModel, mesh: Mesh) -> LlamaModel:
+def _place_remaining(model: CausalLM, mesh: Mesh) -> CausalLM:
     """shard_model for what is not yet where the rules want it (buffers such as rope
     frequencies); arrays already placed are kept: across processes they cannot be read back."""
     state = nnx.state(model)

@@ -1,24 +1,25 @@
-"""One decoder implementation for the Llama family (Llama 2/3.x, Mistral, Qwen2/2.5, Qwen3, SmolLM2).
+"""The Llama family's network (Llama 2/3.x, Mistral, Qwen2/2.5, Qwen3, SmolLM2).
 
 The forward runs the unified ragged step: a flat token axis `[T]` with positions, every
 sequence of the batch concatenated. Attention is one replaceable function
 (`attention_fn(q, k, v, layer_cache, metadata, *, sm_scale, sliding_window, soft_cap)
 -> (out, layer_cache)`): dense causal attention for the plain path, ragged paged attention
-(jaxllm.kernels) in the engine.
+(jaxllm.kernels) in the engine. The family's config, parameter names and checkpoint name
+maps are in `jaxllm.models.llama_family`; build it with `jaxllm.models.build_model`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from jaxllm.config import ModelConfig
 from jaxllm.kernels.quantized_weights import PackedWeight
+from jaxllm.models.base import AttentionFn
 from jaxllm.models.layers import (
     Embed,
     Linear,
@@ -34,8 +35,6 @@ from jaxllm.models.quantized_layers import (
     QuantizedMatmulOptions,
     fused_linear,
 )
-
-AttentionFn = Callable[..., tuple[jax.Array, Any]]
 
 _ACTIVATIONS = {"silu": jax.nn.silu, "gelu": jax.nn.gelu, "gelu_pytorch_tanh": jax.nn.gelu}
 
@@ -170,25 +169,3 @@ class LlamaModel(nnx.Module):
         if self.lm_head is None:
             return self.embed_tokens.attend(hidden)
         return self.lm_head.logits(hidden)
-
-
-def resolve_dtype(dtype: str, checkpoint_dtype: str = "float32") -> jnp.dtype:
-    """`auto` = the checkpoint's dtype on accelerators, float32 on CPU (bf16 matvecs are slow there)."""
-    if dtype == "auto":
-        if jax.default_backend() == "cpu":
-            return jnp.dtype(jnp.float32)
-        return jnp.dtype(jnp.bfloat16 if checkpoint_dtype in ("bfloat16", "float16") else jnp.float32)
-    if dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"dtype must be auto, float32 or bfloat16, got {dtype!r}")
-    return jnp.dtype(dtype)
-
-
-def build_model(cfg: ModelConfig, params: Mapping[str, np.ndarray | jax.Array | PackedWeight],
-                dtype: str | jnp.dtype = "auto",
-                quantized: QuantizedMatmulOptions | None = None,
-                max_positions: int | None = None) -> LlamaModel:
-    """The model for `cfg` holding `params` (flat naming of jaxllm.models.params);
-    `max_positions`: positions its rotary table covers (default the model's maximum)."""
-    if isinstance(dtype, str):
-        dtype = resolve_dtype(dtype, cfg.torch_dtype)
-    return LlamaModel(cfg, params, dtype, quantized, max_positions)
