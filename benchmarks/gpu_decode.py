@@ -82,7 +82,7 @@ def decode_step_inputs(batch: int, ctx: int, page: int) -> StepInputs:
     return StepInputs(input_ids=np.ones(t, np.int32), positions=positions,
                       attention=AttentionMetadata(kv_lens=kv_lens, page_indices=pages, cu_q_lens=cu,
                                                   num_seqs=np.array([batch], np.int32)),
-                      logits_indices=logits_indices)
+                      logits_indices=logits_indices, prev_sample_rows=np.full(t, -1, np.int32))
 
 
 def run_jaxllm(cfg: ModelConfig, batches: list[int], ctx: int, page: int, dtype) -> dict:

@@ -72,7 +72,7 @@ def decode_arrays(batch: int, ctx: int, buckets: BucketSet) -> StepInputs:
     return StepInputs(input_ids=ids, positions=positions,
                       attention=AttentionMetadata(kv_lens=kv_lens, page_indices=pages,
                                                   cu_q_lens=cu, num_seqs=np.array([batch], np.int32)),
-                      logits_indices=logits_indices)
+                      logits_indices=logits_indices, prev_sample_rows=np.full(t, -1, np.int32))
 
 
 def time_rounds(runs: dict, arrays, tensors, iters: int, repeats: int) -> dict[str, float]:

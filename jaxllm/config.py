@@ -125,6 +125,9 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1
     enable_prefix_caching: bool = True
+    # Dispatch step N+1 before completing step N, so the device never waits for the host
+    # (jaxllm/engine.py); False runs the serial loop (debugging, equality tests).
+    overlap_scheduling: bool = True
     compilation_cache_dir: str | None = None
     seed: int = 0
     attention_impl: str | None = None  # None: by backend; one of jaxllm.kernels.IMPLEMENTATIONS

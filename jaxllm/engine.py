@@ -5,7 +5,14 @@ A step is two halves: `dispatch` schedules one bucketed step, lays out its `Step
 sampling tensors and hands forward + sampler to the device without waiting; `complete`
 waits for the sampled tokens, feeds them to the scheduler and lets the `OutputProcessor` turn
 them into cumulative `RequestOutput`s (detokenized, stop strings, logprobs, finish reasons).
-`step()` is `complete(dispatch())`. `LLM` drives it directly; `AsyncEngine` from a thread.
+
+`step()` runs them overlapped (EngineConfig.overlap_scheduling, the default): it dispatches
+step N+1 before completing step N, so the device never waits for the host's scheduling,
+input packing and output processing. Step N+1 decodes the tokens step N is still sampling
+through placeholders the device fills in (`Scheduler.schedule(lookahead=True)`); a request
+that step N finishes has its look-ahead row discarded. With overlap off, step() is
+`complete(dispatch())`: the serial loop, kept for debugging and the equality tests.
+`LLM` drives it directly; `AsyncEngine` from a thread.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from jaxllm.model_inputs import StepInputs, build_step_inputs
 from jaxllm.output_processor import OutputProcessor
 from jaxllm.outputs import RequestOutput
 from jaxllm.request import Request
-from jaxllm.runner import ForwardOutput, ModelRunner
+from jaxllm.runner import DeviceSample, ForwardOutput, ModelRunner
 from jaxllm.sampling import request_key_data, unseeded_request_seed
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
@@ -58,6 +65,8 @@ class EngineStats:
     num_preemptions: int = 0
     step_time_s: float = 0.0  # last step, wall
     host_gap_s: float = 0.0  # last step: device idle between the previous result and this dispatch
+    host_time_s: float = 0.0  # last step(): its wall time minus the time it waited for the device
+    last_step_tokens: int = 0  # tokens the last completed step produced
     warmup_time_s: float = 0.0
 
     @property
@@ -77,7 +86,8 @@ class InFlightStep:
     sched: SchedulerOutput
     inputs: StepInputs
     forward: ForwardOutput
-    sampled: Any  # device SamplerOutput
+    sampled: DeviceSample
+    started_at: float
     dispatched_at: float
     host_gap_s: float
 
@@ -123,7 +133,8 @@ class LLMEngine:
                                 sharding=parts.kv_sharding)
         make_runner = parts.make_runner or ModelRunner  # multi-host leaders broadcast steps
         self.runner = make_runner(parts.model, kv, attention_impl=config.attention_impl,
-                                  attention_wrapper=parts.attention_wrapper)
+                                  attention_wrapper=parts.attention_wrapper,
+                                  max_rows=config.max_num_seqs)
         self.tensors = SamplingTensorBuilder(self.model_config.vocab_size)
         self.outputs = OutputProcessor(self.tokenizer, self.scheduler, self.max_model_len)
         self._request_counter = 0
@@ -131,7 +142,9 @@ class LLMEngine:
         self._sleeping_specs = None
         self._profiling = False
         self._last_result_time: float | None = None  # when the previous step's result arrived
-        self._step_started = 0.0
+        self._last_completed: float | None = None
+        self._waited = 0.0  # seconds the current step() spent waiting for the device
+        self._in_flight: InFlightStep | None = None  # overlapped loop: dispatched, not completed
         store = (self.runner.program_store(str(Path(config.compilation_cache_dir) / "programs"))
                  if config.compilation_cache_dir else None)
         self._stats.warmup_time_s = self.runner.warm_up(self.buckets.all(), self.tensors.dummy,
@@ -216,42 +229,67 @@ class LLMEngine:
 
     # -- one step -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled step; outputs for every request that progressed or finished."""
-        step = self.dispatch()
-        return self.complete(step) if step is not None else self.outputs.collect()
-
-    def dispatch(self) -> InFlightStep | None:
-        """Schedule a step and hand it to the device without waiting; None if idle."""
+        """Advance by one step; outputs for every request that progressed or finished."""
         start = time.perf_counter()
-        sched = self.scheduler.schedule()
+        self._waited = 0.0
+        if not self.config.overlap_scheduling:
+            step = self.dispatch()
+            outs = self.complete(step) if step is not None else self.outputs.collect()
+        else:
+            prev, self._in_flight = self._in_flight, None
+            self._in_flight = self.dispatch(prev)
+            outs = self.complete(prev) if prev is not None else self.outputs.collect()
+        self._stats.host_time_s = time.perf_counter() - start - self._waited
+        return outs
+
+    def _drain(self) -> None:
+        """Complete the in-flight step (before anything that must see a quiet device)."""
+        prev, self._in_flight = self._in_flight, None
+        if prev is not None:
+            self.complete(prev)
+
+    def dispatch(self, in_flight: InFlightStep | None = None) -> InFlightStep | None:
+        """Schedule a step and hand it to the device without waiting; None if idle.
+        `in_flight`: a dispatched step not completed yet, whose tokens this one may decode."""
+        start = time.perf_counter()
+        sched = self.scheduler.schedule(lookahead=in_flight is not None)
         if sched.is_empty:
             return None
         inputs = build_step_inputs(sched)
         tensors = self.tensors.build(sched, [s.request.sampling_params for s in sched.seqs],
                                      [s.request.key_data for s in sched.seqs],
                                      sched.bucket.num_seqs)
-        forward = self.runner.forward(inputs)
+        forward = self.runner.forward(
+            inputs, in_flight.sampled.next_input_ids if in_flight is not None else None)
         sampled = self.runner.sample(forward.logits, tensors)
         # Host work between the previous result and this dispatch (output processing, the
-        # scheduler, input packing) is time the device sat idle.
+        # scheduler, input packing) is time the device sat idle (none when overlapped).
         dispatched = time.perf_counter()
-        host_gap = dispatched - self._last_result_time if self._last_result_time else 0.0
-        self._step_started = start
-        return InFlightStep(sched, inputs, forward, sampled, dispatched, host_gap)
+        host_gap = (max(0.0, dispatched - self._last_result_time)
+                    if self._last_result_time and in_flight is None else 0.0)
+        return InFlightStep(sched, inputs, forward, sampled, start, dispatched, host_gap)
 
     def complete(self, step: InFlightStep) -> list[RequestOutput]:
         """Wait for a dispatched step's tokens and turn them into outputs."""
         self._prompt_logprobs(step)
+        waiting = time.perf_counter()
         result = self.runner.fetch(step.sampled)
         self._last_result_time = time.perf_counter()
+        self._waited += self._last_result_time - waiting
         produced = self.scheduler.update(step.sched, result.token_ids)
+        self._stats.last_step_tokens = len(produced)
         before = self.outputs.generation_tokens_total
         self.outputs.process(step.sched, result, produced)
         self._stats.generation_tokens_total += self.outputs.generation_tokens_total - before
         if not self.scheduler.has_work():
             self._last_result_time = None  # idle time until the next request is not a host gap
         self._stats.steps_total += 1
-        self._stats.step_time_s = time.perf_counter() - self._step_started
+        now = time.perf_counter()
+        # Wall time per step: overlapped, the interval between completions (each completion
+        # also dispatched the next step); serial, this step's schedule-to-outputs time.
+        since = self._last_completed if self.config.overlap_scheduling else None
+        self._stats.step_time_s = now - (since if since is not None else step.started_at)
+        self._last_completed = now if self.scheduler.has_work() else None
         self._stats.host_gap_s = step.host_gap_s
         return self.outputs.collect()
 
@@ -288,6 +326,7 @@ class LLMEngine:
             raise ValueError(f"sleep level must be 1 or 2, got {level}")
         if len(self.outputs):
             raise ValueError("cannot sleep with requests in flight")
+        self._drain()
         if self._sleeping_specs is None:
             self.scheduler.reset_prefix_cache()
             self._sleeping_specs = self.runner.drop_kv_caches()

@@ -30,12 +30,16 @@ class StepInputs:
     attention: page tables and lengths (kernels.AttentionMetadata; padded sequences have
       kv_len 0, q_len 0 and tables on the null page).
     logits_indices [S]: the row of each sequence's last token (the one that samples).
+    prev_sample_rows [T]: -1, or for a look-ahead token whose id the host does not know yet,
+      the row of the previous step's sampled tokens that holds it (the overlapped loop; the
+      step program gathers it on the device).
     """
 
     input_ids: jax.Array
     positions: jax.Array
     attention: AttentionMetadata
     logits_indices: jax.Array
+    prev_sample_rows: jax.Array
 
     @property
     def shape_key(self) -> tuple[int, int, int]:
@@ -52,7 +56,8 @@ class StepInputs:
                                                page_indices=np.zeros((s, p), np.int32),
                                                cu_q_lens=np.zeros(s + 1, np.int32),
                                                num_seqs=np.zeros(1, np.int32)),
-                   logits_indices=np.zeros(s, np.int32))
+                   logits_indices=np.zeros(s, np.int32),
+                   prev_sample_rows=np.full(t, -1, np.int32))
 
     def to_flat(self) -> dict[str, np.ndarray]:
         """Every leaf as a host array, keyed by its path ("attention.kv_lens", ...)."""
@@ -108,8 +113,12 @@ def build_step_inputs(sched: SchedulerOutput, bucket: Bucket | None = None) -> S
         page_indices[s, :len(seq.page_ids)] = seq.page_ids
     logits_indices = np.zeros(b.num_seqs, np.int32)
     logits_indices[:n] = cu_q_lens[1:n + 1] - 1
+    prev_sample_rows = np.full(b.num_tokens, -1, np.int32)
+    for s, seq in enumerate(sched.seqs):
+        if seq.prev_row is not None:
+            prev_sample_rows[cu_q_lens[s]] = seq.prev_row
     return StepInputs(input_ids=input_ids, positions=positions,
                       attention=AttentionMetadata(kv_lens=kv_lens, page_indices=page_indices,
                                                   cu_q_lens=cu_q_lens,
                                                   num_seqs=np.array([n], np.int32)),
-                      logits_indices=logits_indices)
+                      logits_indices=logits_indices, prev_sample_rows=prev_sample_rows)

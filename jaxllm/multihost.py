@@ -111,9 +111,9 @@ class BroadcastingRunner(ModelRunner):
         caster.send(_message(OP_SETUP, setup=np.array([kv_caches[0].shape[0]], np.int32)))
         super().__init__(model, kv_caches, **kwargs)
 
-    def forward(self, inputs: StepInputs):
+    def forward(self, inputs: StepInputs, prev_tokens=None):
         self.caster.send(_message(OP_FORWARD, inputs=inputs))
-        return super().forward(inputs)
+        return super().forward(inputs, prev_tokens)
 
     def sample(self, logits, tensors: SamplingTensors):
         self.caster.send(_message(OP_SAMPLE, tensors=tensors))
@@ -243,16 +243,20 @@ def run_follower(config: EngineConfig, options: MultiHostOptions = MultiHostOpti
         kv = allocate_kv_caches(parts.model_config, num_pages, parts.page_size, parts.kv_dtype,
                                 sharding=parts.kv_sharding)
         runner = ModelRunner(parts.model, kv, attention_impl=config.attention_impl,
-                             attention_wrapper=parts.attention_wrapper)
+                             attention_wrapper=parts.attention_wrapper,
+                             max_rows=config.max_num_seqs)
         logger.info("follower %d ready: %d KV pages", config.process_id, num_pages)
-        forward = None
+        forward = prev_tokens = None
         while (msg := caster.receive()) is not None:
             op = int(msg["op"][0])
             if op == OP_FORWARD:
-                forward = runner.forward(_unpack_inputs(msg))
+                # Look-ahead rows read the last sampled ids, as on the leader (others ignore them).
+                forward = runner.forward(_unpack_inputs(msg), prev_tokens)
             elif op == OP_SAMPLE:
                 tensors = _unpack_tensors(msg, parts.model_config.vocab_size)
-                runner.fetch(runner.sample(forward.logits, tensors))  # lockstep with the leader
+                sampled = runner.sample(forward.logits, tensors)
+                prev_tokens = sampled.next_input_ids
+                runner.fetch(sampled)  # lockstep with the leader
             elif op == OP_PROMPT_LOGPROBS:
                 runner.prompt_logprobs(forward.hidden, msg["rows"], msg["targets"])
             else:

@@ -72,7 +72,10 @@ class Request:
     page_hashes: list[bytes] = field(default_factory=list)  # chained hashes of full pages
     stop_reason: int | str | None = None
     num_preemptions: int = 0
-    awaiting_sample: bool = False  # a scheduled step will sample this sequence's next token
+    # Dispatched steps that will sample this sequence's next tokens, results not yet applied:
+    # 1 normally, 2 while the overlapped loop has scheduled a step past an in-flight one.
+    num_pending_samples: int = 0
+    sample_row: int = -1  # the row of the latest step that samples it (its output's index)
     max_tokens: int = 0  # effective limit, set by the scheduler at admission
     # The sample's PRNG identity (jaxllm.sampling.request_key_data): a seed reproduces it.
     key_data: np.ndarray | None = field(default=None, repr=False)
@@ -89,6 +92,11 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self._all)
+
+    @property
+    def awaiting_sample(self) -> bool:
+        """A dispatched step will sample this sequence's next token."""
+        return self.num_pending_samples > 0
 
     @property
     def num_prompt_tokens(self) -> int:

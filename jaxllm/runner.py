@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +37,7 @@ from jaxllm.kernels import ragged_paged_attention_from_metadata
 from jaxllm.kernels.native_build import native_targets_used, register_native_target
 from jaxllm.model_inputs import StepInputs
 from jaxllm.models.llama import LlamaModel
-from jaxllm.sampling import SamplingTensors, sample
+from jaxllm.sampling import SamplerOutput, SamplingTensors, sample
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,15 @@ class StepResult:
     ranks: np.ndarray  # [S]
     top_ids: np.ndarray  # [S, K]
     top_logprobs: np.ndarray  # [S, K]
+
+
+class DeviceSample(NamedTuple):
+    """Device outputs of one sampler call (not yet waited for)."""
+
+    output: SamplerOutput  # what fetch() copies to the host
+    # The sampled ids padded to `max_rows`: what a look-ahead step's placeholders gather
+    # (StepInputs.prev_sample_rows) without the host ever seeing them.
+    next_input_ids: jax.Array
 
 
 @dataclass
@@ -69,7 +79,9 @@ class ModelRunner:
 
     def __init__(self, model: LlamaModel, kv_caches: list[jax.Array], *,
                  attention_impl: str | None = None, max_logprobs: int = 20,
-                 attention_wrapper=None) -> None:
+                 attention_wrapper=None, max_rows: int | None = None) -> None:
+        """`max_rows`: the most sequences a step can have; with it, steps can take token ids
+        from the previous step's sampler output on the device (the overlapped loop)."""
         self.graphdef, state = nnx.split(model)
         # The jitted programs take the state as a flat list of arrays: flattening an nnx.State
         # runs Python per variable (~1 ms per call for this model's 273), a list is flattened
@@ -80,10 +92,12 @@ class ModelRunner:
         self.max_logprobs = max_logprobs
         attn = _attention(attention_impl)
         self.attention_fn = attention_wrapper(attn) if attention_wrapper is not None else attn
+        self.max_rows = max_rows or 1
+        self._no_prev = jnp.zeros(self.max_rows, jnp.int32)  # for steps without look-ahead
         self._step_fn = jax.jit(self._step, donate_argnums=(1,))
         # The sampler is its own program, compiled once per row count rather than once per
         # (tokens, seqs, pages) bucket: compile time is what users wait for at start-up.
-        self._sample_fn = jax.jit(functools.partial(sample, max_logprobs=max_logprobs))
+        self._sample_fn = jax.jit(self._sample)
         self._prompt_logprobs_fn = jax.jit(self._prompt_logprobs)
         self.warm_compiles: int | None = None  # programs compiled (or loaded) by warm-up
         self.loaded_programs = 0  # of which loaded from an ExecutableStore
@@ -102,12 +116,20 @@ class ModelRunner:
     def _model(self, state_leaves) -> LlamaModel:
         return nnx.merge(self.graphdef, jax.tree.unflatten(self._state_treedef, state_leaves))
 
-    def _step(self, state_leaves, kv_caches, inputs: StepInputs):
+    def _step(self, state_leaves, kv_caches, inputs: StepInputs, prev_tokens):
         model = self._model(state_leaves)
-        hidden, kv_caches = model(inputs.input_ids, inputs.positions, kv_caches,
+        rows = inputs.prev_sample_rows
+        input_ids = jnp.where(rows >= 0, prev_tokens[jnp.clip(rows, 0, prev_tokens.shape[0] - 1)],
+                              inputs.input_ids)
+        hidden, kv_caches = model(input_ids, inputs.positions, kv_caches,
                                   inputs.attention, self.attention_fn)
         logits = model.compute_logits(hidden[inputs.logits_indices])
         return logits, kv_caches, hidden
+
+    def _sample(self, logits, tensors: SamplingTensors) -> DeviceSample:
+        out = sample(logits, tensors, max_logprobs=self.max_logprobs)
+        ids = out.token_ids.astype(jnp.int32)[:self.max_rows]
+        return DeviceSample(out, jnp.pad(ids, (0, self.max_rows - ids.shape[0])))
 
     def _prompt_logprobs(self, state_leaves, hidden, rows, targets):
         """Log-probabilities of `targets` and the top-k after hidden states `hidden[rows]`."""
@@ -119,16 +141,18 @@ class ModelRunner:
         return chosen, rank, top_ids, top_vals
 
     # -- host API ------------------------------------------------------------------------
-    def forward(self, inputs: StepInputs) -> ForwardOutput:
-        """Dispatch one step's forward pass (asynchronously). Host arrays go to jit as numpy:
-        its C++ dispatch moves them in one go, measurably cheaper than a jnp.asarray per array
-        (the host gap between steps)."""
+    def forward(self, inputs: StepInputs, prev_tokens: jax.Array | None = None) -> ForwardOutput:
+        """Dispatch one step's forward pass (asynchronously). `prev_tokens`: the previous
+        step's `DeviceSample.next_input_ids`, when `inputs` has look-ahead placeholders.
+        Host arrays go to jit as numpy: its C++ dispatch moves them in one go, measurably
+        cheaper than a jnp.asarray per array (the host gap between steps)."""
         shape = inputs.shape_key
         step = self._steps.get(shape) or self._counted(self._step_fn, "step", shape)
-        logits, self.kv_caches, hidden = step(self.state_leaves, self.kv_caches, inputs)
+        prev = self._no_prev if prev_tokens is None else prev_tokens
+        logits, self.kv_caches, hidden = step(self.state_leaves, self.kv_caches, inputs, prev)
         return ForwardOutput(logits, hidden)
 
-    def sample(self, logits: jax.Array, tensors: SamplingTensors):
+    def sample(self, logits: jax.Array, tensors: SamplingTensors) -> DeviceSample:
         """Dispatch the sampler over `logits` rows (asynchronously); its program is compiled
         per row count, so a caller verifying several tokens per sequence passes them as rows.
         Per-row token masks and biases travel in `tensors`."""
@@ -144,12 +168,12 @@ class ModelRunner:
     def lower_step(self, bucket: Bucket) -> jax.stages.Lowered:
         """The step program of `bucket`, lowered (for inspecting its HLO)."""
         return self._step_fn.trace(self.state_leaves, self.kv_caches,
-                                   StepInputs.blank(bucket)).lower()
+                                   StepInputs.blank(bucket), self._no_prev).lower()
 
     @staticmethod
-    def fetch(out) -> StepResult:
+    def fetch(sampled: DeviceSample) -> StepResult:
         """Block on a step's sampler output and copy it to the host."""
-        out = jax.device_get(out)
+        out = jax.device_get(sampled.output)
         return StepResult(np.asarray(out.token_ids), np.asarray(out.logprobs), np.asarray(out.ranks),
                           np.asarray(out.top_logprob_ids), np.asarray(out.top_logprobs))
 
@@ -214,7 +238,7 @@ class ModelRunner:
         self.loaded_programs = 0
         for b in tqdm(buckets, desc="preparing step buckets", unit="shape"):
             want(self._steps, (b.num_tokens, b.num_seqs, b.pages_per_seq), "step",
-                 (StepInputs.blank(b),),
+                 (StepInputs.blank(b), self._no_prev),
                  lambda *a: self._step_fn.trace(self.state_leaves, self.kv_caches, *a))
         compile_pending("compiling step buckets")
         for b in buckets:

@@ -8,8 +8,12 @@ lowest-priority newest running request is preempted: its pages are freed and it 
 with its output intact; on resume prompt + output are prefilled again.
 
 `schedule()` advances each scheduled request's num_computed_tokens at once, so a prefill
-chunk can be scheduled again before the previous step's `update()`; a request whose next
-token is being sampled waits for `update()`.
+chunk can be scheduled again before the previous step's `update()`. A request whose next
+token is being sampled waits for `update()`, except with `schedule(lookahead=True)` (the
+engine's overlapped loop): then a decoding request whose one pending token is still on the
+device is scheduled once more with a placeholder, and the runner takes that token's id from
+the in-flight step's sampler output (`ScheduledSeq.prev_row`). If the pending token ends the
+request, the look-ahead row's result is discarded by `update()` (the request is finished).
 """
 
 from __future__ import annotations
@@ -70,6 +74,10 @@ class ScheduledSeq:
     samples: bool  # the step samples this sequence's next token (end of prefill or decode)
     page_ids: list[int]  # the pages covering positions [0, kv_len)
     epoch: int  # request.num_preemptions when scheduled; a stale step is ignored by update()
+    output_index: int = 0  # index in the output of the token this row samples
+    # Look-ahead: token_ids[0] is a placeholder whose id is row `prev_row` of the in-flight
+    # step's sampled tokens (None: token_ids are all known).
+    prev_row: int | None = None
 
     @property
     def kv_len(self) -> int:
@@ -184,7 +192,9 @@ class Scheduler:
         return (req.priority, req.arrival_time, self._order[req.request_id])
 
     # ---- one step -----------------------------------------------------------------------
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, lookahead: bool = False) -> SchedulerOutput:
+        """The next step. `lookahead`: the previous step is still in flight; decoding requests
+        waiting for its token may be scheduled with a placeholder (see the module docstring)."""
         budget = self.config.max_num_batched_tokens
         seqs: list[ScheduledSeq] = []
         scheduled: set[str] = set()
@@ -199,16 +209,20 @@ class Scheduler:
             for req in list(self.running):
                 if budget == 0 or len(seqs) >= self.config.max_num_seqs:
                     break
-                if (req.status is not RequestStatus.RUNNING or req.request_id in scheduled
-                        or req.awaiting_sample):
+                if req.status is not RequestStatus.RUNNING or req.request_id in scheduled:
                     continue
-                remaining = req.num_tokens - req.num_computed_tokens
+                if req.awaiting_sample:
+                    if not (lookahead and decode_pass and self._can_look_ahead(req)):
+                        continue
+                    remaining = 1  # the pending token, fed as a placeholder
+                else:
+                    remaining = req.num_tokens - req.num_computed_tokens
                 if (remaining == 1) != decode_pass:
                     continue
                 n = min(remaining, budget, self.config.chunk_size)
                 if not self._grow_or_preempt(req, n, scheduled, preempted):
                     continue
-                seqs.append(self._take(req, n))
+                seqs.append(self._take(req, n, len(seqs)))
                 scheduled.add(req.request_id)
                 budget -= n
         if not preempted:
@@ -248,6 +262,15 @@ class Scheduler:
             return down - used
         return budget
 
+    def _can_look_ahead(self, req: Request) -> bool:
+        """Schedule req past its in-flight token? Only a plain decode whose pending token
+        cannot end it by length (that row would be wasted) and whose sampling does not read
+        the token history on the host (penalty counts would miss the pending token)."""
+        return (req.num_pending_samples == 1 and req.num_computed_tokens == req.num_tokens
+                and req.num_output_tokens + 1 < req.max_tokens
+                and req.num_tokens + 1 < self.config.max_model_len
+                and not req.sampling_params.has_penalties)
+
     def _grow_or_preempt(self, req: Request, n: int, scheduled: set[str],
                          preempted: list[Request]) -> bool:
         """Pages for n more tokens of req, preempting newest running requests as needed.
@@ -277,7 +300,7 @@ class Scheduler:
             self.waiting.remove(req)
             self.running.append(req)
             req.status = RequestStatus.RUNNING
-            seqs.append(self._take(req, n))
+            seqs.append(self._take(req, n, len(seqs)))
             scheduled.add(req.request_id)
             budget -= n
         return budget
@@ -305,24 +328,30 @@ class Scheduler:
             self.cache.free(r)
         return bool(holders)
 
-    def _take(self, req: Request, n: int) -> ScheduledSeq:
-        """Record that the step feeds req's next n tokens."""
+    def _take(self, req: Request, n: int, row: int) -> ScheduledSeq:
+        """Record that the step feeds req's next n tokens as its row `row`."""
         start = req.num_computed_tokens
+        placeholder = start == req.num_tokens  # look-ahead: the pending token is on the device
         req.num_computed_tokens += n
-        samples = req.num_computed_tokens == req.num_tokens
-        req.awaiting_sample = samples
+        samples = req.num_computed_tokens >= req.num_tokens
+        prev_row = req.sample_row if placeholder else None
+        if samples:
+            req.num_pending_samples += 1
+            req.sample_row = row
         return ScheduledSeq(
-            request=req, token_ids=req.all_token_ids[start:start + n], start_pos=start,
-            num_new_tokens=n, samples=samples,
+            request=req, token_ids=[0] if placeholder else req.all_token_ids[start:start + n],
+            start_pos=start, num_new_tokens=n, samples=samples,
             page_ids=req.page_ids[:cdiv(start + n, self.page_size)],
-            epoch=req.num_preemptions)
+            epoch=req.num_preemptions,
+            output_index=req.num_output_tokens + req.num_pending_samples - 1,
+            prev_row=prev_row)
 
     def _preempt(self, req: Request) -> None:
         logger.debug("preempting %s (%d tokens)", req.request_id, req.num_tokens)
         self.cache.free(req)
         self.running.remove(req)
         req.status = RequestStatus.PREEMPTED
-        req.awaiting_sample = False
+        req.num_pending_samples = 0
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.append(req)
@@ -343,7 +372,7 @@ class Scheduler:
             self._maybe_fork(req, seq.kv_len)
             if not seq.samples:
                 continue
-            req.awaiting_sample = False
+            req.num_pending_samples -= 1
             req.append_output(int(sampled_token_ids[i]))
             produced.append(i)
         return produced
@@ -386,7 +415,7 @@ class Scheduler:
                 del self._fork_wait[sid]
         req.status = status
         req.stop_reason = stop_reason
-        req.awaiting_sample = False
+        req.num_pending_samples = 0
 
     # ---- state --------------------------------------------------------------------------
     def has_work(self) -> bool:

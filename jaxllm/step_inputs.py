@@ -38,7 +38,7 @@ class SamplingTensorBuilder:
         step = np.zeros(rows, np.int32)
         for i, seq in enumerate(sched.seqs):
             keys[i] = key_data[i]
-            step[i] = seq.request.num_output_tokens
+            step[i] = seq.output_index  # its sampled token's output index (look-ahead aware)
         if any(p.has_penalties for p in params):
             counts = np.zeros((rows, self.vocab_size), np.int32)
             mask = np.zeros((rows, self.vocab_size), bool)

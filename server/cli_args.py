@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--data-parallel-size", type=int, default=d.data_parallel_size)
     a("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
       default=d.enable_prefix_caching)
+    a("--overlap-scheduling", action=argparse.BooleanOptionalAction,
+      default=d.overlap_scheduling,
+      help="schedule step N+1 while step N runs (--no-overlap-scheduling: the serial loop)")
     a("--compilation-cache-dir", default=None)
     a("--seed", type=int, default=d.seed)
     a("--attention-impl", default=None, choices=list(IMPLEMENTATIONS))

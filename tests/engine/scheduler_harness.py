@@ -60,7 +60,9 @@ class FakeDevice:
         self.buckets = set(buckets.all())
         self.steps: list[SchedulerOutput] = []
 
-    def step(self, out: SchedulerOutput) -> np.ndarray:
+    def step(self, out: SchedulerOutput, prev_sampled: np.ndarray | None = None) -> np.ndarray:
+        """Run a step; `prev_sampled`: the in-flight step's sampled ids, which look-ahead
+        placeholders (prev_sample_rows) read, as the runner does on the device."""
         assert out.bucket in self.buckets, f"{out.bucket} not in the bucket set"
         self.steps.append(out)
         a = _flat(build_step_inputs(out))
@@ -79,7 +81,12 @@ class FakeDevice:
             for j in range(q0, q1):
                 pos = int(kv_lens[s]) - (q1 - q0) + (j - q0)
                 assert a["positions"][j] == pos
-                self.store[pages[s, pos // ps], pos % ps] = (a["input_ids"][j], pos)
+                token = a["input_ids"][j]
+                if a["prev_sample_rows"][j] >= 0:  # look-ahead placeholder
+                    assert token == 0 and prev_sampled is not None
+                    token = prev_sampled[a["prev_sample_rows"][j]]
+                    assert token >= 0, "placeholder points at a row that sampled nothing"
+                self.store[pages[s, pos // ps], pos % ps] = (token, pos)
         sampled = np.full(out.bucket.num_seqs, -1, dtype=np.int64)
         for s, seq in enumerate(out.seqs):
             assert a["logits_indices"][s] == cu[s + 1] - 1
@@ -87,6 +94,8 @@ class FakeDevice:
             ctx = self.store[pages[s, :-(-kv // ps)]].reshape(-1, 2)[:kv]
             assert (ctx[:, 1] == np.arange(kv)).all(), "read a slot holding another position"
             expected = seq.request.all_token_ids[:kv]
+            if seq.prev_row is not None:  # the pending token is not appended yet
+                expected = expected + [int(prev_sampled[seq.prev_row])]
             assert ctx[:, 0].tolist() == expected, f"{seq.request.request_id} read foreign KV"
             if seq.samples:
                 sampled[s] = next_token(ctx[:, 0])
@@ -147,17 +156,41 @@ def run_step(s: Setup) -> tuple[SchedulerOutput, list[Request]]:
     return out, finished
 
 
+@dataclass
+class Overlap:
+    """The overlapped loop's state: the dispatched step not yet applied."""
+
+    in_flight: tuple[SchedulerOutput, np.ndarray] | None = None
+
+
+def overlapped_step(s: Setup, state: Overlap) -> tuple[SchedulerOutput | None, list[Request]]:
+    """What the engine's overlapped loop does: schedule and dispatch step N+1 (look-ahead
+    placeholders reading step N's sampled ids), then apply step N. Returns (step N+1, the
+    requests step N finished)."""
+    prev = state.in_flight
+    out = s.sched.schedule(lookahead=prev is not None)
+    s.sched.check_invariants([r for r in out.preempted if r.is_finished])
+    state.in_flight = (out, s.device.step(out, prev[1] if prev else None)) if out.seqs else None
+    finished = apply_step(s, *prev) if prev is not None else []
+    s.sched.check_invariants(finished)
+    return (out if out.seqs else None), finished
+
+
 def drive(s: Setup, arrivals: dict[int, list[Request]] | None = None,
-          max_steps: int = 2000) -> list[SchedulerOutput]:
-    """Add arrivals at their step, run until idle; invariants after every step."""
+          max_steps: int = 2000, overlap: bool = False) -> list[SchedulerOutput]:
+    """Add arrivals at their step, run until idle; invariants after every step.
+    `overlap`: drive it as the engine's overlapped loop does."""
     arrivals = dict(arrivals or {})
     outs = []
+    state = Overlap()
     for step in range(max_steps):
         for r in arrivals.pop(step, []):
             s.sched.add_request(r)
-        if not s.sched.has_work() and not arrivals:
+        if not s.sched.has_work() and not arrivals and state.in_flight is None:
             break
-        outs.append(run_step(s)[0])
+        out = overlapped_step(s, state)[0] if overlap else run_step(s)[0]
+        if out is not None:
+            outs.append(out)
     else:
         raise AssertionError("scheduler did not drain")
     s.sched.check_invariants()

@@ -15,11 +15,13 @@ from jaxllm.sampling_params import SamplingParams
 from tests.engine.scheduler_harness import (
     EOS,
     VOCAB,
+    Overlap,
     _flat,
     apply_step,
     assert_matches_reference,
     drive,
     make,
+    overlapped_step,
     prompts,
     reference_generate,
     req,
@@ -28,14 +30,17 @@ from tests.engine.scheduler_harness import (
 
 # ---- scenarios ---------------------------------------------------------------------------
 
-def test_continuous_batching_mixed_lengths_over_time():
+@pytest.mark.parametrize("overlap", [False, True])
+def test_continuous_batching_mixed_lengths_over_time(overlap):
     s = make()
     rng = np.random.default_rng(0)
     ps = prompts(rng, [3, 17, 9, 30, 1, 12, 25])
     reqs = [req(f"r{i}", p, t=float(i), max_tokens=int(rng.integers(1, 12)), ignore_eos=True)
             for i, p in enumerate(ps)]
-    outs = drive(s, {0: reqs[:2], 2: reqs[2:4], 5: reqs[4:6], 9: reqs[6:]})
+    outs = drive(s, {0: reqs[:2], 2: reqs[2:4], 5: reqs[4:6], 9: reqs[6:]}, overlap=overlap)
     assert_matches_reference(s, reqs)
+    if overlap:  # decodes ran ahead of their pending token
+        assert any(q.prev_row is not None for o in outs for q in o.seqs)
     assert max(len(o.seqs) for o in outs) > 2  # batching happened
     # prefill chunks and decodes shared a step
     assert any({q.samples and q.num_new_tokens == 1 for q in o.seqs} >= {True}
@@ -221,7 +226,8 @@ def test_abort_in_every_state():
     assert_matches_reference(s, live)
 
 
-def test_preemption_keeps_outputs_and_matches_plenty_of_pages():
+@pytest.mark.parametrize("overlap", [False, True])
+def test_preemption_keeps_outputs_and_matches_plenty_of_pages(overlap):
     rng = np.random.default_rng(4)
     ps = prompts(rng, [9, 14, 5, 11, 7, 13])
     results = {}
@@ -229,7 +235,7 @@ def test_preemption_keeps_outputs_and_matches_plenty_of_pages():
         s = make(num_pages=num_pages, page_size=4, max_model_len=40)
         reqs = [req(f"r{i}", p, t=float(i), max_tokens=16, ignore_eos=i % 2 == 0)
                 for i, p in enumerate(ps)]
-        drive(s, {0: reqs[:3], 3: reqs[3:]})
+        drive(s, {0: reqs[:3], 3: reqs[3:]}, overlap=overlap)
         assert_matches_reference(s, reqs)
         results[num_pages] = ([r.output_token_ids for r in reqs], s.sched.num_preemptions)
     assert results[200][0] == results[12][0]
@@ -388,7 +394,7 @@ def test_step_arrays_layout():
 
 # ---- randomized property test --------------------------------------------------------------
 
-def _random_run(seed: int) -> None:
+def _random_run(seed: int, overlap: bool = False) -> None:
     rng = np.random.default_rng(seed)
     page_size = int(rng.choice([2, 4, 8]))
     max_model_len = 48
@@ -400,6 +406,7 @@ def _random_run(seed: int) -> None:
     stems = prompts(rng, [12, 20])
     live: list[Request] = []
     done: list[Request] = []
+    state = Overlap()
     aborted: set[str] = set()
     for step in range(400):
         if step < 40 and rng.random() < 0.4:
@@ -421,11 +428,11 @@ def _random_run(seed: int) -> None:
             if s.sched.abort(victim.request_id):
                 aborted.add(victim.request_id)
             s.sched.check_invariants([victim])
-        if not s.sched.has_work():
+        if not s.sched.has_work() and state.in_flight is None:
             if step >= 40:
                 break
             continue
-        _, finished = run_step(s)
+        _, finished = overlapped_step(s, state) if overlap else run_step(s)
         done += finished
         live = [r for r in live if not r.is_finished]
     assert not s.sched.has_work()
@@ -434,11 +441,12 @@ def _random_run(seed: int) -> None:
     assert_matches_reference(s, [r for r in done if r.request_id not in aborted])
 
 
-def test_randomized_workloads_keep_invariants_and_outputs():
+@pytest.mark.parametrize("overlap", [False, True])
+def test_randomized_workloads_keep_invariants_and_outputs(overlap):
     base = secrets.randbits(32)
     for k in range(6):
         seed = base + k
         try:
-            _random_run(seed)
+            _random_run(seed, overlap)
         except Exception as e:  # name the seed so a failure can be replayed
             raise AssertionError(f"randomized scheduler run failed with seed {seed}: {e}") from e

@@ -1,0 +1,151 @@
+"""Host overhead of the engine loop: how much of its own device step's rate the engine delivers.
+
+    python benchmarks/host_overhead.py [--batches 1,64,256] [--output-len 64] [--profile]
+
+A tiny random-weight Llama (its device step is much cheaper than the host work around it)
+runs B requests of 32 prompt + `--output-len` output tokens. For each batch B it prints:
+- runner only: the decode step's time with the runner alone (forward + sampler + fetch of a
+  ready-made batch-B decode step), i.e. the rate the device could deliver;
+- end to end, serial and overlapped loops: decode tok/s of `LLMEngine.step` (steady state:
+  steps where every request decodes), as a fraction of the runner-only rate;
+- host ms per step: wall time of a step minus the time it waited for the device.
+`--profile` prints the top functions of a cProfile of the overlapped run at the largest batch.
+This is the CPU proxy for the GPU issue (on an H200, a 5.9 ms device step ran at ~15 ms per
+step end to end, serial).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jaxllm.buckets import Bucket
+from jaxllm.config import EngineConfig
+from jaxllm.engine import LLMEngine
+from jaxllm.kernels import AttentionMetadata
+from jaxllm.model_inputs import StepInputs
+from jaxllm.sampling_params import SamplingParams
+
+PROMPT_LEN = 32
+
+
+def make_tiny_checkpoint(path: Path, vocab: int = 512) -> Path:
+    """A 2-layer random Llama saved by transformers, with the default model's tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from jaxllm.default_model import default_model_path
+    from jaxllm.tokenizer import load_tokenizer
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=1024, tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    load_tokenizer(default_model_path()).save(path)
+    return path
+
+
+def decode_inputs(bucket: Bucket, batch: int, ctx: int, page_size: int) -> StepInputs:
+    t, s, p = bucket.num_tokens, bucket.num_seqs, bucket.pages_per_seq
+    pages = np.zeros((s, p), np.int32)
+    per = -(-ctx // page_size)
+    pages[:batch, :per] = 1 + np.arange(batch * per).reshape(batch, per)
+    kv = np.zeros(s, np.int32)
+    kv[:batch] = ctx
+    cu = np.full(s + 1, batch, np.int32)
+    cu[:batch + 1] = np.arange(batch + 1)
+    pos = np.zeros(t, np.int32)
+    pos[:batch] = ctx - 1
+    li = np.zeros(s, np.int32)
+    li[:batch] = np.arange(batch)
+    return StepInputs(input_ids=np.ones(t, np.int32), positions=pos,
+                      attention=AttentionMetadata(kv_lens=kv, page_indices=pages, cu_q_lens=cu,
+                                                  num_seqs=np.array([batch], np.int32)),
+                      logits_indices=li, prev_sample_rows=np.full(t, -1, np.int32))
+
+
+def runner_only_ms(engine: LLMEngine, batch: int, ctx: int, iters: int) -> float:
+    bucket = engine.buckets.pick(batch, batch, -(-ctx // engine.page_size))
+    inputs = decode_inputs(bucket, batch, ctx, engine.page_size)
+    tensors = engine.tensors.dummy(bucket.num_seqs)
+    runner = engine.runner
+    for _ in range(3):
+        runner.fetch(runner.execute(inputs, tensors)[0])
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        runner.fetch(runner.execute(inputs, tensors)[0])
+        times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times)
+
+
+def end_to_end(engine: LLMEngine, batch: int, output_len: int, overlap: bool,
+               profile: cProfile.Profile | None = None) -> tuple[float, float]:
+    """(decode tok/s in the all-decoding steady state, median host ms per step)."""
+    import dataclasses
+
+    engine.config = dataclasses.replace(engine.config, overlap_scheduling=overlap)
+    rng = np.random.default_rng(batch)
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(rng.integers(3, 500, PROMPT_LEN).tolist(), params, f"r{i}")
+    steady_tokens, steady_time, host = 0, 0.0, []
+    if profile:
+        profile.enable()
+    while engine.has_unfinished_requests():
+        t = time.perf_counter()
+        engine.step()
+        dt = time.perf_counter() - t
+        stats = engine.get_stats()
+        decoding = stats.num_running == batch and stats.num_waiting == 0
+        if decoding and stats.last_step_tokens == batch:
+            steady_tokens += batch
+            steady_time += dt
+            host.append(stats.host_time_s)
+    if profile:
+        profile.disable()
+    engine.step()  # a look-ahead step may still be in flight
+    return steady_tokens / steady_time, 1e3 * statistics.median(host)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batches", default="1,64,256")
+    ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--profile", action="store_true")
+    args = ap.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    with tempfile.TemporaryDirectory() as d:
+        path = make_tiny_checkpoint(Path(d))
+        engine = LLMEngine(EngineConfig(model=str(path), max_num_seqs=max(batches),
+                                        max_num_batched_tokens=max(512, max(batches)),
+                                        max_model_len=256))
+    print(f"jax {jax.__version__} on {jax.default_backend()}; tiny Llama (2 layers, hidden 64)")
+    print("| batch | runner-only ms/step | runner-only tok/s | serial tok/s (frac) | "
+          "overlapped tok/s (frac) | host ms/step serial | overlapped |")
+    print("|---|---|---|---|---|---|---|")
+    prof = cProfile.Profile() if args.profile else None
+    for b in batches:
+        ms = runner_only_ms(engine, b, PROMPT_LEN + args.output_len // 2, args.iters)
+        dev = b / (ms / 1e3)
+        serial, host_s = end_to_end(engine, b, args.output_len, overlap=False)
+        over, host_o = end_to_end(engine, b, args.output_len, overlap=True,
+                                  profile=prof if b == max(batches) else None)
+        print(f"| {b} | {ms:.2f} | {dev:.0f} | {serial:.0f} ({serial / dev:.2f}) | "
+              f"{over:.0f} ({over / dev:.2f}) | {host_s:.2f} | {host_o:.2f} |")
+    if prof:
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+
+
+if __name__ == "__main__":
+    main()
