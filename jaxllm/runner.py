@@ -36,7 +36,7 @@ from jaxllm.executable_store import (
 from jaxllm.kernels import ragged_paged_attention_from_metadata
 from jaxllm.kernels.native_build import native_targets_used, register_native_target
 from jaxllm.model_inputs import StepInputs
-from jaxllm.models.llama import LlamaModel
+from jaxllm.models.base import CausalLM
 from jaxllm.sampling import SamplerOutput, SamplingTensors, sample
 
 logger = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ def _attention(impl: str | None):
 class ModelRunner:
     """Owns the model state and the KV caches on device; runs bucketed steps."""
 
-    def __init__(self, model: LlamaModel, kv_caches: list[jax.Array], *,
+    def __init__(self, model: CausalLM, kv_caches: list[jax.Array], *,
                  attention_impl: str | None = None, max_logprobs: int = 20,
                  attention_wrapper=None, max_rows: int | None = None) -> None:
         """`max_rows`: the most sequences a step can have; with it, steps can take token ids
@@ -113,7 +113,7 @@ class ModelRunner:
         """The model's state (parameters as placed on the devices), for inspection."""
         return jax.tree.unflatten(self._state_treedef, self.state_leaves)
 
-    def _model(self, state_leaves) -> LlamaModel:
+    def _model(self, state_leaves) -> CausalLM:
         return nnx.merge(self.graphdef, jax.tree.unflatten(self._state_treedef, state_leaves))
 
     def _step(self, state_leaves, kv_caches, inputs: StepInputs, prev_tokens):

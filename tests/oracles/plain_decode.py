@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxllm.models.base import CausalLM
 from jaxllm.models.dense_attention import DenseMetadata, dense_causal_attention
-from jaxllm.models.llama import LlamaModel
 
 
 def _bucket(n: int) -> int:
@@ -22,7 +22,7 @@ def _bucket(n: int) -> int:
 
 
 @nnx.jit(static_argnames="kv_dtype")
-def _forward_all(model: LlamaModel, ids, positions, segment_ids, kv_dtype=None):
+def _forward_all(model: CausalLM, ids, positions, segment_ids, kv_dtype=None):
     md = DenseMetadata(segment_ids=segment_ids, positions=positions, kv_dtype=kv_dtype)
     hidden, _ = model(ids, positions, None, md, dense_causal_attention)
     return model.compute_logits(hidden)
@@ -44,7 +44,7 @@ def flatten_batch(seqs: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray
     return ids, pos, seg
 
 
-def forward_logits(model: LlamaModel, seqs: Sequence[Sequence[int]],
+def forward_logits(model: CausalLM, seqs: Sequence[Sequence[int]],
                    kv_dtype: str | None = None) -> list[np.ndarray]:
     """Float32 logits [len(s), V] for every token of every sequence (a ragged batch); K/V
     rounded to `kv_dtype` first when given (what a KV cache of that dtype holds)."""
@@ -62,7 +62,7 @@ def forward_logits(model: LlamaModel, seqs: Sequence[Sequence[int]],
     return out
 
 
-def plain_generate(model: LlamaModel, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+def plain_generate(model: CausalLM, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                    eos_token_ids: set[int] | frozenset[int] = frozenset(),
                    temperature: float = 0.0, seed: int = 0,
                    kv_dtype: str | None = None) -> list[list[int]]:
