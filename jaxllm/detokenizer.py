@@ -95,7 +95,7 @@ class IncrementalDetokenizer:
     # ---- bytes -> text ----------------------------------------------------------------------
 
     def _decode(self, ids: Sequence[int]) -> str:
-        return self._tokenizer.hf.decode(ids, skip_special_tokens=self._skip_special)
+        return self._tokenizer.decode_unchecked(ids, skip_special_tokens=self._skip_special)
 
     def _decode_new(self, final: bool) -> str:
         """Text of the tokens after the read offset that no later token can change."""

@@ -81,6 +81,14 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self.hf.decode(self._checked_ids(ids), skip_special_tokens=skip_special_tokens)
 
+    def decode_unchecked(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        """`decode` for ids the engine produced (known valid) on the per-token path: the Rust
+        tokenizer directly, ~5x cheaper than the transformers wrapper, same text."""
+        text = self.hf.backend_tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+        if self.hf.clean_up_tokenization_spaces:
+            text = self.hf.clean_up_tokenization(text)
+        return text
+
     def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
         return list(self.hf.convert_ids_to_tokens(self._checked_ids(ids)))
 

@@ -115,6 +115,18 @@ def test_decode_random_ids_matches_transformers(ours, ref):
             assert ours.decode(ids, skip_special_tokens=skip) == ref.decode(ids, skip_special_tokens=skip)
 
 
+def test_decode_unchecked_equals_decode(ours):
+    """The per-token fast path (the Rust tokenizer directly) gives decode's exact text."""
+    rng = random.Random(random.randrange(1 << 30))
+    special = sorted(ours.all_special_ids)
+    for _ in range(300):
+        ids = [rng.randrange(ours.vocab_size) for _ in range(rng.randint(0, 12))]
+        if special and rng.random() < 0.3:
+            ids.insert(rng.randint(0, len(ids)), rng.choice(special))
+        for skip in (False, True):
+            assert ours.decode_unchecked(ids, skip) == ours.decode(ids, skip), (ids, skip)
+
+
 def test_special_tokens_and_vocab_match(ours, ref):
     assert ours.vocab_size == len(ref) == 49152
     assert ours.bos_token_id == ref.bos_token_id
