@@ -69,7 +69,7 @@ class LLM:
         added: list[str] = []
         try:
             for rid, prompt, p in zip(ids, prompts, params, strict=True):
-                self.engine.add_request(prompt, p, rid)
+                self.engine.add_request(prompt, p, rid, stream=False)
                 added.append(rid)
         except Exception:
             for rid in added:

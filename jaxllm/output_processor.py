@@ -10,7 +10,7 @@ never decides a finish itself.
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -67,6 +67,7 @@ class _Tracked:
     metrics: RequestMetrics
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     finished: bool = False
+    stream: bool = True  # False: the caller wants only the final output (LLM.generate)
     touched: bool = field(default=False, repr=False)
 
 
@@ -83,7 +84,7 @@ class OutputProcessor:
 
     # -- requests -----------------------------------------------------------------------------
     def add(self, request_id: str, prompt: str | None, prompt_ids: list[int],
-            params: SamplingParams, seqs: Sequence[Request]) -> None:
+            params: SamplingParams, seqs: Sequence[Request], stream: bool = True) -> None:
         samples = [_Sample(seq=s, detok=IncrementalDetokenizer(
                                self.tokenizer, prompt_ids, params.skip_special_tokens,
                                params.stop, params.include_stop_str_in_output),
@@ -92,7 +93,8 @@ class OutputProcessor:
                    for s in seqs]
         tracked = _Tracked(request_id, prompt, prompt_ids, params, samples,
                            RequestMetrics(arrival_time=time.time()),
-                           prompt_logprobs=[None] if params.prompt_logprobs is not None else None)
+                           prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
+                           stream=stream)
         self._tracked[request_id] = tracked
         for s in samples:
             self._owner[s.seq.request_id] = tracked
@@ -196,8 +198,8 @@ class OutputProcessor:
 
     # -- outputs ------------------------------------------------------------------------------
     def collect(self) -> list[RequestOutput]:
-        """Outputs of every request that progressed since the last call; finished ones are
-        forgotten."""
+        """Outputs of every request that progressed since the last call (only finished ones
+        for requests added with stream=False); finished ones are forgotten."""
         outs = []
         for rid, tracked in list(self._tracked.items()):
             if not tracked.touched:
@@ -209,6 +211,8 @@ class OutputProcessor:
                 del self._tracked[rid]
                 for s in tracked.samples:
                     self._owner.pop(s.seq.request_id, None)
+            elif not tracked.stream:
+                continue
             outs.append(self._output(tracked))
         return outs
 
@@ -225,4 +229,4 @@ class OutputProcessor:
             prompt_token_ids=tracked.prompt_token_ids, outputs=outputs,
             finished=tracked.finished,
             prompt_logprobs=list(tracked.prompt_logprobs) if tracked.prompt_logprobs else None,
-            metrics=dataclasses.replace(tracked.metrics))
+            metrics=copy.copy(tracked.metrics))

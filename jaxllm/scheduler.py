@@ -275,6 +275,8 @@ class Scheduler:
                          preempted: list[Request]) -> bool:
         """Pages for n more tokens of req, preempting newest running requests as needed.
         False if req itself had to be preempted."""
+        if req.num_computed_tokens + n <= len(req.page_ids) * self.page_size:
+            return True  # its pages already hold the new tokens (most decode steps)
         while not self.cache.allocate_slots(req, n):
             victims = [r for r in self.running if r.request_id not in scheduled]
             victim = max(victims, key=self._key)
