@@ -134,7 +134,7 @@ class LLMEngine:
         make_runner = parts.make_runner or ModelRunner  # multi-host leaders broadcast steps
         self.runner = make_runner(parts.model, kv, attention_impl=config.attention_impl,
                                   attention_wrapper=parts.attention_wrapper,
-                                  max_rows=config.max_num_seqs)
+                                  max_rows=config.max_num_seqs, compute_dtype=self.dtype)
         self.tensors = SamplingTensorBuilder(self.model_config.vocab_size)
         self.outputs = OutputProcessor(self.tokenizer, self.scheduler, self.max_model_len)
         self._request_counter = 0

@@ -42,7 +42,8 @@ _SAMPLING = {"temperature": (np.float32, 1), "top_k": (np.int32, 1), "top_p": (n
              "frequency_penalty": (np.float32, 1), "repetition_penalty": (np.float32, 1),
              "greedy": (np.int32, 1), "key_data": (np.uint32, 2), "step": (np.int32, 1),
              "num_logprobs": (np.int32, 1), "output_counts": (np.int32, 2),
-             "prompt_mask": (np.uint8, 2)}
+             "prompt_mask": (np.uint8, 2), "logit_bias": (np.float32, 2),
+             "allowed_mask": (np.int32, 2)}
 STEP_SCHEMA: dict[str, tuple[Any, int]] = {
     "op": (np.int32, 1), "setup": (np.int32, 1), "rows": (np.int32, 1), "targets": (np.int32, 1),
     **{f"a.{k}": (np.int32, nd) for k, nd in _STEP_ARRAYS.items()},
@@ -80,7 +81,8 @@ def _message(op: int, *, setup: np.ndarray = _EMPTY, rows: np.ndarray = _EMPTY,
         penalties = bool(np.any(host["presence_penalty"] != 0) or np.any(host["frequency_penalty"] != 0)
                          or np.any(host["repetition_penalty"] != 1))
     for k, (dt, nd) in _SAMPLING.items():
-        if tensors is None or (k in ("output_counts", "prompt_mask") and not penalties):
+        if tensors is None or (k in ("output_counts", "prompt_mask") and not penalties) or (
+                k == "logit_bias" and not np.any(host[k])):
             msg[f"s.{k}"] = _blank(nd, dt)  # follower uses zeros: no vocab-sized transfer
         else:
             msg[f"s.{k}"] = host[k].astype(dt)
@@ -97,6 +99,8 @@ def _unpack_tensors(msg: dict[str, np.ndarray], vocab_size: int) -> SamplingTens
     if s["output_counts"].shape != (rows, vocab_size):
         s["output_counts"] = np.zeros((rows, vocab_size), np.int32)
         s["prompt_mask"] = np.zeros((rows, vocab_size), bool)
+    if s["logit_bias"].shape != (rows, vocab_size):
+        s["logit_bias"] = np.zeros((rows, vocab_size), np.float32)
     s["greedy"] = s["greedy"].astype(bool)
     s["prompt_mask"] = s["prompt_mask"].astype(bool)
     return SamplingTensors(**{k: jnp.asarray(v) for k, v in s.items()})
@@ -244,7 +248,7 @@ def run_follower(config: EngineConfig, options: MultiHostOptions = MultiHostOpti
                                 sharding=parts.kv_sharding)
         runner = ModelRunner(parts.model, kv, attention_impl=config.attention_impl,
                              attention_wrapper=parts.attention_wrapper,
-                             max_rows=config.max_num_seqs)
+                             max_rows=config.max_num_seqs, compute_dtype=parts.dtype)
         logger.info("follower %d ready: %d KV pages", config.process_id, num_pages)
         forward = prev_tokens = None
         while (msg := caster.receive()) is not None:

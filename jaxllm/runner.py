@@ -37,6 +37,7 @@ from jaxllm.kernels import ragged_paged_attention_from_metadata
 from jaxllm.kernels.native_build import native_targets_used, register_native_target
 from jaxllm.model_inputs import StepInputs
 from jaxllm.models.base import CausalLM
+from jaxllm.precision import with_matmul_precision
 from jaxllm.sampling import SamplerOutput, SamplingTensors, sample
 
 logger = logging.getLogger(__name__)
@@ -74,14 +75,26 @@ def _attention(impl: str | None):
     return functools.partial(ragged_paged_attention_from_metadata, impl=impl)
 
 
+def _widest_float(leaves) -> jnp.dtype:
+    """The floating dtype holding the most parameter elements (a model's compute dtype)."""
+    sizes: dict = {}
+    for leaf in leaves:
+        if jnp.issubdtype(leaf.dtype, jnp.floating):
+            sizes[leaf.dtype] = sizes.get(leaf.dtype, 0) + leaf.size
+    return max(sizes, key=sizes.get) if sizes else jnp.dtype(jnp.float32)
+
+
 class ModelRunner:
     """Owns the model state and the KV caches on device; runs bucketed steps."""
 
     def __init__(self, model: CausalLM, kv_caches: list[jax.Array], *,
                  attention_impl: str | None = None, max_logprobs: int = 20,
-                 attention_wrapper=None, max_rows: int | None = None) -> None:
+                 attention_wrapper=None, max_rows: int | None = None,
+                 compute_dtype=None) -> None:
         """`max_rows`: the most sequences a step can have; with it, steps can take token ids
-        from the previous step's sampler output on the device (the overlapped loop)."""
+        from the previous step's sampler output on the device (the overlapped loop).
+        `compute_dtype`: the model's (None: its widest floating parameters'); a float32
+        model's programs are traced at full float32 matmul precision (jaxllm.precision)."""
         self.graphdef, state = nnx.split(model)
         # The jitted programs take the state as a flat list of arrays: flattening an nnx.State
         # runs Python per variable (~1 ms per call for this model's 273), a list is flattened
@@ -94,11 +107,13 @@ class ModelRunner:
         self.attention_fn = attention_wrapper(attn) if attention_wrapper is not None else attn
         self.max_rows = max_rows or 1
         self._no_prev = jnp.zeros(self.max_rows, jnp.int32)  # for steps without look-ahead
-        self._step_fn = jax.jit(self._step, donate_argnums=(1,))
+        self.compute_dtype = jnp.dtype(compute_dtype or _widest_float(self.state_leaves))
         # The sampler is its own program, compiled once per row count rather than once per
         # (tokens, seqs, pages) bucket: compile time is what users wait for at start-up.
-        self._sample_fn = jax.jit(self._sample)
-        self._prompt_logprobs_fn = jax.jit(self._prompt_logprobs)
+        self._jits = (jax.jit(self._step, donate_argnums=(1,)), jax.jit(self._sample),
+                      jax.jit(self._prompt_logprobs))
+        self._step_fn, self._sample_fn, self._prompt_logprobs_fn = (
+            with_matmul_precision(f, self.compute_dtype) for f in self._jits)
         self.warm_compiles: int | None = None  # programs compiled (or loaded) by warm-up
         self.loaded_programs = 0  # of which loaded from an ExecutableStore
         self.recompiles = 0
@@ -147,7 +162,7 @@ class ModelRunner:
         Host arrays go to jit as numpy: its C++ dispatch moves them in one go, measurably
         cheaper than a jnp.asarray per array (the host gap between steps)."""
         shape = inputs.shape_key
-        step = self._steps.get(shape) or self._counted(self._step_fn, "step", shape)
+        step = self._steps.get(shape) or self._counted(0, "step", shape)
         prev = self._no_prev if prev_tokens is None else prev_tokens
         logits, self.kv_caches, hidden = step(self.state_leaves, self.kv_caches, inputs, prev)
         return ForwardOutput(logits, hidden)
@@ -157,7 +172,7 @@ class ModelRunner:
         per row count, so a caller verifying several tokens per sequence passes them as rows.
         Per-row token masks and biases travel in `tensors`."""
         rows = logits.shape[0]
-        sampler = self._samplers.get(rows) or self._counted(self._sample_fn, "sampler", rows)
+        sampler = self._samplers.get(rows) or self._counted(1, "sampler", rows)
         return sampler(logits, tensors)
 
     def execute(self, inputs: StepInputs, tensors: SamplingTensors):
@@ -185,7 +200,7 @@ class ModelRunner:
         pt = np.zeros(t, np.int32)
         pr[:n], pt[:n] = rows, targets
         fn = (self._prompt_programs.get(t)
-              or self._counted(self._prompt_logprobs_fn, "prompt_logprobs", t))
+              or self._counted(2, "prompt_logprobs", t))
         res = fn(self.state_leaves, hidden, jnp.asarray(pr), jnp.asarray(pt))
         chosen, rank, ids, vals = (np.asarray(x)[:n] for x in jax.device_get(res))
         return chosen, rank, ids, vals
@@ -284,16 +299,19 @@ class ModelRunner:
         return (self.warm_compiles or 0) + self.recompiles
 
     def _jit_cache_entries(self) -> int:
-        return (self._step_fn._cache_size() + self._sample_fn._cache_size()
-                + self._prompt_logprobs_fn._cache_size())
+        return sum(f._cache_size() for f in self._jits)
 
-    def _counted(self, fn, what: str, key):
-        """`fn` (a jit function) wrapped to count and log the compilations a call adds after
-        warm-up: warm-up's programs are called directly, so any is a shape it missed."""
+    def _counted(self, which: int, what: str, key):
+        """Program `which` (0 step, 1 sampler, 2 prompt logprobs), called through its jit
+        and counting and logging the compilations a call adds after warm-up: warm-up's
+        programs are called directly, so any is a shape it missed."""
+        raw = self._jits[which]
+        fn = (self._step_fn, self._sample_fn, self._prompt_logprobs_fn)[which]
+
         def call(*args):
-            before = fn._cache_size()
+            before = raw._cache_size()
             out = fn(*args)
-            added = fn._cache_size() - before
+            added = raw._cache_size() - before
             if added > 0 and self.warm_compiles is not None:
                 self.recompiles += added
                 logger.error("recompiled %s for shape %s after warm-up (%d so far)", what, key,

@@ -64,8 +64,6 @@ def test_float32_step_has_only_highest_precision_dots(bucket):
     assert not loose, f"{len(loose)} of {len(dots)} dots below HIGHEST, e.g. {loose[0]}"
 
 
-@pytest.mark.xfail(strict=True, reason="ModelRunner does not yet trace under "
-                   "matmul_precision_for(model dtype) (engine owner wires it; then drop this)")
 def test_runner_scopes_float32_precision_itself():
     dots = _dots(_lowered_step("float32", _fresh_seed(), Bucket(8, 4, 2), scoped=False))
     assert all("precision = [HIGHEST, HIGHEST]" in d for d in dots)
