@@ -6,11 +6,14 @@ and never reaches the device.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
 # Most alternatives a request may ask for per position (logprobs / prompt_logprobs).
 MAX_LOGPROBS = 20
+# logit_bias values are clamped to this range by OpenAI's contract (-100 bans, +100 forces).
+MAX_LOGIT_BIAS = 100.0
 # Below this temperature a request is treated as greedy: dividing logits by it would overflow
 # the useful float32 range and the distribution is one-hot in all but name.
 GREEDY_TEMPERATURE = 1e-5
@@ -24,6 +27,9 @@ class SamplingParams:
     stop is normalised to a list of strings, stop_token_ids to a list of ints.
     logprobs / prompt_logprobs: number of top alternatives per position (0 = only the chosen
     token), None = not returned.
+    logit_bias: token id -> additive bias on the raw logits. allowed_token_ids: the only tokens
+    that may be sampled. bad_words: strings never generated; the caller that has the tokenizer
+    fills bad_words_token_ids (`resolve_bad_words`), which is what the sampler reads.
     """
 
     n: int = 1
@@ -45,12 +51,17 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     spaces_between_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    bad_words_token_ids: list[list[int]] | None = None
 
     def __post_init__(self) -> None:
         self._check_numbers()
         self._check_lengths()
         self._check_stops()
         self._check_logprobs()
+        self._check_token_constraints()
 
     # --- validation -------------------------------------------------------------------
     def _check_numbers(self) -> None:
@@ -126,6 +137,44 @@ class SamplingParams:
             if not 0 <= value <= MAX_LOGPROBS:
                 raise ValueError(f"{name} must be in [0, {MAX_LOGPROBS}], got {value}")
 
+    def _check_token_constraints(self) -> None:
+        if self.logit_bias is not None:
+            bias: dict[int, float] = {}
+            for token, value in dict(self.logit_bias).items():
+                token = int(token) if isinstance(token, str) and token.isdigit() else token
+                _require_int("logit_bias key", token)
+                if token < 0:
+                    raise ValueError(f"logit_bias token ids must be non-negative, got {token}")
+                if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+                    raise ValueError(f"logit_bias values must be numbers, got {value!r}")
+                if not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+                    raise ValueError(f"logit_bias values must be in [-100, 100], got {value}")
+                bias[token] = float(value)
+            self.logit_bias = bias or None
+        if self.allowed_token_ids is not None:
+            ids = list(self.allowed_token_ids)
+            if not ids:
+                raise ValueError("allowed_token_ids must not be empty")
+            for t in ids:
+                _require_int("allowed_token_ids entry", t)
+                if t < 0:
+                    raise ValueError(f"allowed_token_ids must be non-negative, got {t}")
+            self.allowed_token_ids = ids
+        if self.bad_words is not None:
+            words = [self.bad_words] if isinstance(self.bad_words, str) else list(self.bad_words)
+            for w in words:
+                if not isinstance(w, str) or not w.strip():
+                    raise ValueError(f"bad_words must be non-empty strings, got {w!r}")
+            self.bad_words = words or None
+        if self.bad_words_token_ids is not None:
+            seqs = [list(w) for w in self.bad_words_token_ids]
+            for w in seqs:
+                if not w:
+                    raise ValueError("bad_words_token_ids entries must not be empty")
+                for t in w:
+                    _require_int("bad_words_token_ids entry", t)
+            self.bad_words_token_ids = seqs or None
+
     # --- derived ----------------------------------------------------------------------
     @property
     def greedy(self) -> bool:
@@ -141,6 +190,27 @@ class SamplingParams:
     def has_penalties(self) -> bool:
         return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
                 or self.repetition_penalty != 1.0)
+
+    @property
+    def has_token_constraints(self) -> bool:
+        """Whether the sampler's allowed-token mask may differ from all-ones for this request."""
+        return bool(self.min_tokens or self.allowed_token_ids or self.bad_words_token_ids)
+
+    def resolve_bad_words(self, encode: Callable[[str], list[int]]) -> SamplingParams:
+        """A copy with bad_words_token_ids filled from bad_words (as vLLM tokenizes them):
+        each word as written and, when it tokenizes to as many tokens with a different first
+        token, with a leading space (the word in the middle of a sentence)."""
+        if not self.bad_words:
+            return self
+        seqs = [list(w) for w in self.bad_words_token_ids or []]
+        for word in self.bad_words:
+            plain = list(encode(word.lstrip()))
+            spaced = list(encode(" " + word.lstrip()))
+            if plain:
+                seqs.append(plain)
+            if spaced and (not plain or (spaced[0] != plain[0] and len(spaced) == len(plain))):
+                seqs.append(spaced)
+        return self.clone(bad_words_token_ids=seqs)
 
     def clone(self, **changes: Any) -> SamplingParams:
         """A validated copy with some fields changed."""
@@ -174,4 +244,4 @@ def _require_int(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be an integer, got {value!r}")
 
 
-__all__ = ["MAX_LOGPROBS", "GREEDY_TEMPERATURE", "SamplingParams"]
+__all__ = ["MAX_LOGPROBS", "MAX_LOGIT_BIAS", "GREEDY_TEMPERATURE", "SamplingParams"]

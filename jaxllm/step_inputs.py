@@ -3,7 +3,10 @@
 The parameter columns come from `jaxllm.sampling.param_columns` (shared with
 `build_sampling_tensors`). The penalty state ([rows, vocab] counts and prompt mask) is only
 built on the host when some row of the step uses a penalty; otherwise one cached all-zero
-device array per row count is reused, so the common case moves no vocab-sized data.
+device array per row count is reused, so the common case moves no vocab-sized data. The same
+holds for the logit bias ([rows, vocab], only when some row has a logit_bias) and the packed
+allowed-token mask (only when some row is constrained: min_tokens not reached,
+allowed_token_ids, bad_words).
 Everything else goes to jit as host arrays, as the real steps and warm-up both do: jit keys
 its cache on where inputs live.
 """
@@ -15,21 +18,41 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm.sampling import SamplingTensors, param_columns
+from jaxllm.sampling import SamplingTensors, constraint_arrays, param_columns
 from jaxllm.sampling_params import SamplingParams
-from jaxllm.scheduler import SchedulerOutput
+from jaxllm.scheduler import ScheduledSeq, SchedulerOutput
 
 
 class SamplingTensorBuilder:
     def __init__(self, vocab_size: int) -> None:
         self.vocab_size = vocab_size
         self._zero_state: dict[int, tuple[jnp.ndarray, jnp.ndarray]] = {}
+        self._neutral: dict[int, tuple[jnp.ndarray, jnp.ndarray]] = {}
 
     def _zeros(self, rows: int) -> tuple[jnp.ndarray, jnp.ndarray]:
         if rows not in self._zero_state:
             self._zero_state[rows] = (jnp.zeros((rows, self.vocab_size), jnp.int32),
                                       jnp.zeros((rows, self.vocab_size), bool))
         return self._zero_state[rows]
+
+    def _unconstrained(self, rows: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """Cached device (zero bias, all-ones mask) for steps where no row needs them."""
+        if rows not in self._neutral:
+            bias, allowed = constraint_arrays([], [], rows, self.vocab_size)
+            self._neutral[rows] = (jnp.asarray(bias), jnp.asarray(allowed))
+        return self._neutral[rows]
+
+    def _constraints(self, sched: SchedulerOutput, params: Sequence[SamplingParams],
+                     rows: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """Bias and allowed mask of the step; the cached neutral pair when nobody needs them."""
+        needed = any(p.logit_bias or (p.has_token_constraints and _constrained(p, seq))
+                     for p, seq in zip(params, sched.seqs, strict=False))
+        if not needed:
+            return self._unconstrained(rows)
+        state = [(seq.output_index, seq.request.output_token_ids, seq.request.eos_token_ids)
+                 for seq in sched.seqs]
+        bias, allowed = constraint_arrays(params, state, rows, self.vocab_size)
+        return jnp.asarray(bias), jnp.asarray(allowed)
 
     def build(self, sched: SchedulerOutput, params: Sequence[SamplingParams],
               key_data: Sequence[np.ndarray], rows: int) -> SamplingTensors:
@@ -50,12 +73,23 @@ class SamplingTensorBuilder:
             state = (jnp.asarray(counts), jnp.asarray(mask))  # device, like the cached zeros
         else:
             state = self._zeros(rows)
+        bias, allowed = self._constraints(sched, params, rows)
         return SamplingTensors(**param_columns(params, rows, self.vocab_size), key_data=keys,
-                               step=step, output_counts=state[0], prompt_mask=state[1])
+                               step=step, output_counts=state[0], prompt_mask=state[1],
+                               logit_bias=bias, allowed_mask=allowed)
 
     def dummy(self, rows: int) -> SamplingTensors:
         """All-greedy padding tensors for warm-up."""
         k0, m0 = self._zeros(rows)
+        bias, allowed = self._unconstrained(rows)
         return SamplingTensors(**param_columns([], rows, self.vocab_size),
                                key_data=np.zeros((rows, 2), np.uint32),
-                               step=np.zeros(rows, np.int32), output_counts=k0, prompt_mask=m0)
+                               step=np.zeros(rows, np.int32), output_counts=k0, prompt_mask=m0,
+                               logit_bias=bias, allowed_mask=allowed)
+
+
+def _constrained(params: SamplingParams, seq: ScheduledSeq) -> bool:
+    """Whether a row's mask can differ from all-ones at this step (min_tokens only matters
+    until it is reached)."""
+    return bool(params.allowed_token_ids or params.bad_words_token_ids
+                or seq.output_index < params.min_tokens)

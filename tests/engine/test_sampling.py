@@ -248,6 +248,8 @@ def test_parameter_mixes_do_not_recompile():
         [SamplingParams(top_k=200, repetition_penalty=1.2)] * rows,
         [_random_params(rng, seed=int(s)) for s in range(rows)],
         [SamplingParams(min_p=0.1, logprobs=MAX_LOGPROBS)] * (rows - 1) + [None],
+        [SamplingParams(logit_bias={3: 5.0}, allowed_token_ids=[1, 3, 9])] * rows,
+        [SamplingParams(min_tokens=9, stop_token_ids=[4], bad_words_token_ids=[[2, 5]])] * rows,
     ]
     sizes = []  # jit caches are shared per function, so count new entries, not the total
     for mix in mixes:

@@ -1,7 +1,7 @@
 """float64 numpy twin of `jaxllm.sampling`'s filtering, written the obvious way (full sorts).
 
-It defines what the fast path must compute: penalties -> temperature -> top-k -> top-p ->
-min-p, keeping every token whose scaled logit is >= the row's threshold (ties kept).
+It defines what the fast path must compute: logit bias -> allowed-token mask (-inf) ->
+penalties -> temperature -> top-k -> top-p -> min-p, keeping every token whose scaled logit is >= the row's threshold (ties kept).
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from jaxllm.sampling import SamplingTensors
+from jaxllm.token_masks import unpack_allowed_host
 
 
 def reference_filtered_logprobs(logits: np.ndarray, t: SamplingTensors) -> np.ndarray:
@@ -32,6 +33,8 @@ def reference_penalties(row: np.ndarray, counts: np.ndarray, prompt_mask: np.nda
 
 def _reference_row(row: np.ndarray, p: dict[str, np.ndarray]) -> np.ndarray:
     vocab = row.shape[0]
+    row = row + p["logit_bias"].astype(np.float64)
+    row = np.where(unpack_allowed_host(p["allowed_mask"], vocab), row, -np.inf)
     x = reference_penalties(row, p["output_counts"].astype(np.float64), p["prompt_mask"],
                             float(p["presence_penalty"]), float(p["frequency_penalty"]),
                             float(p["repetition_penalty"]))
