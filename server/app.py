@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from jaxllm.config import EngineConfig
+from jaxllm.engine_client import EngineClient
 
 from . import admin, native, openai_chat, openai_completions
 from .errors import install_exception_handlers
@@ -27,7 +28,7 @@ from .serving import ServingContext
 logger = logging.getLogger(__name__)
 
 
-def build_app(config: EngineConfig, engine: Any | None = None,
+def build_app(config: EngineConfig, engine: EngineClient | None = None,
               server_config: ServerConfig | None = None) -> FastAPI:
     """The app. With `engine=None` the lifespan builds one from `config` (and shuts it down);
     a given engine is served as is and drained, but not shut down, on exit."""
