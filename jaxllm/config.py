@@ -116,11 +116,14 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"  # one of KV_CACHE_DTYPES
     max_num_seqs: int = 64
     max_model_len: int | None = None  # None: min(model's max positions, 4096)
-    max_num_batched_tokens: int = 512
+    # None fields below take their platform's value (jaxllm.platform_defaults, printed at
+    # start-up): the engine resolves them, after which they are never None.
+    max_num_batched_tokens: int | None = None  # None: 512 on CPU, 4096 on accelerators
     prefill_chunk_size: int | None = None  # None: max_num_batched_tokens
     page_size: int | None = None  # None: 16 on CPU, 64 on accelerators
     num_pages: int | None = None  # None: from memory_fraction
-    memory_fraction: float = 0.5  # of free device memory (CPU: of kv_cache_memory_bytes)
+    # of free device memory (CPU: of kv_cache_memory_bytes); None: 0.5 CPU, 0.8 accelerators
+    memory_fraction: float | None = None
     kv_cache_memory_bytes: int = 1 << 30  # CPU budget that memory_fraction applies to
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1
@@ -129,6 +132,7 @@ class EngineConfig:
     # (jaxllm/engine.py); False runs the serial loop (debugging, equality tests).
     overlap_scheduling: bool = True
     compilation_cache_dir: str | None = None
+    compile_threads: int | None = None  # warm-up's parallel compiles; None: 2 CPU, <= 16 else
     seed: int = 0
     attention_impl: str | None = None  # None: by backend; one of jaxllm.kernels.IMPLEMENTATIONS
     # server
@@ -162,12 +166,13 @@ class EngineConfig:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
                              f"got {self.kv_cache_dtype!r}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size",
-                     "data_parallel_size", "max_waiting_requests"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                     "data_parallel_size", "max_waiting_requests", "compile_threads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
         if self.page_size is not None and self.page_size < 2:
             raise ValueError(f"page_size must be >= 2 (page size 1 ruins performance), got {self.page_size}")
-        if not 0.0 < self.memory_fraction <= 1.0:
+        if self.memory_fraction is not None and not 0.0 < self.memory_fraction <= 1.0:
             raise ValueError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
 
     @classmethod

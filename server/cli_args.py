@@ -56,12 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
            "(bfloat16 halves what decode attention reads)")
     a("--max-num-seqs", type=int, default=d.max_num_seqs)
     a("--max-model-len", type=int, default=None)
-    a("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
+    a("--max-num-batched-tokens", type=int, default=None,
+      help="tokens per step; default by platform: 512 CPU, 4096 GPU/TPU")
     a("--prefill-chunk-size", type=int, default=None)
     a("--page-size", type=int, default=None)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--num-pages", type=int, default=None)
-    g.add_argument("--memory-fraction", type=float, default=d.memory_fraction)
+    g.add_argument("--memory-fraction", type=float, default=None,
+                   help="of free device memory (CPU: of --kv-cache-memory-bytes) for the KV "
+                        "cache; default by platform: 0.5 CPU, 0.8 GPU/TPU")
     a("--kv-cache-memory-bytes", type=int, default=d.kv_cache_memory_bytes)
     a("--tensor-parallel-size", type=int, default=d.tensor_parallel_size)
     a("--data-parallel-size", type=int, default=d.data_parallel_size)
@@ -71,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
       default=d.overlap_scheduling,
       help="schedule step N+1 while step N runs (--no-overlap-scheduling: the serial loop)")
     a("--compilation-cache-dir", default=None)
+    a("--compile-threads", type=int, default=None,
+      help="programs warm-up compiles at once; default by platform: 2 CPU, min(cores, 16) else")
     a("--seed", type=int, default=d.seed)
     a("--attention-impl", default=None, choices=list(IMPLEMENTATIONS))
     a("--distributed-coordinator", default=None)
