@@ -79,6 +79,12 @@ class EngineStats:
         return d
 
 
+def reads_token_history(params: SamplingParams) -> bool:
+    """Whether a row's sampling tensors depend on its output so far (built on the host):
+    such a look-ahead row's sampler waits for the in-flight step's token."""
+    return params.has_penalties or bool(getattr(params, "bad_words", None))
+
+
 @dataclass
 class InFlightStep:
     """A dispatched step whose sampled tokens the host has not seen yet."""
@@ -86,7 +92,7 @@ class InFlightStep:
     sched: SchedulerOutput
     inputs: StepInputs
     forward: ForwardOutput
-    sampled: DeviceSample
+    sampled: DeviceSample | None  # None until the sampler is dispatched (see dispatch)
     started_at: float
     dispatched_at: float
     host_gap_s: float
@@ -238,8 +244,11 @@ class LLMEngine:
             outs = self.complete(step) if step is not None else self.outputs.collect()
         else:
             prev, self._in_flight = self._in_flight, None
-            self._in_flight = self.dispatch(prev)
+            cur = self.dispatch(prev)
             outs = self.complete(prev) if prev is not None else self.outputs.collect()
+            if cur is not None and cur.sampled is None:
+                self.sample(cur)  # its look-ahead rows' sampling needed step N's tokens
+            self._in_flight = cur
         self._stats.host_time_s = time.perf_counter() - start - self._waited
         return outs
 
@@ -250,25 +259,37 @@ class LLMEngine:
             self.complete(prev)
 
     def dispatch(self, in_flight: InFlightStep | None = None) -> InFlightStep | None:
-        """Schedule a step and hand it to the device without waiting; None if idle.
-        `in_flight`: a dispatched step not completed yet, whose tokens this one may decode."""
+        """Schedule a step and hand its forward pass (and usually its sampler) to the device
+        without waiting; None if idle. `in_flight`: a dispatched step not completed yet,
+        whose tokens this one may decode. The sampler is left for `sample` when a look-ahead
+        row's sampling reads the token history on the host (penalty counts, bad words, a
+        grammar): that must wait until the in-flight step's tokens are known."""
         start = time.perf_counter()
         sched = self.scheduler.schedule(lookahead=in_flight is not None)
         if sched.is_empty:
             return None
         inputs = build_step_inputs(sched)
-        tensors = self.tensors.build(sched, [s.request.sampling_params for s in sched.seqs],
-                                     [s.request.key_data for s in sched.seqs],
-                                     sched.bucket.num_seqs)
         forward = self.runner.forward(
             inputs, in_flight.sampled.next_input_ids if in_flight is not None else None)
-        sampled = self.runner.sample(forward.logits, tensors)
         # Host work between the previous result and this dispatch (output processing, the
         # scheduler, input packing) is time the device sat idle (none when overlapped).
         dispatched = time.perf_counter()
         host_gap = (max(0.0, dispatched - self._last_result_time)
                     if self._last_result_time and in_flight is None else 0.0)
-        return InFlightStep(sched, inputs, forward, sampled, start, dispatched, host_gap)
+        step = InFlightStep(sched, inputs, forward, None, start, dispatched, host_gap)
+        if not any(s.prev_row is not None and reads_token_history(s.request.sampling_params)
+                   for s in sched.seqs):
+            self.sample(step)
+        return step
+
+    def sample(self, step: InFlightStep) -> None:
+        """Build the step's sampling tensors from what the host knows now and dispatch the
+        sampler (per-row token masks and biases are applied there)."""
+        tensors = self.tensors.build(step.sched,
+                                     [s.request.sampling_params for s in step.sched.seqs],
+                                     [s.request.key_data for s in step.sched.seqs],
+                                     step.sched.bucket.num_seqs)
+        step.sampled = self.runner.sample(step.forward.logits, tensors)
 
     def complete(self, step: InFlightStep) -> list[RequestOutput]:
         """Wait for a dispatched step's tokens and turn them into outputs."""

@@ -264,12 +264,12 @@ class Scheduler:
 
     def _can_look_ahead(self, req: Request) -> bool:
         """Schedule req past its in-flight token? Only a plain decode whose pending token
-        cannot end it by length (that row would be wasted) and whose sampling does not read
-        the token history on the host (penalty counts would miss the pending token)."""
+        cannot end it by length (that row would be wasted). (If its sampling reads the token
+        history on the host, the engine dispatches that step's sampler once the pending
+        token is known.)"""
         return (req.num_pending_samples == 1 and req.num_computed_tokens == req.num_tokens
                 and req.num_output_tokens + 1 < req.max_tokens
-                and req.num_tokens + 1 < self.config.max_model_len
-                and not req.sampling_params.has_penalties)
+                and req.num_tokens + 1 < self.config.max_model_len)
 
     def _grow_or_preempt(self, req: Request, n: int, scheduled: set[str],
                          preempted: list[Request]) -> bool:
