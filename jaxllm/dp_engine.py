@@ -55,7 +55,9 @@ class DataParallelEngine:
     async def from_config(cls, config: EngineConfig) -> DataParallelEngine:
         """Load once, build one engine per data slice (warm-ups run one after another)."""
         from jaxllm.loading import load_engine_parts_per_slice
+        from jaxllm.platform_defaults import resolve_engine_config
 
+        config = resolve_engine_config(config).config
         def build() -> list[LLMEngine]:
             slices = load_engine_parts_per_slice(config)
             logger.info("data parallel: %d replicas of tensor_parallel_size=%d", len(slices),

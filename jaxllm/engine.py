@@ -37,6 +37,8 @@ from jaxllm.loading import EngineParts, load_engine_parts
 from jaxllm.model_inputs import StepInputs, build_step_inputs
 from jaxllm.output_processor import OutputProcessor
 from jaxllm.outputs import RequestOutput
+from jaxllm.platform_defaults import describe as describe_defaults
+from jaxllm.platform_defaults import resolve_engine_config
 from jaxllm.request import Request
 from jaxllm.runner import DeviceSample, ForwardOutput, ModelRunner
 from jaxllm.sampling import request_key_data, unseeded_request_seed
@@ -102,8 +104,11 @@ class LLMEngine:
     """Owns the tokenizer, scheduler, runner and per-request output state."""
 
     def __init__(self, config: EngineConfig, parts: EngineParts | None = None) -> None:
-        """`parts`: pre-built model and hooks (a data-parallel slice); None loads from config."""
-        self.config = config
+        """`parts`: pre-built model and hooks (a data-parallel slice); None loads from config.
+        Unset platform-dependent settings take the backend's defaults (platform_defaults)."""
+        resolved = resolve_engine_config(config)
+        config = self.config = resolved.config
+        logger.info("%s", describe_defaults(resolved))
         parts = parts if parts is not None else load_engine_parts(config)
         self.model_config = parts.model_config
         self.tokenizer: Tokenizer = parts.tokenizer
@@ -122,15 +127,12 @@ class LLMEngine:
                     / 2**20)
         allocator = PageAllocator(num_pages, self.page_size)
         cache = KVCacheManager(allocator, enable_prefix_caching=config.enable_prefix_caching)
-        # Every bucket is one compilation of the whole model; on CPU a coarser token ladder
-        # (x4) cut warm-up by ~40% (benchmarks/step_profile.py --warmup), padding costs little
-        # there because a step is bound by reading the weights; a 1-token bucket is the
-        # exception: a lone decode runs 24 -> 17 ms (default model) instead of padded to 8.
-        on_cpu = jax.default_backend() == "cpu"
+        # Every bucket is one compilation of the whole model: the platform's ladder
+        # (jaxllm/platform_defaults.py says why each is what it is).
         self.buckets = BucketSet(config.max_num_batched_tokens, config.max_num_seqs,
                                  self.max_model_len, self.page_size,
-                                 token_bucket_ratio=4 if on_cpu else 2,
-                                 single_token_bucket=on_cpu)
+                                 token_bucket_ratio=resolved.token_bucket_ratio,
+                                 single_token_bucket=resolved.single_token_bucket)
         logger.info("step buckets: %s", self.buckets.describe())
         self.scheduler = Scheduler(
             SchedulerConfig.from_engine_config(config, max_model_len=self.max_model_len),
@@ -154,6 +156,7 @@ class LLMEngine:
         store = (self.runner.program_store(str(Path(config.compilation_cache_dir) / "programs"))
                  if config.compilation_cache_dir else None)
         self._stats.warmup_time_s = self.runner.warm_up(self.buckets.all(), self.tensors.dummy,
+                                                        compile_threads=config.compile_threads,
                                                         store=store)
         logger.info("warm-up prepared %d programs (%d loaded from saved ones) in %.1f s",
                     self.runner.compile_count, self.runner.loaded_programs,

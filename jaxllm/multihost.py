@@ -189,14 +189,19 @@ class LeaderAsyncEngine(AsyncEngine):
                 logger.warning("could not tell followers to stop", exc_info=True)
 
 
-def _check_multihost(config: EngineConfig) -> None:
+def _check_multihost(config: EngineConfig) -> EngineConfig:
+    """`config` with the platform's defaults resolved (leader and followers alike), after
+    checking it describes this process group."""
     import jax
+
+    from jaxllm.platform_defaults import resolve_engine_config
 
     if jax.process_count() != config.num_processes:
         raise ValueError(f"config says {config.num_processes} processes but jax has "
                          f"{jax.process_count()}: call initialize_distributed(config) first")
     if config.data_parallel_size > 1:
         raise ValueError("multi-host runs one engine: data_parallel_size must be 1")
+    return resolve_engine_config(config).config
 
 
 def build_leader_engine(config: EngineConfig, options: MultiHostOptions = MultiHostOptions()):
@@ -204,7 +209,7 @@ def build_leader_engine(config: EngineConfig, options: MultiHostOptions = MultiH
     from jaxllm.engine import LLMEngine
     from jaxllm.loading import load_engine_parts
 
-    _check_multihost(config)
+    config = _check_multihost(config)
     watchdog = CollectiveWatchdog(options.collective_timeout_s)
     caster = StepBroadcaster(STEP_SCHEMA, leader=True, watchdog=watchdog)
     parts = load_engine_parts(config)
@@ -232,7 +237,7 @@ def run_follower(config: EngineConfig, options: MultiHostOptions = MultiHostOpti
     from jaxllm.cache.kv_cache import allocate_kv_caches
     from jaxllm.loading import load_engine_parts
 
-    _check_multihost(config)
+    config = _check_multihost(config)
     parts = load_engine_parts(config)
     caster = StepBroadcaster(STEP_SCHEMA, leader=False)  # idle leaders are normal: no deadline
     monitor = HeartbeatMonitor(config.num_processes)
