@@ -27,23 +27,31 @@ the Pallas kernels in interpret mode where they cannot compile.
 
 # Guard: run from a checkout's root, `import kernels` finds this folder (which is installed as
 # jaxllm.kernels) instead of Hugging Face's `kernels` package, which transformers >= 5.25
-# imports. Imported under that top-level name, hand over to the installed package, else fail
-# as if it were missing (tests/kernels/test_top_level_name.py).
+# imports. Imported under that top-level name, hand over to the installed package; without one,
+# to an empty stand-in that reads as no installation (no __file__, as transformers' availability
+# check expects) and names the mix-up on use (tests/kernels/test_top_level_name.py).
 if __name__ == "kernels":
     import importlib.machinery as _machinery
     import importlib.util as _util
     import os as _os
     import sys as _sys
+    import types as _types
 
     _checkout = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
     _spec = _machinery.PathFinder.find_spec("kernels", [
         p for p in _sys.path if _os.path.abspath(p or _os.curdir) != _checkout])
-    if _spec is None:
-        raise ModuleNotFoundError(
-            "No module named 'kernels' (Hugging Face's package is not installed; the "
-            "kernels/ folder of this checkout is jaxllm.kernels, not that package)", name="kernels")
-    _sys.modules["kernels"] = _util.module_from_spec(_spec)  # what `import kernels` returns
-    _spec.loader.exec_module(_sys.modules["kernels"])
+    if _spec is not None:
+        _sys.modules["kernels"] = _util.module_from_spec(_spec)  # what `import kernels` returns
+        _spec.loader.exec_module(_sys.modules["kernels"])
+    else:
+        def _missing(name: str):
+            raise AttributeError(f"Hugging Face's `kernels` package is not installed, so "
+                                 f"kernels.{name} does not exist (this checkout's kernels/ "
+                                 f"folder is jaxllm.kernels)", name=name)
+
+        _sys.modules["kernels"] = _types.ModuleType("kernels", "stand-in: not installed")
+        _sys.modules["kernels"].__file__, _sys.modules["kernels"].__path__ = None, []
+        _sys.modules["kernels"].__getattr__ = _missing
 
 from jaxllm.kernels.dispatch import (
     IMPLEMENTATIONS,

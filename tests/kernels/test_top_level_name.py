@@ -45,20 +45,39 @@ def test_top_level_import_hands_over_to_the_installed_package(tmp_path):
     assert Path(got_file).resolve().is_relative_to(tmp_path.resolve())
 
 
-def test_top_level_import_without_the_package_is_a_clear_missing_module(tmp_path):
-    code = ("try:\n"
-            "    import kernels\n"
-            "except ModuleNotFoundError as e:\n"
-            "    print('missing', e.name, str(e))\n")
+def test_without_the_package_top_level_kernels_reads_as_not_installed(tmp_path):
+    """No HF `kernels`: the name resolves to an empty stand-in with no __file__ (what
+    transformers' availability check takes for "not installed") that names the mix-up."""
+    name = "x" + os.urandom(4).hex()
+    code = ("import kernels\n"
+            "assert kernels.__file__ is None and getattr(kernels, '__version__', 'N/A') == 'N/A'\n"
+            "try:\n"
+            f"    kernels.{name}\n"
+            "except AttributeError as e:\n"
+            "    print(e)\n"
+            "try:\n"
+            f"    from kernels import {name}\n"
+            "except ImportError:\n"
+            "    print('import refused')\n")
     out = _run_from_root(code, tmp_path)  # tmp_path holds no `kernels`
     assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith("missing kernels "), out.stdout
-    assert "jaxllm.kernels" in out.stdout
+    lines = out.stdout.splitlines()
+    assert f"kernels.{name} does not exist" in lines[0] and "jaxllm.kernels" in lines[0]
+    assert lines[1] == "import refused"
+
+
+def test_transformers_imports_from_the_root():
+    """transformers probes `kernels` on import (importing it when no metadata is found)."""
+    out = _run_from_root("from transformers import LlamaConfig, PreTrainedTokenizerFast\n"
+                         "print(LlamaConfig.__module__)")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "transformers.models.llama.configuration_llama"
 
 
 def test_jaxllm_kernels_still_imports_from_the_root(tmp_path):
     _fake_hf_kernels(tmp_path, "hf")
     out = _run_from_root("import jaxllm.kernels as k, kernels\n"
-                         "print(k.default_impl.__module__, kernels.MARKER)", tmp_path)
+                         "print(k.__name__, callable(k.ragged_paged_attention), kernels.MARKER)",
+                         tmp_path)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["jaxllm.kernels.dispatch", "hf"]
+    assert out.stdout.split() == ["jaxllm.kernels", "True", "hf"]
