@@ -84,7 +84,7 @@ class EngineStats:
 def reads_token_history(params: SamplingParams) -> bool:
     """Whether a row's sampling tensors depend on its output so far (built on the host):
     such a look-ahead row's sampler waits for the in-flight step's token."""
-    return params.has_penalties or bool(getattr(params, "bad_words", None))
+    return params.has_penalties or any(len(w) > 1 for w in params.bad_words_token_ids or ())
 
 
 @dataclass
