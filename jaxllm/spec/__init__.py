@@ -1,0 +1,25 @@
+"""Speculative decoding: proposals (n-gram prompt lookup), per-request back-off, and exact
+verification of the proposals against the target model (rejection sampling)."""
+
+from jaxllm.spec.backoff import SpeculationBackoff
+from jaxllm.spec.config import SPECULATIVE_MODES, SpeculativeConfig
+from jaxllm.spec.ngram import NgramProposer, TokenHistory, propose_ngram
+from jaxllm.spec.rejection import (
+    VerifyOutput,
+    expand_sampling_tensors,
+    rejection_sample,
+    verification_uniforms,
+)
+
+__all__ = [
+    "SPECULATIVE_MODES",
+    "NgramProposer",
+    "SpeculationBackoff",
+    "SpeculativeConfig",
+    "TokenHistory",
+    "VerifyOutput",
+    "expand_sampling_tensors",
+    "propose_ngram",
+    "rejection_sample",
+    "verification_uniforms",
+]
