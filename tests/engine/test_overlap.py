@@ -1,7 +1,8 @@
 """The overlapped engine loop produces what the serial loop produces, token for token.
 
 One tiny random model, one mixed workload (staggered arrivals, greedy and seeded sampling,
-n > 1, stop strings, stop token ids, penalties, logprobs and prompt logprobs, aborts mid-flight),
+n > 1, stop strings, stop token ids, penalties, min_tokens, logit bias, bad words, logprobs and
+prompt logprobs, aborts mid-flight),
 run serially and overlapped; and again under a page budget so small that requests are
 preempted. Page invariants are checked after every step; nothing is output after an abort.
 """
@@ -45,6 +46,10 @@ def _workload(seed: int, stop_text: str | None) -> tuple[dict[int, list], dict[i
             ("st", prompt(6), SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True,
                                              stop=[stop_text] if stop_text else None)),
             ("one", prompt(4), SamplingParams(temperature=0.0, max_tokens=1))],
+        4: [("con", prompt(10), SamplingParams(
+                temperature=0.8, seed=seed + 3, max_tokens=10, min_tokens=6,
+                stop_token_ids=[int(rng.integers(3, 512))], logit_bias={7: 5.0, 9: -100.0},
+                bad_words_token_ids=[[11], rng.integers(3, 512, size=2).tolist()]))],
         6: [("late", prompt(30), SamplingParams(temperature=0.7, seed=seed + 2, max_tokens=9,
                                                 ignore_eos=True)),
             ("tok", prompt(8), SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True,
