@@ -13,7 +13,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from jaxllm.config import EngineConfig
 from jaxllm.engine_client import EngineClient
 
-from . import admin, native, openai_chat, openai_completions
+from . import admin, native, openai_chat, openai_completions, openai_responses
 from .errors import install_exception_handlers
 from .metrics import ServerMetrics
 from .middleware import (
@@ -63,7 +63,7 @@ def build_app(config: EngineConfig, engine: EngineClient | None = None,
     if engine is not None:  # usable before startup too (tests with ASGITransport)
         app.state.ctx = ServingContext(engine, config, server_config, ServerMetrics(engine))
         app.state.metrics_holder["metrics"] = app.state.ctx.metrics
-    for module in (admin, native, openai_completions, openai_chat):
+    for module in (admin, native, openai_completions, openai_chat, openai_responses):
         app.include_router(module.router)
     install_exception_handlers(app)
 

@@ -81,7 +81,23 @@ def error_response(err: APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
+_NOT_AN_OBJECT = {"model_attributes_type", "dict_type", "model_type", "json_invalid"}
+
+
+def _body_is_not_json_object(exc: RequestValidationError) -> bool:
+    """The body did not parse as a JSON object (no Content-Type: application/json, bad JSON,
+    or a JSON value that is not an object): one clear message instead of field errors."""
+    return any(e.get("type") in _NOT_AN_OBJECT and (len(e.get("loc", ())) <= 1
+                                                    or e.get("type") == "json_invalid")
+               for e in exc.errors())
+
+
 def _format_validation_errors(exc: RequestValidationError) -> tuple[str, str | None]:
+    if _body_is_not_json_object(exc):
+        detail = next((e.get("msg") for e in exc.errors() if e.get("type") == "json_invalid"),
+                      None)
+        return ("Expected a JSON object as the request body, sent with "
+                "'Content-Type: application/json'" + (f" ({detail})" if detail else ""), None)
     parts, param = [], None
     for e in exc.errors():
         loc = [str(x) for x in e.get("loc", ()) if x != "body"]

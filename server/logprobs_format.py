@@ -48,10 +48,43 @@ def completion_logprobs(tokenizer: Any, token_ids: list[int],
             tops.append(None)
             continue
         token_lps.append(_finite(chosen.logprob) if chosen else _FLOOR)
-        tops.append({token_text(tokenizer, i, lp): _finite(lp.logprob)
-                     for i, lp in top_entries(pos, top_k)})
+        tops.append(_completion_top(tokenizer, tid, pos, top_k))
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops,
             "text_offset": offsets}
+
+
+def _completion_top(tokenizer: Any, token_id: int, position: PositionLogprobs,
+                    top_k: int) -> dict[str, float]:
+    """The sampled token first, then the top_k alternatives: up to top_k + 1 entries, as vLLM
+    sends (so `logprobs: 0` still names the sampled token)."""
+    entries = [(token_id, position[token_id])] if token_id in position else []
+    entries += [(i, lp) for i, lp in top_entries(position, top_k) if i != token_id]
+    out: dict[str, float] = {}
+    for i, lp in entries[:top_k + 1]:
+        out.setdefault(token_text(tokenizer, i, lp), _finite(lp.logprob))
+    return out
+
+
+def prompt_logprobs_json(tokenizer: Any, token_ids: list[int],
+                         positions: list[PositionLogprobs | None] | None,
+                         top_k: int) -> list[dict[str, dict[str, Any]] | None] | None:
+    """vLLM's `prompt_logprobs`: null for the first prompt token, then per position
+    {token_id: {logprob, rank, decoded_token}} with the prompt token and its top_k
+    alternatives."""
+    if positions is None:
+        return None
+    out: list[dict[str, dict[str, Any]] | None] = []
+    padded = list(positions)[:len(token_ids)]
+    padded += [None] * (len(token_ids) - len(padded))
+    for tid, pos in zip(token_ids, padded, strict=True):
+        if pos is None:
+            out.append(None)
+            continue
+        keep = [(tid, pos[tid])] if tid in pos else []
+        keep += [(i, lp) for i, lp in top_entries(pos, top_k) if i != tid]
+        out.append({str(i): {"logprob": _finite(lp.logprob), "rank": lp.rank,
+                             "decoded_token": token_text(tokenizer, i, lp)} for i, lp in keep})
+    return out
 
 
 def chat_logprobs_content(tokenizer: Any, token_ids: list[int],

@@ -22,8 +22,6 @@ from .serving import (
     get_ctx,
     normalize_stop,
     resolve_max_tokens,
-    stop_holdback,
-    visible_text,
 )
 from .streaming import SSE_DONE, SSE_HEADERS, merge_streams, run_unless_disconnected, sse
 
@@ -103,7 +101,7 @@ def _lp_triples(ctx: ServingContext, ids: list[int], positions: list[PositionLog
 
 
 def _result(ctx: ServingContext, req: GenerateRequest, out: RequestOutput,
-            comp: CompletionOutput, rid: str, holdback: int = 0) -> dict[str, Any]:
+            comp: CompletionOutput, rid: str) -> dict[str, Any]:
     meta: dict[str, Any] = {
         "id": rid, "prompt_tokens": len(out.prompt_token_ids),
         "completion_tokens": len(comp.token_ids), "finish_reason": _finish_reason(comp),
@@ -121,8 +119,8 @@ def _result(ctx: ServingContext, req: GenerateRequest, out: RequestOutput,
                                    req.return_text_in_logprobs)
         meta["input_token_logprobs"] = chosen
         meta["input_top_logprobs"] = tops
-    text = visible_text(comp.text, comp.finished, 0, holdback)
-    return {"text": text, "output_ids": list(comp.token_ids), "meta_info": meta}
+    # comp.text never ends in a possible stop-string start: the engine holds that back
+    return {"text": comp.text, "output_ids": list(comp.token_ids), "meta_info": meta}
 
 
 @router.post("/generate")
@@ -174,7 +172,6 @@ async def _stream(ctx: ServingContext, req: GenerateRequest, first: tuple[int, R
                   merged: AsyncIterator[tuple[int, RequestOutput]], rids: list[str],
                   params: list[Any], multi: bool) -> AsyncIterator[str]:
     """Each event is a cumulative result (SGLang style); batched items carry `index`."""
-    holdbacks = [stop_holdback(normalize_stop(p.stop)) for p in params]
     offsets = [0]
     for p in params[:-1]:
         offsets.append(offsets[-1] + p.n)
@@ -183,7 +180,7 @@ async def _stream(ctx: ServingContext, req: GenerateRequest, first: tuple[int, R
         while True:
             i, out = item
             for comp in out.outputs:
-                body = _result(ctx, req, out, comp, rids[i], holdbacks[i])
+                body = _result(ctx, req, out, comp, rids[i])
                 if multi:
                     body["index"] = offsets[i] + comp.index
                 yield sse(body)

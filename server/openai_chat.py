@@ -20,7 +20,7 @@ from .chat_output import (
     tool_call_json,
 )
 from .errors import bad_request, to_api_error
-from .logprobs_format import chat_logprobs_content
+from .logprobs_format import chat_logprobs_content, prompt_logprobs_json
 from .protocol_openai import ChatCompletionRequest, ChatMessage, NamedToolChoice
 from .serving import (
     ServingContext,
@@ -30,9 +30,9 @@ from .serving import (
     get_ctx,
     normalize_stop,
     request_id,
+    resolve_bad_words,
     resolve_max_tokens,
-    stop_holdback,
-    visible_text,
+    token_constraints,
 )
 from .streaming import SSE_DONE, SSE_HEADERS, run_unless_disconnected, sse
 
@@ -68,13 +68,14 @@ def messages_for_template(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     return out
 
 
-def _validate(ctx: ServingContext, req: ChatCompletionRequest) -> None:
+def validate_chat_request(ctx: ServingContext, req: ChatCompletionRequest) -> None:
     check_model(ctx, req.model)
     sc = ctx.server_config
     if req.n > sc.max_n:
         raise bad_request(f"n must be <= {sc.max_n}, got {req.n}", param="n")
-    if req.logit_bias:
-        raise bad_request("logit_bias is not supported", param="logit_bias")
+    if req.prompt_logprobs is not None and req.prompt_logprobs > sc.max_logprobs:
+        raise bad_request(f"prompt_logprobs must be <= {sc.max_logprobs}, got "
+                          f"{req.prompt_logprobs}", param="prompt_logprobs")
     if req.top_logprobs is not None:
         if not req.logprobs:
             raise bad_request("top_logprobs requires logprobs to be true", param="top_logprobs")
@@ -108,7 +109,7 @@ def _tools_active(req: ChatCompletionRequest) -> bool:
     return bool(req.tools) and req.tool_choice != "none"
 
 
-def _build_prompt(ctx: ServingContext, req: ChatCompletionRequest) -> tuple[str, str]:
+def build_chat_prompt(ctx: ServingContext, req: ChatCompletionRequest) -> tuple[str, str]:
     """(prompt text, forced tool prefix) for the request."""
     tools = ([t.model_dump(exclude_none=True) for t in req.tools]
              if _tools_active(req) else None)
@@ -136,7 +137,7 @@ def _forced_tool_prefix(req: ChatCompletionRequest) -> str:
     return ""
 
 
-def _processor(ctx: ServingContext, req: ChatCompletionRequest, prefix: str) -> ChatChoiceProcessor:
+def chat_processor(ctx: ServingContext, req: ChatCompletionRequest, prefix: str) -> ChatChoiceProcessor:
     return ChatChoiceProcessor(reasoning=ctx.server_config.reasoning_parser is not None,
                                tools=_tools_active(req), tool_prefix=prefix)
 
@@ -145,24 +146,28 @@ def _top_k(req: ChatCompletionRequest) -> int | None:
     return (req.top_logprobs or 0) if req.logprobs else None
 
 
-@router.post("/v1/chat/completions")
-async def create_chat_completion(req: ChatCompletionRequest, request: Request) -> Any:
-    ctx = get_ctx(request)
-    _validate(ctx, req)
-    prompt, prefix = _build_prompt(ctx, req)
-    ids = ctx.tokenizer.encode(prompt, add_special_tokens=req.add_special_tokens)
-    if not ids:
-        raise bad_request("the rendered prompt is empty", param="messages")
-    want = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    max_tokens = resolve_max_tokens(ctx, len(ids), want)
-    params = build_sampling_params(
+def chat_sampling_params(ctx: ServingContext, req: ChatCompletionRequest, max_tokens: int) -> Any:
+    return resolve_bad_words(ctx, build_sampling_params(
         n=req.n, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
         max_tokens=max_tokens, min_tokens=req.min_tokens, stop=normalize_stop(req.stop),
         stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
         presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
         repetition_penalty=req.repetition_penalty, seed=req.seed, logprobs=_top_k(req),
-        skip_special_tokens=req.skip_special_tokens,
-        include_stop_str_in_output=req.include_stop_str_in_output)
+        prompt_logprobs=req.prompt_logprobs, skip_special_tokens=req.skip_special_tokens,
+        include_stop_str_in_output=req.include_stop_str_in_output,
+        **token_constraints(ctx, req.logit_bias, req.allowed_token_ids, req.bad_words)))
+
+
+@router.post("/v1/chat/completions")
+async def create_chat_completion(req: ChatCompletionRequest, request: Request) -> Any:
+    ctx = get_ctx(request)
+    validate_chat_request(ctx, req)
+    prompt, prefix = build_chat_prompt(ctx, req)
+    ids = ctx.tokenizer.encode(prompt, add_special_tokens=req.add_special_tokens)
+    if not ids:
+        raise bad_request("the rendered prompt is empty", param="messages")
+    want = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    params = chat_sampling_params(ctx, req, resolve_max_tokens(ctx, len(ids), want))
     rid = request_id(request, "chatcmpl")
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
@@ -194,7 +199,7 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request) -
     reasoning_on = ctx.server_config.reasoning_parser is not None
     for comp in final.outputs:
         completion_tokens += len(comp.token_ids)
-        proc = _processor(ctx, req, prefix)
+        proc = chat_processor(ctx, req, prefix)
         r1, c1, _ = proc.feed(comp.text)
         r2, c2, _ = proc.finish()
         content, reasoning = c1 + c2, r1 + r2
@@ -213,48 +218,54 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request) -
                         "finish_reason": chat_finish_reason(comp.finish_reason or "stop",
                                                             bool(proc.tool_calls))})
     choices.sort(key=lambda c: c["index"])
+    prompt_lps = (prompt_logprobs_json(ctx.tokenizer, final.prompt_token_ids,
+                                       final.prompt_logprobs, req.prompt_logprobs)
+                  if req.prompt_logprobs is not None else None)
     return {"id": response_id, "object": "chat.completion", "created": created,
             "model": ctx.model_name, "choices": choices,
             "usage": {"prompt_tokens": len(ids), "completion_tokens": completion_tokens,
-                      "total_tokens": len(ids) + completion_tokens}}
+                      "total_tokens": len(ids) + completion_tokens},
+            "prompt_logprobs": prompt_lps}
 
 
 async def _stream(ctx: ServingContext, req: ChatCompletionRequest, prefix: str, prompt_len: int,
                   first: RequestOutput, rest: AsyncIterator[RequestOutput], response_id: str,
                   created: int) -> AsyncIterator[str]:
+    # Usage in every chunk only with include_usage AND continuous_usage_stats (as vLLM); its
+    # completion_tokens count the tokens the chunks sent so far carry (0 for the role chunk).
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
+    continuous = include_usage and bool(req.stream_options.continuous_usage_stats)
     reasoning_on = ctx.server_config.reasoning_parser is not None
     procs: dict[int, ChatChoiceProcessor] = {}
     sent_text: dict[int, int] = {}
     sent_tokens: dict[int, int] = {}
     done: set[int] = set()
-    completion_tokens = 0
-    holdback = stop_holdback(normalize_stop(req.stop))
+
+    def usage() -> dict[str, int]:
+        completion_tokens = sum(sent_tokens.values())
+        return {"prompt_tokens": prompt_len, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_len + completion_tokens}
 
     def chunk(choices: list[dict[str, Any]]) -> str:
         body: dict[str, Any] = {"id": response_id, "object": "chat.completion.chunk",
                                 "created": created, "model": ctx.model_name, "choices": choices}
         if continuous:
-            body["usage"] = {"prompt_tokens": prompt_len, "completion_tokens": completion_tokens,
-                             "total_tokens": prompt_len + completion_tokens}
+            body["usage"] = usage()
         return sse(body)
 
     def events(out: RequestOutput) -> list[str]:
-        nonlocal completion_tokens
-        completion_tokens = sum(len(c.token_ids) for c in out.outputs)
         result = []
         for comp in out.outputs:
             i = comp.index
             if i in done:
                 continue
             if i not in procs:
-                procs[i] = _processor(ctx, req, prefix)
+                procs[i] = chat_processor(ctx, req, prefix)
                 sent_text[i] = sent_tokens[i] = 0
                 result.append(chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
                                       "logprobs": None, "finish_reason": None}]))
             proc = procs[i]
-            full = visible_text(comp.text, comp.finished, sent_text[i], holdback)
+            full = comp.text  # the engine already holds back text that may start a stop string
             reasoning, content, calls = proc.feed(full[sent_text[i]:])
             sent_text[i] = len(full)
             finish = None
@@ -279,8 +290,8 @@ async def _stream(ctx: ServingContext, req: ChatCompletionRequest, prefix: str, 
                     ctx.tokenizer, new_ids,
                     comp.logprobs[sent_tokens[i]:sent_tokens[i] + len(new_ids)],
                     req.top_logprobs or 0)}
-            sent_tokens[i] = len(comp.token_ids)
             if delta or finish is not None or logprobs is not None:
+                sent_tokens[i] = len(comp.token_ids)
                 result.append(chunk([{"index": i, "delta": delta, "logprobs": logprobs,
                                       "finish_reason": finish}]))
         return result
@@ -293,10 +304,7 @@ async def _stream(ctx: ServingContext, req: ChatCompletionRequest, prefix: str, 
                 yield event
         if include_usage:
             yield sse({"id": response_id, "object": "chat.completion.chunk", "created": created,
-                       "model": ctx.model_name, "choices": [],
-                       "usage": {"prompt_tokens": prompt_len,
-                                 "completion_tokens": completion_tokens,
-                                 "total_tokens": prompt_len + completion_tokens}})
+                       "model": ctx.model_name, "choices": [], "usage": usage()})
     except Exception as exc:  # noqa: BLE001 -- headers are sent; report in-band
         yield sse(to_api_error(exc).body())
     finally:

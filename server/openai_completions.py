@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from jaxllm.outputs import CompletionOutput, RequestOutput
 
 from .errors import bad_request, to_api_error
-from .logprobs_format import completion_logprobs
+from .logprobs_format import completion_logprobs, prompt_logprobs_json
 from .protocol_openai import CompletionRequest
 from .serving import (
     ServingContext,
@@ -24,9 +24,9 @@ from .serving import (
     get_ctx,
     normalize_stop,
     request_id,
+    resolve_bad_words,
     resolve_max_tokens,
-    stop_holdback,
-    visible_text,
+    token_constraints,
 )
 from .streaming import SSE_DONE, SSE_HEADERS, merge_streams, run_unless_disconnected, sse
 
@@ -65,8 +65,6 @@ def _validate(ctx: ServingContext, req: CompletionRequest) -> None:
     sc = ctx.server_config
     if req.suffix:
         raise bad_request("suffix is not supported", param="suffix")
-    if req.logit_bias:
-        raise bad_request("logit_bias is not supported", param="logit_bias")
     if req.best_of is not None and req.best_of != req.n:
         raise bad_request("best_of is not supported (only best_of == n)", param="best_of")
     if req.n > sc.max_n:
@@ -80,18 +78,27 @@ def _validate(ctx: ServingContext, req: CompletionRequest) -> None:
                           param="stream_options")
 
 
-def _params(req: CompletionRequest, max_tokens: int) -> Any:
+def _params(ctx: ServingContext, req: CompletionRequest, max_tokens: int) -> Any:
     prompt_lp = req.prompt_logprobs
     if req.echo and req.logprobs is not None:
         prompt_lp = max(prompt_lp or 0, req.logprobs)
-    return build_sampling_params(
+    return resolve_bad_words(ctx, build_sampling_params(
         n=req.n, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
         max_tokens=max_tokens, min_tokens=req.min_tokens, stop=normalize_stop(req.stop),
         stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
         presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
         repetition_penalty=req.repetition_penalty, seed=req.seed, logprobs=req.logprobs,
         prompt_logprobs=prompt_lp, skip_special_tokens=req.skip_special_tokens,
-        include_stop_str_in_output=req.include_stop_str_in_output)
+        include_stop_str_in_output=req.include_stop_str_in_output,
+        **token_constraints(ctx, req.logit_bias, req.allowed_token_ids, req.bad_words)))
+
+
+def _prompt_logprobs(ctx: ServingContext, req: CompletionRequest, out: RequestOutput) -> Any:
+    """vLLM's per-choice `prompt_logprobs` (null unless the request asked for them)."""
+    if req.prompt_logprobs is None:
+        return None
+    return prompt_logprobs_json(ctx.tokenizer, out.prompt_token_ids, out.prompt_logprobs,
+                                req.prompt_logprobs)
 
 
 def _finish(reason: str | None) -> str | None:
@@ -125,15 +132,14 @@ def _merge_lp(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, A
 
 
 def _choice_delta(ctx: ServingContext, req: CompletionRequest, out: RequestOutput,
-                  comp: CompletionOutput, st: _ChoiceState, prompt_text: str,
-                  holdback: int = 0) -> tuple[str, Any]:
+                  comp: CompletionOutput, st: _ChoiceState, prompt_text: str) -> tuple[str, Any]:
     """Text and logprobs not yet sent for one choice (echo first, once), advancing `st`."""
     text, lp = "", None
     if req.echo and not st.echoed:
         text, lp = _echo_part(ctx, req, out, prompt_text)
         st.offset += len(text)
         st.echoed = True
-    full = visible_text(comp.text, comp.finished, st.text_len, holdback)
+    full = comp.text  # the engine already holds back text that may start a stop string
     new_text = full[st.text_len:]
     if req.logprobs is not None and comp.logprobs is not None:
         new_ids = comp.token_ids[st.tokens:]
@@ -161,7 +167,7 @@ async def create_completion(req: CompletionRequest, request: Request) -> Any:
     base = request_id(request, "cmpl")
     for i, (ids, _) in enumerate(prompts):
         max_tokens = resolve_max_tokens(ctx, len(ids), req.max_tokens)
-        jobs.append((ids, _params(req, max_tokens), f"{base}-{i}"))
+        jobs.append((ids, _params(ctx, req, max_tokens), f"{base}-{i}"))
     response_id = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
 
@@ -208,7 +214,8 @@ async def create_completion(req: CompletionRequest, request: Request) -> Any:
             st = _ChoiceState()
             text, lp = _choice_delta(ctx, req, out, comp, st, prompts[p_idx][1])
             choices.append({"index": p_idx * req.n + comp.index, "text": text, "logprobs": lp,
-                            "finish_reason": _finish(comp.finish_reason) or "stop"})
+                            "finish_reason": _finish(comp.finish_reason) or "stop",
+                            "prompt_logprobs": _prompt_logprobs(ctx, req, out)})
     choices.sort(key=lambda c: c["index"])
     return {"id": response_id, "object": "text_completion", "created": created,
             "model": ctx.model_name, "choices": choices,
@@ -219,36 +226,41 @@ async def _stream(ctx: ServingContext, req: CompletionRequest,
                   prompts: list[tuple[list[int], str]], its: list[AsyncIterator[RequestOutput]],
                   firsts: list[RequestOutput], response_id: str, created: int
                   ) -> AsyncIterator[str]:
+    # Usage in every chunk only with include_usage AND continuous_usage_stats (as vLLM); its
+    # completion_tokens count the tokens the chunks sent so far carry.
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
+    continuous = include_usage and bool(req.stream_options.continuous_usage_stats)
     states: dict[tuple[int, int], _ChoiceState] = {}
-    holdback = stop_holdback(normalize_stop(req.stop))
-    latest: dict[int, RequestOutput] = {}
+    started: set[int] = set()
 
     def usage_now() -> dict[str, int]:
-        prompt = sum(len(prompts[i][0]) for i in latest)
-        completion = sum(len(c.token_ids) for o in latest.values() for c in o.outputs)
-        return _usage(prompt, completion)
+        prompt = sum(len(prompts[i][0]) for i in started)
+        return _usage(prompt, sum(st.tokens for st in states.values()))
 
     def chunks_for(p_idx: int, out: RequestOutput) -> list[str]:
-        latest[p_idx] = out
+        started.add(p_idx)
         events = []
         for comp in out.outputs:
             st = states.setdefault((p_idx, comp.index), _ChoiceState())
             if st.done:
                 continue
-            text, lp = _choice_delta(ctx, req, out, comp, st, prompts[p_idx][1], holdback)
+            first = not st.echoed and st.tokens == 0 and st.text_len == 0
+            sent_tokens = st.tokens
+            text, lp = _choice_delta(ctx, req, out, comp, st, prompts[p_idx][1])
             finish = _finish(comp.finish_reason)
             if lp is not None and not lp["tokens"]:
                 lp = None
             if not text and finish is None and lp is None:
+                st.tokens = sent_tokens  # nothing sent: these tokens go with a later chunk
                 continue
             st.done = finish is not None
+            choice: dict[str, Any] = {"index": p_idx * req.n + comp.index, "text": text,
+                                      "logprobs": lp, "finish_reason": finish}
+            if first and req.prompt_logprobs is not None:
+                choice["prompt_logprobs"] = _prompt_logprobs(ctx, req, out)
             chunk: dict[str, Any] = {
                 "id": response_id, "object": "text_completion", "created": created,
-                "model": ctx.model_name,
-                "choices": [{"index": p_idx * req.n + comp.index, "text": text, "logprobs": lp,
-                             "finish_reason": finish}]}
+                "model": ctx.model_name, "choices": [choice]}
             if continuous:
                 chunk["usage"] = usage_now()
             events.append(sse(chunk))

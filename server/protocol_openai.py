@@ -1,9 +1,9 @@
 """Pydantic request schemas of the OpenAI endpoints (/v1/completions, /v1/chat/completions).
 
 Unknown fields are ignored (clients send vendor extensions); fields whose silent dropping
-would change the meaning of a request (suffix, logit_bias, best_of != n, non-text content)
-are rejected by the handlers with a clear 400. Responses are built as plain dicts in
-`responses_openai.py`, shaped to what the `openai` SDK parses.
+would change the meaning of a request (suffix, best_of != n, non-text content) are rejected
+by the handlers with a clear 400. Responses are built as plain dicts by the handlers, shaped
+to what the `openai` SDK parses (the Responses API has its own module, protocol_responses).
 """
 
 from __future__ import annotations
@@ -49,6 +49,8 @@ class _SamplingFields(_Lenient):
     cache_salt: str | None = None
     priority: int = 0
     logit_bias: dict[str, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
     request_id: str | None = None
 
 
@@ -122,6 +124,7 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=0)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0)
+    prompt_logprobs: int | None = Field(None, ge=0)
     tools: list[ToolDefinition] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = True

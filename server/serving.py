@@ -7,7 +7,7 @@ import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
@@ -16,6 +16,7 @@ from jaxllm.outputs import RequestOutput
 
 from .errors import APIError, bad_request
 from .metrics import ServerMetrics
+from .response_store import ResponseStore
 from .server_config import ServerConfig
 
 
@@ -27,6 +28,7 @@ class ServingContext:
     engine_config: Any
     server_config: ServerConfig
     metrics: ServerMetrics
+    responses: ResponseStore = field(default_factory=ResponseStore)
 
     @property
     def tokenizer(self) -> Any:
@@ -90,6 +92,40 @@ def build_sampling_params(**fields: Any) -> Any:
         raise bad_request(str(e)) from e
 
 
+def token_constraints(ctx: ServingContext, logit_bias: dict[str, float] | None,
+                      allowed_token_ids: list[int] | None,
+                      bad_words: list[str] | None) -> dict[str, Any]:
+    """SamplingParams fields for logit_bias (JSON keys are strings), allowed_token_ids and
+    bad_words, with token ids checked against the vocabulary."""
+    vocab = ctx.tokenizer.vocab_size
+    bias = None
+    if logit_bias:
+        bias = {}
+        for key, value in logit_bias.items():
+            try:
+                token = int(key)
+            except ValueError:
+                raise bad_request(f"logit_bias keys must be token ids, got {key!r}",
+                                  param="logit_bias") from None
+            if not 0 <= token < vocab:
+                raise bad_request(f"logit_bias token id {token} is out of range [0, {vocab})",
+                                  param="logit_bias")
+            bias[token] = value
+    if allowed_token_ids is not None:
+        bad = [t for t in allowed_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise bad_request(f"allowed_token_ids entry {bad[0]} is out of range [0, {vocab})",
+                              param="allowed_token_ids")
+    return {"logit_bias": bias, "allowed_token_ids": allowed_token_ids,
+            "bad_words": bad_words or None}
+
+
+def resolve_bad_words(ctx: ServingContext, params: Any) -> Any:
+    """Params with bad_words tokenized (the sampler bans token sequences, not strings)."""
+    return params.resolve_bad_words(
+        lambda text: ctx.tokenizer.encode(text, add_special_tokens=False))
+
+
 def normalize_stop(stop: str | list[str] | None) -> list[str] | None:
     if stop is None:
         return None
@@ -97,19 +133,6 @@ def normalize_stop(stop: str | list[str] | None) -> list[str] | None:
     if any(s == "" for s in stops):
         raise bad_request("stop strings must be non-empty", param="stop")
     return stops or None
-
-
-def stop_holdback(stop: list[str] | None) -> int:
-    """Characters to withhold from a running stream so that text the engine later cuts at a
-    stop string is never sent (a stop string not yet complete is at most this long)."""
-    return max((len(x) for x in stop), default=1) - 1 if stop else 0
-
-
-def visible_text(text: str, finished: bool, sent: int, holdback: int) -> str:
-    """The part of a choice's cumulative text that may be streamed now."""
-    if finished or not holdback:
-        return text
-    return text[: max(sent, len(text) - holdback)]
 
 
 async def generate(ctx: ServingContext, prompt_ids: list[int], params: Any, rid: str, *,

@@ -7,7 +7,8 @@ Tokens are bytes (ids 3..258) plus three specials. What the fake "generates":
 - otherwise lowercase letters/spaces from a RNG seeded by (prompt, seed, sample index) --
   fixed for greedy requests -- until max_tokens.
 Stop strings, stop_token_ids, ignore_eos, n, logprobs and prompt_logprobs behave as the
-real engine's contract says; aborts and early consumer exits are recorded for the tests.
+real engine's contract says (a running output's text never ends in a proper prefix of a stop
+string: the engine's detokenizer holds that back); aborts and early consumer exits are recorded for the tests.
 """
 
 from __future__ import annotations
@@ -129,6 +130,7 @@ class FakeEngine:
     abandoned: list[str] = field(default_factory=list)  # consumer left before the end
     finished: list[str] = field(default_factory=list)
     cache_salts: dict[str, str | None] = field(default_factory=dict)
+    params_seen: dict[str, Any] = field(default_factory=dict)  # request id -> SamplingParams
     prefix_cache_resets: int = 0
     _abort_flags: set[str] = field(default_factory=set)
 
@@ -153,6 +155,7 @@ class FakeEngine:
             raise EngineOverloadedError("fake queue full", retry_after_s=2.0)
         self.active.add(request_id)
         self.cache_salts[request_id] = cache_salt
+        self.params_seen[request_id] = sp
         done = False
         try:
             async for out in self._run(ids, sp, request_id, max_tokens):
@@ -237,6 +240,8 @@ class FakeEngine:
                 return
         if len(o.token_ids) >= max_tokens:
             o.finish_reason = "length"
+            return
+        o.text = o.text[: len(o.text) - _stop_prefix_len(o.text, stops)]
 
     async def abort(self, request_id: str) -> bool:
         self.aborted.append(request_id)
@@ -263,6 +268,14 @@ class FakeEngine:
 
     async def shutdown(self) -> None:
         self.dead = True
+
+
+def _stop_prefix_len(text: str, stops: list[str]) -> int:
+    """Length of the longest tail of text that is a proper prefix of a stop string."""
+    for k in range(min(len(text), max((len(s) for s in stops), default=1) - 1), 0, -1):
+        if any(s.startswith(text[-k:]) for s in stops):
+            return k
+    return 0
 
 
 def _copy(o: CompletionOutput) -> CompletionOutput:

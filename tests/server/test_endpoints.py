@@ -287,6 +287,8 @@ async def test_streamed_text_never_shows_a_cut_stop_string() -> None:
 
 
 async def test_continuous_usage_stats() -> None:
+    """Per-chunk usage only with include_usage and continuous_usage_stats (vLLM); the counts
+    are the tokens sent so far: 0 on the role-only chat chunk, then one more per chunk."""
     app, _ = make_app()
     async with asgi_client(app) as c:
         r = await c.post("/v1/chat/completions", json={
@@ -294,9 +296,16 @@ async def test_continuous_usage_stats() -> None:
             "stream_options": {"include_usage": True, "continuous_usage_stats": True}})
         chunks = [e for e in _sse_events(r.text) if isinstance(e, dict)]
         used = [ch["usage"]["completion_tokens"] for ch in chunks]
-        assert used == sorted(used) and used[-1] == 5 and chunks[-1]["choices"] == []
+        assert used == [0, 1, 2, 3, 4, 5, 5] and chunks[-1]["choices"] == []
+        assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
         r = await c.post("/v1/completions", json={
             "prompt": "x", "max_tokens": 4, "stream": True,
-            "stream_options": {"continuous_usage_stats": True}})
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}})
         chunks = [e for e in _sse_events(r.text) if isinstance(e, dict)]
-        assert [ch["usage"]["completion_tokens"] for ch in chunks] == [1, 2, 3, 4]
+        assert [ch["usage"]["completion_tokens"] for ch in chunks] == [1, 2, 3, 4, 4]
+        for body in ({"include_usage": False, "continuous_usage_stats": True},
+                     {"continuous_usage_stats": True}):
+            r = await c.post("/v1/completions", json={"prompt": "x", "max_tokens": 3,
+                                                      "stream": True, "stream_options": body})
+            chunks = [e for e in _sse_events(r.text) if isinstance(e, dict)]
+            assert len(chunks) == 3 and not any("usage" in ch for ch in chunks)
