@@ -52,6 +52,12 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     torch_dtype: str = "float32"  # dtype the checkpoint was saved in
+    # Mixture of experts (jaxllm.models.moe): 0 experts means a dense MLP in every layer.
+    num_experts: int = 0  # routed experts per layer
+    num_experts_per_tok: int = 0  # experts each token is routed to (top-k)
+    moe_intermediate_size: int = 0  # hidden width of one routed expert
+    norm_topk_prob: bool = True  # renormalise the top-k routing weights to sum 1
+    shared_expert_intermediate_size: int = 0  # always-on gated expert (Qwen2-MoE); 0: none
 
     @property
     def rotary_dim(self) -> int:
