@@ -72,6 +72,13 @@ class SpeculativeConfig:
     def enabled(self) -> bool:
         return self.mode != "disable"
 
+    def proposal_cap(self, num_tokens: int, num_output_tokens: int, max_tokens: int,
+                     max_model_len: int) -> int:
+        """Most drafts a request may verify now: a verification emits up to drafts + 1
+        tokens, which must fit in both max_tokens and max_model_len (0: plain decode)."""
+        room = min(max_tokens - num_output_tokens, max_model_len - num_tokens) - 1
+        return max(0, min(self.num_speculative_tokens, room))
+
     def speculates_at(self, batch_size: int) -> bool:
         """Whether sequences propose at all in a step with `batch_size` running sequences."""
         return self.enabled and (self.disable_above_batch is None

@@ -147,3 +147,14 @@ def test_config_modes():
     c = SpeculativeConfig(mode="ngram", disable_above_batch=8)
     assert c.speculates_at(8) and not c.speculates_at(9)
     assert not SpeculativeConfig().speculates_at(1)
+
+
+def test_proposal_cap_keeps_emitted_tokens_within_the_limits():
+    c = SpeculativeConfig(mode="ngram", num_speculative_tokens=4)
+    assert c.proposal_cap(num_tokens=10, num_output_tokens=2, max_tokens=100,
+                          max_model_len=1000) == 4
+    # 3 tokens left to max_tokens: at most 2 drafts + 1 corrected/bonus token
+    assert c.proposal_cap(10, 7, 10, 1000) == 2
+    assert c.proposal_cap(10, 9, 10, 1000) == 0
+    # 2 positions left in the context: 1 draft + 1 token
+    assert c.proposal_cap(998, 0, 500, 1000) == 1
