@@ -34,7 +34,8 @@ class IncrementalDetokenizer:
     The concatenation of every `step` result and `flush()` equals the decode of all generated
     ids (for byte-level tokenizers exactly `tokenizer.decode(ids)`; sentencepiece ones keep the
     space the prompt context implies), truncated at the first stop string (kept when
-    `include_stop_str_in_output`).
+    `include_stop_str_in_output`); stop strings are only looked for once more than `min_tokens`
+    tokens were generated (vLLM's rule), in the text not yet emitted.
     """
 
     def __init__(
@@ -44,6 +45,7 @@ class IncrementalDetokenizer:
         skip_special_tokens: bool = True,
         stop: Sequence[str] | None = None,
         include_stop_str_in_output: bool = False,
+        min_tokens: int = 0,
     ):
         stops = list(stop or [])
         for s in stops:
@@ -54,6 +56,7 @@ class IncrementalDetokenizer:
         self._stops = stops
         self._include_stop = include_stop_str_in_output
         self._max_stop_len = max((len(s) for s in stops), default=0)
+        self._min_tokens = min_tokens  # stop strings are looked for only after this many tokens
 
         context = [int(i) for i in prompt_ids[-_PROMPT_CONTEXT_TOKENS:]]
         if context and self._decode(context).endswith(_REPLACEMENT):
@@ -125,6 +128,11 @@ class IncrementalDetokenizer:
 
     def _emit(self, new_text: str, final: bool) -> str:
         buf = self._pending + new_text
+        if len(self.token_ids) <= self._min_tokens:
+            # Before min_tokens no stop string ends the output (as vLLM): nothing is held back.
+            self._pending = ""
+            self.text += buf
+            return buf
         hit = self._find_stop(buf)
         if hit is not None:
             start, stop = hit

@@ -87,7 +87,8 @@ class OutputProcessor:
             params: SamplingParams, seqs: Sequence[Request], stream: bool = True) -> None:
         samples = [_Sample(seq=s, detok=IncrementalDetokenizer(
                                self.tokenizer, prompt_ids, params.skip_special_tokens,
-                               params.stop, params.include_stop_str_in_output),
+                               params.stop, params.include_stop_str_in_output,
+                               min_tokens=params.min_tokens),
                            logprobs=[] if params.logprobs is not None else None,
                            cumulative_logprob=0.0 if params.logprobs is not None else None)
                    for s in seqs]
