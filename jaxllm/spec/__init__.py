@@ -10,6 +10,7 @@ from jaxllm.spec.rejection import (
     rejection_sample,
     verification_uniforms,
 )
+from jaxllm.spec.verify_layout import VerifyLayout, build_verify_layout, verify_row_buckets
 
 __all__ = [
     "SPECULATIVE_MODES",
@@ -17,9 +18,12 @@ __all__ = [
     "SpeculationBackoff",
     "SpeculativeConfig",
     "TokenHistory",
+    "VerifyLayout",
     "VerifyOutput",
+    "build_verify_layout",
     "expand_sampling_tensors",
     "propose_ngram",
     "rejection_sample",
     "verification_uniforms",
+    "verify_row_buckets",
 ]
