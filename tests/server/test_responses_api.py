@@ -114,3 +114,50 @@ def test_bad_requests_are_400(live_server: LiveServer) -> None:
                        headers=headers, timeout=30)
         assert r.status_code == 400, (body, r.text)
         assert r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_stream_events_validate_against_the_sdk_types(live_server: LiveServer) -> None:
+    from openai.types.responses import ResponseStreamEvent
+    from pydantic import TypeAdapter
+
+    adapter = TypeAdapter(ResponseStreamEvent)
+    body = {"model": MODEL, "input": "SAY:" + _tool_text("Kyiv"), "tools": TOOLS, "stream": True,
+            "max_output_tokens": 200}
+    with httpx.stream("POST", live_server.openai_url + "/responses", json=body, timeout=30,
+                      headers={"Authorization": f"Bearer {live_server.api_key}"}) as r:
+        blocks = r.read().decode().split("\n\n")
+    events = []
+    for block in filter(None, blocks):
+        name, data = block.split("\n", 1)
+        obj = json.loads(data.removeprefix("data: "))
+        assert name == f"event: {obj['type']}"
+        events.append(adapter.validate_python(obj, strict=False))
+    kinds = {e.type for e in events}
+    assert {"response.created", "response.output_text.delta", "response.output_item.added",
+            "response.function_call_arguments.done", "response.completed"} <= kinds
+
+
+def test_reasoning_item_plain_and_streamed() -> None:
+    from jaxllm.server.server_config import ServerConfig
+
+    from .conftest import make_app, start_server
+
+    app, _ = make_app(server_config=ServerConfig(reasoning_parser="think"))
+    server, thread, url = start_server(app)
+    try:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=30,
+                          _strict_response_validation=True)
+        said = "SAY:<think>two and two</think>It is 4."
+        r = c.responses.create(model=MODEL, input=said)
+        assert [o.type for o in r.output] == ["reasoning", "message"]
+        assert r.output[0].content[0].text == "two and two" and r.output_text == "It is 4."
+        events = list(c.responses.create(model=MODEL, input=said, stream=True))
+        reasoning = "".join(e.delta for e in events if e.type == "response.reasoning_text.delta")
+        text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+        assert (reasoning, text) == ("two and two", "It is 4.")
+        final = events[-1].response
+        assert [o.type for o in final.output] == ["reasoning", "message"]
+        assert [o.status for o in final.output] == ["completed", "completed"]
+    finally:
+        server.should_exit = True
+        thread.join(10)
