@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 ARGS ?=
 
-.PHONY: install install-test serve test lint clean
+.PHONY: install install-test serve test lint clean device-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,15 @@ lint: install-test
 
 test: install-test lint
 	$(BIN)/python -m pytest -q $(ARGS)
+
+# On a machine with an accelerator and only this repository (its python already holding jax,
+# torch, transformers): installs nothing, runs the GPU tier and the benchmarks within 8 minutes,
+# writes $(OUT)/device_check.json and .md. ARGS="--tiny" runs the same on CPU in seconds.
+OUT ?= device-check-out
+CHECK_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
+
+device-check:
+	$(CHECK_PYTHON) benchmarks/device_check.py --out $(OUT) $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
