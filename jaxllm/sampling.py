@@ -37,14 +37,7 @@ from flax import struct
 from jax import lax
 
 from jaxllm.sampling_params import SamplingParams
-from jaxllm.token_masks import (
-    ALL_ALLOWED,
-    all_allowed,
-    bias_row,
-    constraint_row,
-    row_constraints,
-    unpack_allowed,
-)
+from jaxllm.token_masks import ALL_ALLOWED, constraint_arrays, unpack_allowed
 
 KEY_IMPL = "threefry2x32"  # key data is uint32 [2] per request whatever jax's default is
 DEFAULT_CANDIDATE_CAP = 128
@@ -238,27 +231,6 @@ def build_sampling_tensors(
     return SamplingTensors(**columns, key_data=jnp.asarray(keys), step=jnp.asarray(step),
                            output_counts=jnp.asarray(counts), prompt_mask=jnp.asarray(mask),
                            logit_bias=jnp.asarray(bias), allowed_mask=jnp.asarray(allowed))
-
-
-def constraint_arrays(params: Sequence[SamplingParams | None],
-                      rows_state: Sequence[tuple[int, Sequence[int], Sequence[int]]],
-                      rows: int, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Host logit bias f32 [rows, V] and allowed mask i32 [rows, words] of a step.
-
-    rows_state[i] = (output index of the token row i samples, its output so far, its EOS ids).
-    """
-    bias = np.zeros((rows, vocab_size), np.float32)
-    allowed = all_allowed(rows, vocab_size)
-    for i, p in enumerate(params):
-        if p is None:
-            continue
-        if p.logit_bias:
-            bias[i] = bias_row(vocab_size, p.logit_bias)
-        if p.has_token_constraints:
-            allow, ban = row_constraints(p, *rows_state[i])
-            if allow is not None or ban:
-                allowed[i] = constraint_row(vocab_size, allow, ban)
-    return bias, allowed
 
 
 # --- filtering ----------------------------------------------------------------------------

@@ -105,3 +105,24 @@ def bias_row(vocab_size: int, logit_bias: dict[int, float]) -> np.ndarray:
         if 0 <= token < vocab_size:
             row[token] = bias
     return row
+
+
+def constraint_arrays(params: Sequence[SamplingParams | None],
+                      rows_state: Sequence[tuple[int, Sequence[int], Sequence[int]]],
+                      rows: int, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Host logit bias f32 [rows, V] and allowed mask i32 [rows, words] of a step.
+
+    rows_state[i] = (output index of the token row i samples, its output so far, its EOS ids).
+    """
+    bias = np.zeros((rows, vocab_size), np.float32)
+    allowed = all_allowed(rows, vocab_size)
+    for i, p in enumerate(params):
+        if p is None:
+            continue
+        if p.logit_bias:
+            bias[i] = bias_row(vocab_size, p.logit_bias)
+        if p.has_token_constraints:
+            allow, ban = row_constraints(p, *rows_state[i])
+            if allow is not None or ban:
+                allowed[i] = constraint_row(vocab_size, allow, ban)
+    return bias, allowed
