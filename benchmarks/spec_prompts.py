@@ -76,10 +76,10 @@ COPY_HEAVY: dict[str, str] = {
                      "2. Item 2: buy bread at the corner shop on Tuesday\n"
                      "3. Item 3: buy eggs at the corner shop on Wednesday\n"
                      "4. Item 4: buy apples at the corner shop on Thursday\n",
-    "fix-code": "Rename the variable `total` to `running_sum` in this Python function and "
-                f"return the whole function.\n\n```python\n{_CODE}\n```",
+    "repeat-code": "Repeat this Python function exactly, with a comment line above it that "
+                   f"says what it does.\n\n```python\n{_CODE}\n```",
     "json-to-yaml": f"Convert this JSON object to YAML.\n\n{_JSON}",
-    "table-column": "Repeat this table and add a fourth column \"continent\".\n\n" + _TABLE,
+    "table-row": "Copy this table exactly and add a row for Cairo, Egypt, 21.3.\n\n" + _TABLE,
     "sort-names": "Sort these names alphabetically, one per line: Olivia Martinez, Liam "
                   "Johnson, Emma Williams, Noah Brown, Ava Jones, Elijah Garcia, Sophia Miller, "
                   "James Davis, Isabella Rodriguez, Lucas Wilson",
