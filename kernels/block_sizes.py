@@ -74,3 +74,46 @@ def gpu_kv_splits(pages_per_seq: int) -> int:
     if pages_per_seq >= 16:
         return 2
     return 1
+
+
+# Paged GPU kernels (gpu_paged.py). Unmeasured starting points: what the first hardware run
+# must sweep is listed in docs/architecture.md (kernels) and gpu_paged.py.
+GPU_TARGET_PROGRAMS = 264  # two waves on an H100/H200 (132 SMs)
+
+
+def gpu_decode_rows(queries_per_kv: int) -> int:
+    """Rows of the decode tile: the G query heads of one kv head, padded to a power of two of
+    at least 16 (the smallest bf16 tensor-core tile Triton's dot takes)."""
+    return max(16, 1 << max(0, (queries_per_kv - 1).bit_length()))
+
+
+def gpu_pages_per_block(page_size: int, head_dim: int) -> int:
+    """Pages per gathered K/V load: ~64 keys for head_dim > 64, ~128 keys otherwise (each
+    K and V tile of one block stays <= 16 KiB in bfloat16)."""
+    target_keys = 64 if head_dim > 64 else 128
+    return max(1, target_keys // page_size)
+
+
+def gpu_decode_splits(num_seqs: int, num_kv_heads: int, kv_blocks: int) -> int:
+    """Split-KV factor of the decode kernel: enough (sequence, kv head, split) programs to give
+    the GPU GPU_TARGET_PROGRAMS, never a split with fewer than 2 key blocks (the merge pass and
+    a split's fixed cost outweigh reading one block)."""
+    wanted = -(-GPU_TARGET_PROGRAMS // max(1, num_seqs * num_kv_heads))
+    return max(1, min(wanted, kv_blocks // 2))
+
+
+def gpu_prefill_query_block(queries_per_kv: int) -> int:
+    """Tokens per prefill program: 64 rows (tokens x G padded to a power of two) per tile, at
+    least one token and at least 16 rows."""
+    group_padded = 1 << max(0, (queries_per_kv - 1).bit_length())
+    return max(1, 64 // group_padded, -(-16 // group_padded))
+
+
+def gpu_num_warps(rows: int, head_dim: int) -> int:
+    """Warps per program: 4, or 8 for the widest tiles (>= 128 rows x >= 128 dims)."""
+    return 8 if rows * head_dim >= 128 * 128 else 4
+
+
+def gpu_num_stages() -> int:
+    """Software-pipelining depth Triton gives the page-block loop (loads kept in flight)."""
+    return 3
