@@ -22,6 +22,7 @@ from jaxllm.conversions.safetensors_reader import SafetensorsFile
 from jaxllm.models.dtypes import resolve_param_dtype
 from jaxllm.models.params import check_params
 from jaxllm.models.registry import family_for
+from jaxllm.models.stacked_names import stacked_slot
 
 logger = logging.getLogger(__name__)
 
@@ -122,10 +123,12 @@ def _read_params(path: Path, cfg: ModelConfig, files: dict[str, SafetensorsFile]
         if name == "lm_head.kernel" and cfg.tie_word_embeddings:
             logger.debug("dropping %s: embeddings are tied", hf_name)
             continue
-        if name not in expected:
+        base, slot = stacked_slot(name)  # slot: this tensor is one row of a stacked param
+        if base not in expected or (slot is not None and slot >= expected[base][0]):
             raise ValueError(f"{f.path}: unexpected tensor {hf_name} (config.json does not "
                              f"enable it for {cfg.architecture})")
-        want = expected[name][::-1] if transpose else expected[name]
+        shape = expected[base] if slot is None else expected[base][1:]
+        want = shape[::-1] if transpose else shape
         if f.shape(hf_name) != want:
             raise ValueError(f"{f.path}: tensor {hf_name} has shape {f.shape(hf_name)}, "
                              f"expected {want} from config.json")
@@ -133,7 +136,9 @@ def _read_params(path: Path, cfg: ModelConfig, files: dict[str, SafetensorsFile]
             raise ValueError(f"{f.path}: tensor {hf_name} has non-float dtype "
                              f"{f.dtype_code(hf_name)}")
         plan.append((hf_name, name, transpose))
-    missing = sorted(set(expected) - {name for _, name, _ in plan})
+    read = {name for _, name, _ in plan}
+    missing = sorted(n for n in expected if n not in read and not (
+        len(expected[n]) > 1 and all(f"{n}[{i}]" in read for i in range(expected[n][0]))))
     if missing:
         shown = ", ".join(family.hf_names.to_source(n) for n in missing[:5])
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
@@ -144,5 +149,11 @@ def _read_params(path: Path, cfg: ModelConfig, files: dict[str, SafetensorsFile]
     params: dict[str, np.ndarray] = {}
     for hf_name, name, transpose in tqdm(plan, desc="loading", unit="tensor", disable=not progress):
         a = files[hf_name].get(hf_name)  # a fresh array; cast/transpose copy at most once more
-        params[name] = np.ascontiguousarray(a.T if transpose else a, dtype=out_dtype)
+        base, slot = stacked_slot(name)
+        if slot is None:
+            params[name] = np.ascontiguousarray(a.T if transpose else a, dtype=out_dtype)
+        else:
+            if base not in params:
+                params[base] = np.empty(expected[base], out_dtype)
+            params[base][slot] = a.T if transpose else a
     return params

@@ -77,9 +77,19 @@ class DecoderLayer(nnx.Module):
         self.q_norm = norm("q_norm", cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = norm("k_norm", cfg.rms_norm_eps) if cfg.qk_norm else None
         self.post_attention_norm = norm("post_attention_norm", cfg.rms_norm_eps)
+        self._build_mlp(cfg, params, prefix, dtype, quantized)
+
+    def _build_mlp(self, cfg: ModelConfig, params: Mapping[str, Any], prefix: str, dtype,
+                   quantized: QuantizedMatmulOptions | None) -> None:
+        """The gated MLP's layers (mixture-of-experts layers override this and `_mlp`)."""
         if self.gate_up_proj is None:
-            self.gate_proj, self.up_proj = linear("gate_proj"), linear("up_proj")
-        self.down_proj = linear("down_proj")
+            self.gate_proj = make_linear(params, prefix + "gate_proj", dtype, quantized)
+            self.up_proj = make_linear(params, prefix + "up_proj", dtype, quantized)
+        self.down_proj = make_linear(params, prefix + "down_proj", dtype, quantized)
+
+    def _mlp(self, h: jax.Array) -> jax.Array:
+        gate, up = self._gate_up(h)
+        return self.down_proj(self.act(gate) * up)
 
     def _qkv(self, h: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         if self.qkv_proj is None:
@@ -109,19 +119,20 @@ class DecoderLayer(nnx.Module):
             q, k, v, layer_cache, metadata,
             sm_scale=self.head_dim ** -0.5, sliding_window=self.sliding_window, soft_cap=None)
         x = x + self.o_proj(attn.reshape(t, self.num_heads * self.head_dim))
-        h = self.post_attention_norm(x)
-        gate, up = self._gate_up(h)
-        x = x + self.down_proj(self.act(gate) * up)
+        x = x + self._mlp(self.post_attention_norm(x))
         return x, layer_cache
 
 
 class LlamaModel(nnx.Module):
     """Embedding, decoder layers (unrolled: measured faster than a scan on XLA CPU), final norm, LM head.
 
+    `layer_class` builds each decoder layer (families with another MLP subclass it).
     Params may hold `PackedWeight`s (GGUF blocks) for linear kernels and the embedding; those
     layers take and give float32, so the model's dtype must then be float32. `quantized` picks
     their matmul's impl and activation precision (None: by backend, float32).
     """
+
+    layer_class: type[DecoderLayer] = DecoderLayer
 
     def __init__(self, cfg: ModelConfig, params: Mapping[str, Any], dtype=jnp.float32,
                  quantized: QuantizedMatmulOptions | None = None,
@@ -137,7 +148,7 @@ class LlamaModel(nnx.Module):
         self.embed_tokens = (QuantizedEmbed(table, quantized or QuantizedMatmulOptions())
                              if isinstance(table, PackedWeight) else Embed(table, self.dtype))
         self.layers = nnx.List(
-            [DecoderLayer(cfg, params, f"layers.{i}.", self.dtype, quantized)
+            [self.layer_class(cfg, params, f"layers.{i}.", self.dtype, quantized)
              for i in range(cfg.num_layers)])
         self.final_norm = RMSNorm(params["final_norm.scale"], cfg.rms_norm_eps, ("embed",), self.dtype)
         self.lm_head = (None if cfg.tie_word_embeddings else

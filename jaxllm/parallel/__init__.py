@@ -29,6 +29,7 @@ from jaxllm.parallel.rules import (
     KV_CACHE_LOGICAL_AXES,
     MODEL_AXIS,
     ShardingRules,
+    bind_mesh,
     flat_param_shardings,
     kv_cache_sharding,
     model_shardings,
@@ -39,7 +40,7 @@ from jaxllm.parallel.rules import (
 __all__ = [
     "DATA_AXIS", "DEFAULT_LOGICAL_RULES", "DEFAULT_RULES", "KV_CACHE_LOGICAL_AXES", "MESH_AXES",
     "MODEL_AXIS", "CollectiveWatchdog", "FollowerLostError", "HeadLayout", "HeartbeatMonitor",
-    "LoadBalancer", "ShardingRules", "StepBroadcaster", "data_slice_meshes",
+    "LoadBalancer", "ShardingRules", "StepBroadcaster", "bind_mesh", "data_slice_meshes",
     "flat_param_shardings", "initialize_distributed", "is_leader", "kv_cache_sharding", "make_mesh", "model_shardings",
     "pad_heads_for_tp", "place_array", "plan_head_layout", "shard_attention", "shard_model",
     "single_device_mesh",

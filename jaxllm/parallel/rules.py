@@ -35,6 +35,13 @@ DEFAULT_LOGICAL_RULES: Mapping[str, str | None] = MappingProxyType({
     "q_heads": MODEL_AXIS,    # q_proj columns (column-parallel), o_proj rows (row-parallel)
     "kv_heads": MODEL_AXIS,   # k/v_proj columns; the KV cache's head axis
     "mlp": MODEL_AXIS,        # gate/up columns (column-parallel), down rows (row-parallel)
+    # Mixture of experts: whole experts split across devices (expert parallel); when the
+    # expert count does not divide (or "expert" maps to None), each expert's hidden width is
+    # split instead (tensor parallel inside experts). An array uses a mesh axis once, so
+    # "expert" takes `model` first. Outputs are reduced with one psum (models.moe_model).
+    "expert": MODEL_AXIS,
+    "expert_mlp": MODEL_AXIS,
+    "router_experts": None,
     "embed": None,
     "head_dim": None,
     "layers": None,
@@ -137,7 +144,16 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules: ShardingRules = DEFAULT_RU
     shardings = model_shardings(model, mesh, rules)
     placed = jax.tree.map(place_array, state, shardings)
     nnx.update(model, placed)
+    bind_mesh(model, mesh, rules)
     return model
+
+
+def bind_mesh(model: nnx.Module, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES) -> None:
+    """Tell the model's mesh-aware modules (those with a `bind_mesh(mesh, rules)` method, e.g.
+    mixture-of-experts blocks, which run their experts under shard_map) where they were placed."""
+    for _, module in nnx.iter_graph(model):
+        if isinstance(module, nnx.Module) and hasattr(module, "bind_mesh"):
+            module.bind_mesh(mesh, rules)
 
 
 def kv_cache_sharding(mesh: Mesh, rules: ShardingRules = DEFAULT_RULES,
