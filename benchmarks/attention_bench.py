@@ -1,9 +1,11 @@
 """Time ragged paged attention per implementation on the current backend.
 
 Usage: python benchmarks/attention_bench.py [--dtype float32|bfloat16] [--iters N]
-           [--impl reference,cpu,cpu_native] [--shapes decode,prefill]
+           [--impl reference,cpu,cpu_native,gpu_paged] [--shapes decode,prefill]
+           [--page-sizes 16,32,64,128] [--pages-per-block N]
 
-Shapes (SmolLM2-135M heads: 9 query / 3 KV heads, head_dim 64, page_size 16):
+Shapes (SmolLM2-135M heads: 9 query / 3 KV heads, head_dim 64, page_size 16 unless
+--page-sizes lists others: each shape then runs at each page size):
   decode : S sequences x 1 new token over a cached context (64 x 2048 on accelerators,
            32 x 256 -- the 32x32x16 decode bucket -- and 32 x 1024 on CPU; on CPU also
            32 x 192 over 30 layers' own caches, as a decode step reads them: from DRAM, where
@@ -12,19 +14,25 @@ Shapes (SmolLM2-135M heads: 9 query / 3 KV heads, head_dim 64, page_size 16):
   prefill: 4 chunks x 512 new tokens continuing a 512-token cached prefix (cap of causal work);
            on CPU also one fresh 512-token prompt (the engine's 512-token prefill bucket)
 Columns: median time, achieved KV-read bandwidth (bytes of the pages each token must read,
-counted once per sequence) and attention FLOP rate (4*Hq*D per query-key pair actually
-attended), and the ratio of the first impl's time to this implementation's time (>1 = faster).
+counted once per sequence), attention FLOP rate (4*Hq*D per query-key pair actually attended),
+the ratio of the first impl's time to this implementation's time (>1 = faster), and on
+accelerators the KV-read bandwidth as a percentage of a device-to-device copy measured in the
+same run (the header prints the copy rate).
 Peer in the same run: `xla_dense`, jax.nn.dot_product_attention over the same K/V already laid
 out contiguously per sequence (no paging, no cache write) -- what paging costs on this backend.
 Kernels run only where they compile (Pallas TPU on TPU, Pallas GPU on GPU); interpret mode is a
 correctness tool, not timed. On CPU the `cpu` (kernels/cpu.py) and `cpu_native` (kernels/
 cpu_native.py, the C++ FFI kernel) implementations are timed too; --impl picks a subset (the
-first one listed is the "vs" baseline).
+first one listed is the "vs" baseline). `gpu_paged` is kernels/gpu_paged.py (decode kernel over
+(sequence, kv head, split) + one-sequence prefill blocks) called directly after the shared K/V
+write, until the "gpu" backend runs it; on GPUs it is timed next to "gpu", and
+--pages-per-block overrides its block size (block_sizes.gpu_pages_per_block) for sweeps.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import statistics
 import time
@@ -36,7 +44,7 @@ import numpy as np
 
 from jaxllm.kernels import ragged_paged_attention
 
-HQ, HKV, D, PAGE = 9, 3, 64, 16
+HQ, HKV, D = 9, 3, 64
 
 
 @dataclass
@@ -46,6 +54,7 @@ class Shape:
     q_len: int
     kv_len: int  # after this step
     layers: int = 1  # > 1: that many caches, all dispatched before waiting (a step's DRAM traffic)
+    page_size: int = 16
 
 
 def shapes_for(backend: str) -> list[Shape]:
@@ -65,12 +74,12 @@ def shapes_for(backend: str) -> list[Shape]:
 
 
 def build(shape: Shape, dtype, rng: np.random.Generator):
-    pages_per_seq = -(-shape.kv_len // PAGE)
+    pages_per_seq = -(-shape.kv_len // shape.page_size)
     num_pages = shape.num_seqs * pages_per_seq + 1
     page_indices = rng.permutation(num_pages)[: shape.num_seqs * pages_per_seq]
     page_indices = page_indices.reshape(shape.num_seqs, pages_per_seq).astype(np.int32)
     tokens = shape.num_seqs * shape.q_len
-    cache = rng.standard_normal((num_pages, PAGE, 2 * HKV, D), np.float32)
+    cache = rng.standard_normal((num_pages, shape.page_size, 2 * HKV, D), np.float32)
     args = (
         jnp.asarray(rng.standard_normal((tokens, HQ, D), np.float32), dtype),
         jnp.asarray(rng.standard_normal((tokens, HKV, D), np.float32), dtype),
@@ -84,11 +93,29 @@ def build(shape: Shape, dtype, rng: np.random.Generator):
     return args
 
 
-def paged_fn(impl: str, inputs: tuple):
+def gpu_paged_attention(q, k, v, cache, kv_lens, pages, cu, n, *, sm_scale: float,
+                        pages_per_block: int | None):
+    """The shared K/V write, then kernels/gpu_paged.py (interpret mode off a GPU)."""
+    from jaxllm.kernels.gpu_paged import paged_attention_gpu
+    from jaxllm.kernels.metadata import AttentionMetadata
+    from jaxllm.kernels.ragged_layout import token_layout, write_new_kv
+
+    cache = write_new_kv(cache, k.astype(cache.dtype), v.astype(cache.dtype), pages,
+                         token_layout(q.shape[0], kv_lens, cu, n))
+    out = paged_attention_gpu(q, cache, AttentionMetadata(kv_lens, pages, cu, n),
+                              sm_scale=sm_scale, pages_per_block=pages_per_block,
+                              interpret=jax.default_backend() not in ("gpu", "cuda"))
+    return out, cache
+
+
+def paged_fn(impl: str, inputs: tuple, pages_per_block: int | None = None):
     """A no-argument step that, like the runner, donates the cache and keeps the result."""
 
     @functools.partial(jax.jit, donate_argnums=(3,))
     def run(q, k, v, cache, kv_lens, pages, cu, n):
+        if impl == "gpu_paged":
+            return gpu_paged_attention(q, k, v, cache, kv_lens, pages, cu, n, sm_scale=D**-0.5,
+                                       pages_per_block=pages_per_block)
         return ragged_paged_attention(
             q, k, v, cache, kv_lens, pages, cu, n, sm_scale=D**-0.5, impl=impl
         )
@@ -119,6 +146,14 @@ def dense_peer(shape: Shape, args):
     return lambda: run(q, k, v)
 
 
+def copy_bandwidth(iters: int) -> float:
+    """Bytes/s of a device-to-device copy of 1 GiB (read + write counted), the attainable HBM
+    rate the KV-read bandwidth is compared with."""
+    src = jnp.ones((1 << 28,), jnp.float32)
+    copy = jax.jit(lambda x: x + 0.0)
+    return 2 * src.nbytes / median_time(lambda: copy(src), iters)
+
+
 def all_layers(fns: list) -> callable:
     """One call of every layer's function, dispatched before any is waited for."""
     return lambda: [fn() for fn in fns]
@@ -147,6 +182,10 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--impl", default=None, help="comma-separated impls (first = baseline)")
+    parser.add_argument("--page-sizes", default="16",
+                        help="comma-separated page sizes; each shape runs at each")
+    parser.add_argument("--pages-per-block", type=int, default=None,
+                        help="gpu_paged: pages per K/V load (default: block_sizes')")
     parser.add_argument(
         "--shapes",
         default=None,
@@ -156,29 +195,39 @@ def main() -> None:
     args = parser.parse_args()
     dtype = jnp.dtype(args.dtype)
     backend = jax.default_backend()
-    defaults = {"tpu": ["tpu"], "gpu": ["gpu"]}.get(backend, ["cpu", "cpu_native"])
+    defaults = {"tpu": ["tpu"], "gpu": ["gpu", "gpu_paged"]}.get(backend, ["cpu", "cpu_native"])
     impls = args.impl.split(",") if args.impl else ["reference", *defaults]
     prefixes = tuple(args.shapes.split(",")) if args.shapes else ("",)
     rng = np.random.default_rng(0)
-    print(f"backend={backend} device={jax.devices()[0].device_kind} dtype={args.dtype}")
-    header = f"{'shape':30s} {'impl':10s} {'ms':>9s} {'KV GB/s':>9s} {'GFLOP/s':>9s} {'vs 1st':>7s}"
+    copy_rate = copy_bandwidth(args.iters) if backend != "cpu" else None
+    print(f"backend={backend} device={jax.devices()[0].device_kind} dtype={args.dtype}"
+          + (f" copy={copy_rate / 1e9:.0f} GB/s" if copy_rate else ""))
+    header = (f"{'shape':30s} {'impl':10s} {'ms':>9s} {'KV GB/s':>9s} {'GFLOP/s':>9s} "
+              f"{'vs 1st':>7s}" + (f" {'% copy':>7s}" if copy_rate else ""))
     print(header)
     print("-" * len(header))
-    for shape in (s for s in shapes_for(backend) if s.name.startswith(prefixes)):
+    page_sizes = [int(p) for p in args.page_sizes.split(",")]
+    chosen = [s for s in shapes_for(backend) if s.name.startswith(prefixes)]
+    if page_sizes != [16]:
+        chosen = [dataclasses.replace(s, name=f"{s.name} p{p}", page_size=p)
+                  for s in chosen for p in page_sizes]
+    for shape in chosen:
         layer_inputs = [build(shape, dtype, rng) for _ in range(shape.layers)]
         kv_bytes, flops = work(shape, dtype.itemsize)
         ref_time = None
-        runs = [(impl, all_layers([paged_fn(impl, inputs) for inputs in layer_inputs]))
+        runs = [(impl, all_layers([paged_fn(impl, inputs, args.pages_per_block)
+                                   for inputs in layer_inputs]))
                 for impl in impls]
         runs.append(("xla_dense", all_layers([dense_peer(shape, inputs)
                                               for inputs in layer_inputs])))
         for impl, fn in runs:
             seconds = median_time(fn, args.iters)
             ref_time = ref_time or seconds
+            share = f" {100 * kv_bytes / seconds / copy_rate:7.1f}" if copy_rate else ""
             print(
                 f"{shape.name:30s} {impl:10s} {seconds * 1e3:9.3f} "
                 f"{kv_bytes / seconds / 1e9:9.2f} {flops / seconds / 1e9:9.2f} "
-                f"{ref_time / seconds:7.2f}"
+                f"{ref_time / seconds:7.2f}{share}"
             )
 
 
