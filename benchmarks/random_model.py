@@ -17,14 +17,16 @@ import json
 from pathlib import Path
 from typing import Any
 
-# Llama shapes (transformers LlamaConfig fields); vocab_size comes from the tokenizer.
+# Llama shapes (transformers LlamaConfig fields). vocab_size: the tokenizer's when absent; when
+# given, a smaller trained tokenizer is padded up to it (never-produced filler entries).
 SHAPES: dict[str, dict[str, Any]] = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024),
-    # The shape of the first H200 run (benchmarks/RESULTS.md): a 1B-class Llama.
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-               num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096,
-               rope_theta=500000.0),
+    # The shape of the first H200 run (benchmarks/RESULTS.md): a 1B-class Llama with the
+    # SmolLM2 tokenizer's vocabulary size.
+    "1b": dict(vocab_size=49152, hidden_size=2048, intermediate_size=8192,
+               num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+               max_position_embeddings=4096, rope_theta=500000.0),
 }
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -48,9 +50,11 @@ def _corpus(seed: int, lines: int = 4000) -> list[str]:
     return ["".join(words[i] + punct[int(rng.integers(len(punct)))] for i in row) for row in picks]
 
 
-def train_bpe_tokenizer(directory: str | Path, vocab_size: int = 2048, seed: int = 0) -> int:
+def train_bpe_tokenizer(directory: str | Path, vocab_size: int = 2048, seed: int = 0,
+                        pad_to: int | None = None) -> int:
     """A byte-level BPE trained on generated text, saved as tokenizer.json + config; returns its
-    vocabulary size (<= vocab_size)."""
+    vocabulary size (<= vocab_size, or `pad_to` when given: filler entries no text encodes to
+    but every id decodes, so a model of that vocabulary can sample any id)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -61,6 +65,11 @@ def train_bpe_tokenizer(directory: str | Path, vocab_size: int = 2048, seed: int
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     tok.train_from_iterator(_corpus(seed), trainer)
+    if pad_to is not None and pad_to > tok.get_vocab_size():
+        data = json.loads(tok.to_str())
+        vocab = data["model"]["vocab"]
+        vocab.update({f"<|filler_{i}|>": i for i in range(len(vocab), pad_to)})
+        tok = Tokenizer.from_str(json.dumps(data))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
                                    bos_token="<|im_start|>", unk_token="<|endoftext|>",
                                    pad_token="<|endoftext|>")
@@ -69,9 +78,10 @@ def train_bpe_tokenizer(directory: str | Path, vocab_size: int = 2048, seed: int
     return tok.get_vocab_size()
 
 
-def write_tokenizer(directory: str | Path, prefer_default: bool = True, seed: int = 0) -> int:
-    """The default model's tokenizer when installed (and preferred), else a trained BPE;
-    returns the vocabulary size a model must have for it."""
+def write_tokenizer(directory: str | Path, prefer_default: bool = True, seed: int = 0,
+                    pad_to: int | None = None) -> int:
+    """The default model's tokenizer when installed (and preferred), else a trained BPE
+    (padded to `pad_to` entries); returns the vocabulary size a model must have for it."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if prefer_default:
@@ -85,7 +95,7 @@ def write_tokenizer(directory: str | Path, prefer_default: bool = True, seed: in
         else:
             tokenizer.save(directory)
             return len(tokenizer.hf)
-    return train_bpe_tokenizer(directory, seed=seed)
+    return train_bpe_tokenizer(directory, seed=seed, pad_to=pad_to)
 
 
 def _special_ids(directory: Path) -> tuple[int | None, int | None]:
@@ -125,9 +135,11 @@ def make_random_model(directory: str | Path, shape: dict[str, Any], *, dtype: st
                       seed: int = 0, device: str = "cpu", prefer_default_tokenizer: bool = True,
                       ) -> Path:
     """Tokenizer + random checkpoint in `directory` (a model directory jaxllm and transformers
-    both load); the model's vocabulary is the tokenizer's."""
+    both load); the model's vocabulary is the shape's vocab_size when given, else the
+    tokenizer's."""
     directory = Path(directory)
-    vocab = write_tokenizer(directory, prefer_default_tokenizer, seed)
+    vocab = write_tokenizer(directory, prefer_default_tokenizer, seed, shape.get("vocab_size"))
+    vocab = max(vocab, shape.get("vocab_size", 0))
     bos, eos = _special_ids(directory)
     return write_checkpoint(directory, shape, vocab, dtype=dtype, seed=seed, device=device,
                             bos_token_id=bos, eos_token_id=eos)
