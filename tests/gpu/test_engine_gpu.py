@@ -1,6 +1,6 @@
 """The engine on the GPU with a random float32 checkpoint (tests/gpu/conftest.py): greedy
 output equals the plain decode (tests/oracles/plain_decode.py), for the backend's default
-attention and each attention implementation that runs on a GPU."""
+attention (the Pallas GPU kernel once it is the default) and the reference."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from jaxllm.precision import matmul_precision_for
 from jaxllm.sampling_params import SamplingParams
 from tests.oracles.plain_decode import plain_generate
 
-SMALL = dict(max_num_seqs=16, max_num_batched_tokens=256, max_model_len=512, page_size=16)
+# Few buckets (each a compile): 4 token buckets x 1 page width.
+SMALL = dict(max_num_seqs=16, max_num_batched_tokens=128, max_model_len=256, page_size=16)
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +24,7 @@ def plain_model(random_model_dir):
     return build_model(cfg, params, "float32")
 
 
-@pytest.mark.parametrize("attention_impl", [None, "gpu", "reference"])
+@pytest.mark.parametrize("attention_impl", [None, "reference"])
 def test_greedy_equals_plain_decode(random_model_dir, plain_model, attention_impl):
     seed = int(np.random.SeedSequence().entropy % 2**31)
     rng = np.random.default_rng(seed)
