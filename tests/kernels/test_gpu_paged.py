@@ -60,9 +60,10 @@ reference = jax.jit(attend, static_argnames=("sm_scale", "sliding_window", "soft
 
 
 def check(case, dtype, *, cache_dtype=None, sliding_window=None, soft_cap=None,
-          pages_per_block=None) -> None:
+          pages_per_block=None, interpret=True) -> None:
     """Kernel output == oracle and reference on the real tokens; 0 on padding; finite.
-    cache_dtype: store K/V in it (rounded in the case first, so the oracle sees them too)."""
+    cache_dtype: store K/V in it (rounded in the case first, so the oracle sees them too).
+    interpret=False: compiled for the GPU (tests/gpu)."""
     if cache_dtype is not None:
         for name in ("k_new", "v_new", "kv_cache"):
             rounded = jnp.asarray(getattr(case, name), cache_dtype).astype(jnp.float32)
@@ -73,7 +74,7 @@ def check(case, dtype, *, cache_dtype=None, sliding_window=None, soft_cap=None,
     cache, layout = written_cache(cache, k, v, kv_lens, pages, cu, n)
     opts = dict(sm_scale=case.sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
     out = paged_attention_gpu(q, cache, AttentionMetadata(kv_lens, pages, cu, n), **opts,
-                              interpret=True, pages_per_block=pages_per_block)
+                              interpret=interpret, pages_per_block=pages_per_block)
     ref = reference(q, cache, pages, layout, **opts)
     want, _ = oracle(case, dtype, sliding_window=sliding_window,
                      soft_cap=soft_cap)
