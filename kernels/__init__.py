@@ -19,10 +19,18 @@ Dtypes: float32 or bfloat16; k_new/v_new must have kv_cache's dtype; math runs i
 Padding tokens and sequences write nothing and give zeros. The updated cache is returned
 (donate it under jit so XLA updates in place).
 
-impl: None picks by backend (CPU: "cpu", the reference's math with per-token page reads;
-TPU and NVIDIA GPU: the reference until a passing on-hardware run of their Pallas kernel is
-recorded in benchmarks/RESULTS.md); "reference" | "cpu" | "tpu" | "gpu" force one, running
-the Pallas kernels in interpret mode where they cannot compile.
+With a backend (backends.py: one class per implementation, each declaring its platforms, its
+KV-cache layout and a per-step metadata builder):
+
+    backend = get_backend(impl)                      # None: the platform's default
+    md = backend.prepare_metadata(md, num_tokens)    # once per step, inside the jitted step
+    out, kv_cache = backend.attention_fn(q, k_new, v_new, kv_cache, md, sm_scale=...)
+
+impl: None picks by platform (CPU: "cpu_native", or "cpu" without a C++ compiler; NVIDIA GPU:
+"gpu", the Pallas Triton kernel; TPU: "tpu", JAX's own tuned ragged paged attention kernel);
+"reference" | "cpu" | "cpu_native" | "tpu" | "tpu_own" | "gpu" force one, running the Pallas
+kernels in interpret mode where they cannot compile. A backend's cache layout may pad the kv
+heads and head_dim with zeros (kv_layout.py); every backend runs on any of these layouts.
 """
 
 # Guard: run from a checkout's root, `import kernels` finds this folder (which is installed as
@@ -53,20 +61,26 @@ if __name__ == "kernels":
         _sys.modules["kernels"].__file__, _sys.modules["kernels"].__path__ = None, []
         _sys.modules["kernels"].__getattr__ = _missing
 
+from jaxllm.kernels.backends import AttentionBackend
 from jaxllm.kernels.dispatch import (
     IMPLEMENTATIONS,
     default_impl,
+    get_backend,
     ragged_paged_attention,
     ragged_paged_attention_from_metadata,
 )
+from jaxllm.kernels.kv_layout import KVCacheLayout
 from jaxllm.kernels.metadata import AttentionMetadata
 from jaxllm.kernels.reference import ragged_paged_attention_reference
 from jaxllm.kernels.validation import validate_inputs
 
 __all__ = [
     "IMPLEMENTATIONS",
+    "AttentionBackend",
     "AttentionMetadata",
+    "KVCacheLayout",
     "default_impl",
+    "get_backend",
     "ragged_paged_attention",
     "ragged_paged_attention_from_metadata",
     "ragged_paged_attention_reference",

@@ -117,3 +117,10 @@ def gpu_num_warps(rows: int, head_dim: int) -> int:
 def gpu_num_stages() -> int:
     """Software-pipelining depth Triton gives the page-block loop (loads kept in flight)."""
     return 3
+
+
+def jax_tpu_blocks_off_tpu(num_tokens: int, pages_per_seq: int) -> tuple[int, int]:
+    """(kv pages, queries) per block of JAX's TPU kernel where its tuner cannot run (it reads
+    the TPU generation from the device; interpret mode on CPU). On a TPU, JAX's own table picks
+    them (jax_tpu.py passes None). Small blocks keep interpret mode's per-DMA cost low."""
+    return min(pages_per_seq, 4), min(max(num_tokens, 1), 16)

@@ -16,13 +16,12 @@ Same contract, masking and float32 math as kernels/reference.py, which stays its
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
 from jaxllm.kernels.block_sizes import cpu_single_pass
-from jaxllm.kernels.ragged_layout import TokenLayout, token_layout, write_new_kv
+from jaxllm.kernels.metadata import AttentionMetadata
+from jaxllm.kernels.ragged_layout import TokenLayout
 from jaxllm.kernels.reference import attend as reference_attend
 
 _MASK_VALUE = -1e30
@@ -91,27 +90,20 @@ def own_pages_attend(
     return out.reshape(num_tokens, num_q_heads, head_dim).astype(q.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap"))
-def ragged_paged_attention_cpu(
+def attend_cpu(
     q: jax.Array,
-    k_new: jax.Array,
-    v_new: jax.Array,
     kv_cache: jax.Array,
-    kv_lens: jax.Array,
-    page_indices: jax.Array,
-    cu_q_lens: jax.Array,
-    num_seqs: jax.Array,
+    md: AttentionMetadata,
     *,
     sm_scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
-) -> tuple[jax.Array, jax.Array]:
-    """Write the new K/V into their pages, then attend. Inputs are assumed validated."""
-    layout = token_layout(q.shape[0], kv_lens, cu_q_lens, num_seqs)
-    kv_cache = write_new_kv(kv_cache, k_new, v_new, page_indices, layout)
+) -> jax.Array:
+    """Attend q over a cache that already holds the new K/V; md prepared (its token layout
+    set). Inputs are assumed validated."""
     opts = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
-    kv_capacity = page_indices.shape[1] * kv_cache.shape[1]
+    kv_capacity = md.page_indices.shape[1] * kv_cache.shape[1]
     head_dim, num_kv_heads = q.shape[2], kv_cache.shape[2] // 2
-    if cpu_single_pass(q.shape[0], kv_lens.shape[0], kv_capacity, num_kv_heads, head_dim):
-        return own_pages_attend(q, kv_cache, page_indices, layout, **opts), kv_cache
-    return reference_attend(q, kv_cache, page_indices, layout, **opts), kv_cache
+    if cpu_single_pass(q.shape[0], md.kv_lens.shape[0], kv_capacity, num_kv_heads, head_dim):
+        return own_pages_attend(q, kv_cache, md.page_indices, md.layout, **opts)
+    return reference_attend(q, kv_cache, md.page_indices, md.layout, **opts)

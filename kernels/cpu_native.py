@@ -13,38 +13,33 @@ Same contract, masking and float32 math as kernels/reference.py, which stays its
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxllm.kernels.metadata import AttentionMetadata
 from jaxllm.kernels.native_build import register_native_attention
-from jaxllm.kernels.ragged_layout import new_kv_slots, token_layout
+from jaxllm.kernels.ragged_layout import new_kv_slots
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap"))
 def ragged_paged_attention_cpu_native(
     q: jax.Array,
     k_new: jax.Array,
     v_new: jax.Array,
     kv_cache: jax.Array,
-    kv_lens: jax.Array,
-    page_indices: jax.Array,
-    cu_q_lens: jax.Array,
-    num_seqs: jax.Array,
+    md: AttentionMetadata,
     *,
     sm_scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Write the new K/V into their pages, then attend natively. Inputs are assumed validated.
+    """Write the new K/V into their pages, then attend natively; md prepared (its token
+    layout set). Inputs are assumed validated.
 
     Raises native_build.NativeBuildError (at trace time) when the kernel cannot be built.
     """
     target = register_native_attention()
-    layout = token_layout(q.shape[0], kv_lens, cu_q_lens, num_seqs)
-    slots = new_kv_slots(kv_cache.shape, page_indices, layout)
+    slots = new_kv_slots(kv_cache.shape, md.page_indices, md.layout)
     call = jax.ffi.ffi_call(
         target,
         (jax.ShapeDtypeStruct(q.shape, jnp.float32),
@@ -57,10 +52,10 @@ def ragged_paged_attention_cpu_native(
         v_new.astype(jnp.float32),
         slots,
         kv_cache,
-        kv_lens,
-        page_indices,
-        cu_q_lens,
-        jnp.reshape(num_seqs, (1,)),
+        md.kv_lens,
+        md.page_indices,
+        md.cu_q_lens,
+        jnp.reshape(md.num_seqs, (1,)),
         sm_scale=np.float32(sm_scale),
         sliding_window=np.int64(sliding_window or 0),
         soft_cap=np.float32(soft_cap or 0.0),

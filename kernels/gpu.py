@@ -6,15 +6,16 @@ paged attention matches its reference there), while Mosaic GPU's GMEM->SMEM copi
 barriers and wgmma fail or give wrong results under interpret. The Triton backend is deprecated
 from JAX 0.11; a Hopper Mosaic GPU path is the follow-up once hardware runs are possible.
 
-Status: NOT the default on any backend. Dispatch keeps NVIDIA GPUs on the reference until a
-passing on-hardware run of this kernel is recorded in benchmarks/RESULTS.md (none yet).
+Status: the default on NVIDIA GPUs (backends.py cites the recorded H200 run). Float32 inputs
+are multiplied at full float32 precision (precision=HIGHEST: IEEE dots, no TF32); bfloat16
+inputs keep the default (TF32 on the float32-widened values, exact for bfloat16 operands).
 
 Grid: (query blocks, kv heads, kv splits). A program owns `block` consecutive tokens x the
 query heads of one KV head (padded to a power of two, as Triton block shapes must be), walks
 the sequences those tokens belong to and, for each, its share (split) of the pages the tokens
 can see, keeping an online softmax per row. Split-KV lets long decode contexts fill the SMs;
 the splits' partial (acc, max, sum) are merged afterwards in XLA. New K/V are written first by
-the shared XLA scatter (ragged_layout.write_new_kv).
+the backend wrapper's shared XLA scatter (ragged_layout.write_new_kv).
 """
 
 from __future__ import annotations
@@ -28,18 +29,15 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from jaxllm.kernels.block_sizes import gpu_kv_splits, gpu_query_block
-from jaxllm.kernels.ragged_layout import (
-    block_sequence_ranges,
-    scalar_num_seqs,
-    token_layout,
-    write_new_kv,
+from jaxllm.kernels.metadata import AttentionMetadata
+from jaxllm.kernels.pallas_common import (
+    MASK_VALUE,
+    fold_query_rows,
+    next_pow2,
+    online_softmax_update,
+    query_blocks,
+    unfold_query_rows,
 )
-
-_MASK_VALUE = -1e30
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def _kernel(
@@ -47,6 +45,7 @@ def _kernel(
     acc_out_ref, m_out_ref, l_out_ref,
     *, block: int, group_padded: int, num_splits: int, num_pages: int,
     sm_scale: float, sliding_window: int | None, soft_cap: float | None,
+    precision: lax.Precision | None,
 ):  # fmt: skip
     rows, head_dim = q_ref.shape
     page_size = kv_ref.shape[1]
@@ -75,31 +74,27 @@ def _kernel(
         q_pos = first_pos + row_token - q_start
 
         def one_page(page_col, state):
-            acc, m_prev, l_prev = state
             page = jnp.clip(pages_ref[seq, page_col], 0, num_pages - 1)
             k = kv_ref[page, :, 2 * h, :].astype(jnp.float32)
             v = kv_ref[page, :, 2 * h + 1, :].astype(jnp.float32)
             v = jnp.where((page_col * page_size + slot_1d < kv_len)[:, None], v, 0.0)
-            logits = pltriton.dot(q, k, trans_b=True)
+            logits = pltriton.dot(q, k, trans_b=True, precision=precision)
             if soft_cap is not None:
                 logits = soft_cap * jnp.tanh(logits / soft_cap)
             key_pos = page_col * page_size + key_slot
             mask = in_seq & (key_pos <= q_pos)
             if sliding_window is not None:
                 mask = mask & (key_pos > q_pos - sliding_window)
-            logits = jnp.where(mask, logits, _MASK_VALUE)
-            m_new = jnp.maximum(m_prev, jnp.max(logits, axis=1))
-            probs = jnp.where(mask, jnp.exp(logits - m_new[:, None]), 0.0)
-            alpha = jnp.exp(m_prev - m_new)
-            l_new = alpha * l_prev + jnp.sum(probs, axis=1)
-            acc = alpha[:, None] * acc + pltriton.dot(probs, v)
-            return acc, m_new, l_new
+            return online_softmax_update(
+                state, logits, mask, v,
+                functools.partial(pltriton.dot, precision=precision), keepdims=False,
+            )  # fmt: skip
 
         return lax.fori_loop(split_lo, split_hi, one_page, state)
 
     state = (
         jnp.zeros((rows, head_dim), jnp.float32),
-        jnp.full((rows,), _MASK_VALUE, jnp.float32),
+        jnp.full((rows,), MASK_VALUE, jnp.float32),
         jnp.zeros((rows,), jnp.float32),
     )
     acc, m, l_sum = lax.fori_loop(seq_lo_ref[i], seq_hi_ref[i], one_sequence, state)
@@ -117,23 +112,24 @@ def _merge_splits(acc: jax.Array, m: jax.Array, l_sum: jax.Array) -> jax.Array:
     return num / jnp.where(denom > 0, denom, 1.0)[..., None]
 
 
+def dot_precision(dtype) -> lax.Precision | None:
+    """HIGHEST (IEEE float32 dots, no TF32) for float32 inputs; None (the fast default) else."""
+    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "interpret"))
 def ragged_paged_attention_gpu(
     q: jax.Array,
-    k_new: jax.Array,
-    v_new: jax.Array,
     kv_cache: jax.Array,
-    kv_lens: jax.Array,
-    page_indices: jax.Array,
-    cu_q_lens: jax.Array,
-    num_seqs: jax.Array,
+    md: AttentionMetadata,
     *,
     sm_scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
     interpret: bool = False,
-) -> tuple[jax.Array, jax.Array]:
-    """Write the new K/V, then run the GPU kernel. Inputs are assumed validated."""
+) -> jax.Array:
+    """Attend q over a cache that already holds the new K/V; md prepared (its token layout
+    set). Inputs are assumed validated. Returns out [T, Hq, D] in q's dtype."""
     num_tokens, num_q_heads, head_dim = q.shape
     num_pages, page_size, two_hkv, _ = kv_cache.shape
     num_kv_heads = two_hkv // 2
@@ -141,27 +137,21 @@ def ragged_paged_attention_gpu(
     for name, size in (("head_dim", head_dim), ("page_size", page_size)):
         if size & (size - 1):
             raise ValueError(f"the GPU kernel needs a power-of-two {name}, got {size}")
-    group_padded = _next_pow2(group)
-
-    layout = token_layout(num_tokens, kv_lens, cu_q_lens, num_seqs)
-    kv_cache = write_new_kv(kv_cache, k_new, v_new, page_indices, layout)
+    group_padded = next_pow2(group)
+    # Full precision when either side is float32 (a float32 cache or float32 queries).
+    full = jnp.float32 in (jnp.dtype(q.dtype), jnp.dtype(kv_cache.dtype))
 
     block = gpu_query_block(num_tokens, group_padded)
-    num_splits = gpu_kv_splits(page_indices.shape[1])
-    num_blocks = -(-num_tokens // block)
+    num_splits = gpu_kv_splits(md.page_indices.shape[1])
+    num_blocks, seq_lo, seq_hi = query_blocks(md, num_tokens, block)
     padded = num_blocks * block
-    num_valid = cu_q_lens[jnp.clip(scalar_num_seqs(num_seqs), 0, kv_lens.shape[0])]
-    seq_lo, seq_hi = block_sequence_ranges(layout.seq_ids, num_valid, num_blocks, block)
-
-    q_rows = q.reshape(num_tokens, num_kv_heads, group, head_dim)
-    q_rows = jnp.pad(q_rows, ((0, padded - num_tokens), (0, 0), (0, group_padded - group), (0, 0)))
-    q_rows = q_rows.transpose(1, 0, 2, 3).reshape(num_kv_heads, padded * group_padded, head_dim)
+    q_rows = fold_query_rows(q, num_kv_heads, padded, group_padded)
 
     rows = block * group_padded
     kernel = functools.partial(
         _kernel, block=block, group_padded=group_padded, num_splits=num_splits,
         num_pages=num_pages, sm_scale=sm_scale, sliding_window=sliding_window,
-        soft_cap=soft_cap,
+        soft_cap=soft_cap, precision=dot_precision(jnp.float32 if full else jnp.bfloat16),
     )  # fmt: skip
     whole = pl.no_block_spec  # whole array in global memory; indexed in the kernel
     total_rows = padded * group_padded
@@ -183,7 +173,6 @@ def ragged_paged_attention_gpu(
         compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
         interpret=interpret,
         name="jaxllm_ragged_paged_attention_gpu",
-    )(kv_lens, page_indices, cu_q_lens, seq_lo, seq_hi, q_rows, kv_cache)
+    )(md.kv_lens, md.page_indices, md.cu_q_lens, seq_lo, seq_hi, q_rows, kv_cache)
     out = _merge_splits(acc, m, l_sum).astype(q.dtype)
-    out = out.reshape(num_kv_heads, padded, group_padded, head_dim)[:, :num_tokens, :group]
-    return out.transpose(1, 0, 2, 3).reshape(num_tokens, num_q_heads, head_dim), kv_cache
+    return unfold_query_rows(out, num_tokens, group, group_padded)

@@ -1,4 +1,7 @@
-"""Ragged paged attention as a Pallas Mosaic TPU kernel.
+"""jaxllm's own ragged paged attention as a Pallas Mosaic TPU kernel (attention_impl="tpu_own").
+
+TPUs serve on JAX's tuned kernel by default (jax_tpu.py); this one stays selectable to compare
+against it and serves the shapes that kernel refuses (see docs/architecture.md).
 
 Grid: one step per block of consecutive query tokens (all query heads of a KV head folded into
 the rows: rows = tokens x queries_per_kv, laid out [Hkv, T*G, D]). Page tables, lengths and
@@ -8,8 +11,9 @@ end, sliding-window start) from HBM into a two-slot VMEM buffer with async DMA, 
 slot while the next page is in flight, and folds every page into an online softmax per row.
 A page holds all KV heads, so one DMA per page serves every head.
 
-The new K/V are written before the kernel by the shared XLA scatter (ragged_layout.write_new_kv),
-which runs in place on a donated cache; the kernel then sees them like any cached token.
+The new K/V are written before the kernel by the backend wrapper's shared XLA scatter
+(ragged_layout.write_new_kv), in place on a donated cache; the kernel sees them like any
+cached token.
 
 Tested on CPU in TPU interpret mode (pltpu.InterpretParams); the interpreter supports the DMA
 and semaphore primitives used here. Known limits (no TPU was available to tune): one page per
@@ -27,14 +31,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from jaxllm.kernels.block_sizes import tpu_query_block
-from jaxllm.kernels.ragged_layout import (
-    block_sequence_ranges,
-    scalar_num_seqs,
-    token_layout,
-    write_new_kv,
+from jaxllm.kernels.metadata import AttentionMetadata
+from jaxllm.kernels.pallas_common import (
+    MASK_VALUE,
+    fold_query_rows,
+    online_softmax_update,
+    query_blocks,
+    unfold_query_rows,
 )
-
-_MASK_VALUE = -1e30
 
 
 def _kernel(
@@ -51,7 +55,7 @@ def _kernel(
     page_size = kv_buf.shape[1]
     i = pl.program_id(0)
     block_start = i * block
-    m_ref[...] = jnp.full(m_ref.shape, _MASK_VALUE, jnp.float32)
+    m_ref[...] = jnp.full(m_ref.shape, MASK_VALUE, jnp.float32)
     l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
     acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
     row_token = block_start + lax.broadcasted_iota(jnp.int32, (rows, page_size), 0) // group
@@ -103,16 +107,11 @@ def _kernel(
                 )
                 if soft_cap is not None:
                     logits = soft_cap * jnp.tanh(logits / soft_cap)
-                logits = jnp.where(mask, logits, _MASK_VALUE)
-                m_prev = m_ref[h]
-                m_new = jnp.maximum(m_prev, jnp.max(logits, axis=1, keepdims=True))
-                probs = jnp.where(mask, jnp.exp(logits - m_new), 0.0)
-                alpha = jnp.exp(m_prev - m_new)
-                l_ref[h] = alpha * l_ref[h] + jnp.sum(probs, axis=1, keepdims=True)
-                acc_ref[h] = alpha * acc_ref[h] + jnp.dot(
-                    probs, v, preferred_element_type=jnp.float32
-                )
-                m_ref[h] = m_new
+                acc_ref[h], m_ref[h], l_ref[h] = online_softmax_update(
+                    (acc_ref[h], m_ref[h], l_ref[h]), logits, mask, v,
+                    functools.partial(jnp.dot, preferred_element_type=jnp.float32),
+                    keepdims=True,
+                )  # fmt: skip
             return carry
 
         return lax.fori_loop(page_lo, page_hi, one_page, carry)
@@ -126,38 +125,26 @@ def _kernel(
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "interpret"))
 def ragged_paged_attention_tpu(
     q: jax.Array,
-    k_new: jax.Array,
-    v_new: jax.Array,
     kv_cache: jax.Array,
-    kv_lens: jax.Array,
-    page_indices: jax.Array,
-    cu_q_lens: jax.Array,
-    num_seqs: jax.Array,
+    md: AttentionMetadata,
     *,
     sm_scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
     interpret: bool = False,
-) -> tuple[jax.Array, jax.Array]:
-    """Write the new K/V, then run the TPU kernel. Inputs are assumed validated."""
+) -> jax.Array:
+    """Attend q over a cache that already holds the new K/V; md prepared (its token layout
+    set). Inputs are assumed validated. Returns out [T, Hq, D] in q's dtype."""
     num_tokens, num_q_heads, head_dim = q.shape
     num_pages, page_size, two_hkv, _ = kv_cache.shape
     num_kv_heads = two_hkv // 2
     group = num_q_heads // num_kv_heads
-    pages_per_seq = page_indices.shape[1]
-
-    layout = token_layout(num_tokens, kv_lens, cu_q_lens, num_seqs)
-    kv_cache = write_new_kv(kv_cache, k_new, v_new, page_indices, layout)
+    pages_per_seq = md.page_indices.shape[1]
 
     block = tpu_query_block(num_tokens, group)
-    num_blocks = -(-num_tokens // block)
+    num_blocks, seq_lo, seq_hi = query_blocks(md, num_tokens, block)
     padded = num_blocks * block
-    num_valid = cu_q_lens[jnp.clip(scalar_num_seqs(num_seqs), 0, kv_lens.shape[0])]
-    seq_lo, seq_hi = block_sequence_ranges(layout.seq_ids, num_valid, num_blocks, block)
-
-    q_rows = q.reshape(num_tokens, num_kv_heads, group, head_dim)
-    q_rows = jnp.pad(q_rows, ((0, padded - num_tokens), (0, 0), (0, 0), (0, 0)))
-    q_rows = q_rows.transpose(1, 0, 2, 3).reshape(num_kv_heads, padded * group, head_dim)
+    q_rows = fold_query_rows(q, num_kv_heads, padded, group)
 
     rows = block * group
     kernel = functools.partial(
@@ -188,7 +175,6 @@ def ragged_paged_attention_tpu(
         interpret=pltpu.InterpretParams() if interpret else False,
         name="jaxllm_ragged_paged_attention",
     )(
-        kv_lens, page_indices.reshape(-1), cu_q_lens, seq_lo, seq_hi, q_rows, kv_cache,
+        md.kv_lens, md.page_indices.reshape(-1), md.cu_q_lens, seq_lo, seq_hi, q_rows, kv_cache,
     )  # fmt: skip
-    out = out.reshape(num_kv_heads, padded, group, head_dim).transpose(1, 0, 2, 3)
-    return out[:num_tokens].reshape(num_tokens, num_q_heads, head_dim), kv_cache
+    return unfold_query_rows(out, num_tokens, group, group)

@@ -69,10 +69,11 @@ def validate_inputs(
             f"kv_cache must have rank 4 [num_pages, page_size, 2*Hkv, D], got {cache_shape}"
         )
     num_pages, page_size, cache_heads, cache_dim = cache_shape
-    if cache_heads != 2 * num_kv_heads or cache_dim != head_dim:
+    # A backend's layout may pad the kv heads and head_dim (kernels/kv_layout.py).
+    if cache_heads < 2 * num_kv_heads or cache_heads % 2 or cache_dim < head_dim:
         raise ValueError(
             f"kv_cache last dims {(cache_heads, cache_dim)} must be (2*Hkv, D) = "
-            f"{(2 * num_kv_heads, head_dim)}"
+            f"{(2 * num_kv_heads, head_dim)}, or padded to more heads / a longer head_dim"
         )
     if not MIN_PAGE_SIZE <= page_size <= MAX_PAGE_SIZE:
         raise ValueError(

@@ -162,3 +162,23 @@ def check_against_reference(case: RaggedCase, impl: str, dtype, tol: float, **op
     assert np.all(np.asarray(out[real:].astype(jnp.float32)) == 0.0)  # padding tokens
     got, want = (np.asarray(c.astype(jnp.float32)) for c in (cache, ref_cache))
     np.testing.assert_array_equal(got, want)  # same slots written, NaN == NaN elsewhere
+
+
+def args_in_layout(case: RaggedCase, dtype, cache_shape: tuple[int, ...]) -> tuple:
+    """case.args(dtype) with the cache widened to `cache_shape` (a backend layout's padded kv
+    heads / head_dim) as the engine holds it: padding zero in slots holding tokens, NaN in
+    poisoned slots."""
+    args = list(case.args(dtype))
+    cache = np.asarray(case.kv_cache)
+    _, _, heads, dim = cache.shape
+    poisoned = np.isnan(cache).any(axis=(2, 3), keepdims=True)
+    wide = np.where(poisoned, np.nan, 0.0) * np.ones(cache_shape, np.float32)
+    wide[:, :, :heads, :dim] = cache
+    args[3] = jnp.asarray(wide, dtype)
+    return tuple(args)
+
+
+def real_part(cache, case: RaggedCase) -> np.ndarray:
+    """The [..., :2*Hkv, :D] part of a (possibly padded) cache, as float32."""
+    _, _, heads, dim = case.kv_cache.shape
+    return np.asarray(cache[:, :, :heads, :dim].astype(jnp.float32))

@@ -6,11 +6,13 @@ decode, prefill, chunked prefill, multi-page sequences, padding and NaN-poisoned
 
 from __future__ import annotations
 
+import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm.kernels import ragged_paged_attention
+from jaxllm.kernels import AttentionMetadata, get_backend, ragged_paged_attention
 from tests.kernels.ragged_cases import make_case, oracle, rel_err, rel_norm_err
 
 CASES = {
@@ -42,7 +44,7 @@ CASES = {
     ),
 }
 PAIRS = [
-    ("tpu", "gqa3_fp32"), ("tpu", "mha_bf16_d128"), ("tpu", "gqa8_window_cap"),
+    ("tpu_own", "gqa3_fp32"), ("tpu_own", "mha_bf16_d128"), ("tpu_own", "gqa8_window_cap"),
     ("gpu", "gqa3_fp32"), ("gpu", "long_decode_split_bf16"), ("gpu", "gqa8_window_cap"),
 ]  # fmt: skip
 
@@ -72,3 +74,40 @@ def test_kernel_matches_reference_and_oracle(impl, name):
     np.testing.assert_array_equal(
         np.asarray(cache.astype(jnp.float32)), np.asarray(ref_cache.astype(jnp.float32))
     )
+
+
+def _dot_precisions(jaxpr) -> list:
+    """Precision of every dot_general in a jaxpr, its sub-jaxprs and Pallas kernel bodies."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.append(eqn.params["precision"])
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, tuple | list) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if isinstance(inner, jax.extend.core.Jaxpr):
+                    found += _dot_precisions(inner)
+    return found
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gpu_kernel_dots_at_full_precision_for_float32(dtype):
+    """Float32 inputs: every dot of the GPU kernel asks for HIGHEST (Triton: IEEE, no TF32);
+    bfloat16 keeps the default. (Interpret mode on CPU is exact either way; the float32 case
+    above matches the oracle at 1e-5.)"""
+    from jaxllm.kernels.gpu import ragged_paged_attention_gpu
+
+    case = make_case(np.random.default_rng(7), [(20, 3), (9, 1)], num_q_heads=4, num_kv_heads=2,
+                     head_dim=32, page_size=8, pad_tokens=1)
+    q, _, _, cache, kv_lens, pages, cu, n = case.args(dtype)
+    md = get_backend("gpu", "cpu").prepare_metadata(AttentionMetadata(kv_lens, pages, cu, n),
+                                                    q.shape[0])
+    jaxpr = jax.make_jaxpr(lambda q, c, md: ragged_paged_attention_gpu(
+        q, c, md, sm_scale=case.sm_scale, interpret=True))(q, cache, md)
+    precisions = _dot_precisions(jaxpr.jaxpr)
+    assert len(precisions) >= 2  # q.k and p.v
+    highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+    if dtype == jnp.float32:
+        assert all(p == highest for p in precisions)
+    else:
+        assert all(p is None for p in precisions)
