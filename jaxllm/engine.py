@@ -22,6 +22,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,8 @@ from jaxllm.sampling import request_key_data, unseeded_request_seed
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from jaxllm.step_inputs import SamplingTensorBuilder
+from jaxllm.structured.compiler import GrammarCompiler
+from jaxllm.structured.tokenizer_view import build_llg_tokenizer
 from jaxllm.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -84,7 +87,8 @@ class EngineStats:
 def reads_token_history(params: SamplingParams) -> bool:
     """Whether a row's sampling tensors depend on its output so far (built on the host):
     such a look-ahead row's sampler waits for the in-flight step's token."""
-    return params.has_penalties or any(len(w) > 1 for w in params.bad_words_token_ids or ())
+    return (params.has_penalties or params.has_structured_output
+            or any(len(w) > 1 for w in params.bad_words_token_ids or ()))
 
 
 @dataclass
@@ -143,7 +147,10 @@ class LLMEngine:
         self.runner = make_runner(parts.model, kv, attention_impl=config.attention_impl,
                                   attention_wrapper=parts.attention_wrapper,
                                   max_rows=config.max_num_seqs, compute_dtype=self.dtype)
-        self.tensors = SamplingTensorBuilder(self.model_config.vocab_size)
+        # Structured output: compiled grammars (LRU), llguidance's tokenizer built on first use.
+        self.grammars = GrammarCompiler(partial(build_llg_tokenizer, self.tokenizer,
+                                                self.eos_token_ids))
+        self.tensors = SamplingTensorBuilder(self.model_config.vocab_size, self.grammars)
         self.outputs = OutputProcessor(self.tokenizer, self.scheduler, self.max_model_len)
         self._request_counter = 0
         self._stats = EngineStats()
@@ -191,6 +198,9 @@ class LLMEngine:
         if self._sleeping_specs is not None:
             raise ValueError("the engine is asleep (its KV cache is released): call wake_up() first")
         text, ids = self._tokenize(prompt)
+        # A bad schema/regex/grammar raises here, before anything is queued.
+        grammars = (self.grammars.matchers(params.structured_outputs, params.n)
+                    if params.structured_outputs is not None else [None] * params.n)
         if params.prompt_logprobs is not None:
             # Prompt logprobs need every prompt position computed: never serve it from cache.
             cache_salt = f"prompt-logprobs-{uuid.uuid4().hex}"
@@ -202,7 +212,7 @@ class LLMEngine:
         seqs = [Request(request_id=sid, prompt_token_ids=ids, sampling_params=params,
                         eos_token_ids=self.eos_token_ids, priority=priority, cache_salt=cache_salt,
                         parent_id=request_id if params.n > 1 else None, sample_index=i,
-                        key_data=request_key_data(seed, i))
+                        key_data=request_key_data(seed, i), grammar=grammars[i])
                 for i, sid in enumerate(seq_ids)]
         if params.n == 1:
             self.scheduler.add_request(seqs[0])

@@ -3,7 +3,8 @@
 The `OutputProcessor` keeps the user-visible state of every live request (an
 `IncrementalDetokenizer`, logprob lists and metrics per sample), turns each step's sampled
 tokens into cumulative `RequestOutput`s, and decides every finish reason: EOS and stop token
-ids, max_tokens and max_model_len (`token_stop`), stop strings (the detokenizer finds them),
+ids, max_tokens and max_model_len (`token_stop`), a grammar that can only end (structured
+output: "stop" even if the model would go on), stop strings (the detokenizer finds them),
 aborts. It tells the scheduler (`Scheduler.finish`), which frees the pages; the scheduler
 never decides a finish itself.
 """
@@ -150,6 +151,10 @@ class OutputProcessor:
                 result.top_ids[row, :params.logprobs], result.top_logprobs[row, :params.logprobs]))
             sample.cumulative_logprob += float(result.logprobs[row])
         stop = token_stop(seq, token, self.max_model_len)
+        if seq.grammar is not None and (stop is None or stop[0] is RequestStatus.FINISHED_LENGTH):
+            seq.grammar.sync(seq.output_token_ids)
+            if seq.grammar.finished:  # nothing but EOS may follow: the output is complete
+                stop = (RequestStatus.FINISHED_STOPPED, None)
         sample.text += sample.detok.step([token])
         if stop is not None and sample.detok.stop_hit is None:
             # Text held back (bytes of an unfinished character, a possible stop-string start)

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import numpy as np
 
+    from jaxllm.structured.matcher import GrammarMatcher
+
 from jaxllm.sampling_params import SamplingParams
 
 
@@ -79,6 +81,8 @@ class Request:
     max_tokens: int = 0  # effective limit, set by the scheduler at admission
     # The sample's PRNG identity (jaxllm.sampling.request_key_data): a seed reproduces it.
     key_data: np.ndarray | None = field(default=None, repr=False)
+    # Structured output: this sequence's grammar position (fills its allowed-token mask).
+    grammar: GrammarMatcher | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.prompt_token_ids = list(self.prompt_token_ids)

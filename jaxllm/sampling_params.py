@@ -10,6 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
+from jaxllm.structured.spec import StructuredOutputsParams
+
 # Most alternatives a request may ask for per position (logprobs / prompt_logprobs).
 MAX_LOGPROBS = 20
 # logit_bias values are clamped to this range by OpenAI's contract (-100 bans, +100 forces).
@@ -30,6 +32,9 @@ class SamplingParams:
     logit_bias: token id -> additive bias on the raw logits. allowed_token_ids: the only tokens
     that may be sampled. bad_words: strings never generated; the caller that has the tokenizer
     fills bad_words_token_ids (`resolve_bad_words`), which is what the sampler reads.
+    structured_outputs: the output must match a JSON schema / JSON object / regex / choice /
+    grammar (`StructuredOutputsParams`, or a dict of its fields); the older guided_json,
+    guided_regex, guided_choice and guided_grammar set it the same way and read back as None.
     """
 
     n: int = 1
@@ -55,6 +60,11 @@ class SamplingParams:
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
     bad_words_token_ids: list[list[int]] | None = None
+    structured_outputs: StructuredOutputsParams | dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     def __post_init__(self) -> None:
         self._check_numbers()
@@ -62,6 +72,7 @@ class SamplingParams:
         self._check_stops()
         self._check_logprobs()
         self._check_token_constraints()
+        self._check_structured_outputs()
 
     # --- validation -------------------------------------------------------------------
     def _check_numbers(self) -> None:
@@ -175,6 +186,16 @@ class SamplingParams:
                     _require_int("bad_words_token_ids entry", t)
             self.bad_words_token_ids = seqs or None
 
+    def _check_structured_outputs(self) -> None:
+        spec = StructuredOutputsParams.coerce(self.structured_outputs)
+        guided = StructuredOutputsParams.from_guided(
+            guided_json=self.guided_json, guided_regex=self.guided_regex,
+            guided_choice=self.guided_choice, guided_grammar=self.guided_grammar)
+        if spec is not None and guided is not None:
+            raise ValueError("set structured_outputs or a guided_* field, not both")
+        self.structured_outputs = spec or guided
+        self.guided_json = self.guided_regex = self.guided_choice = self.guided_grammar = None
+
     # --- derived ----------------------------------------------------------------------
     @property
     def greedy(self) -> bool:
@@ -195,6 +216,10 @@ class SamplingParams:
     def has_token_constraints(self) -> bool:
         """Whether the sampler's allowed-token mask may differ from all-ones for this request."""
         return bool(self.min_tokens or self.allowed_token_ids or self.bad_words_token_ids)
+
+    @property
+    def has_structured_output(self) -> bool:
+        return self.structured_outputs is not None
 
     def resolve_bad_words(self, encode: Callable[[str], list[int]]) -> SamplingParams:
         """A copy with bad_words_token_ids filled from bad_words (as vLLM tokenizes them):

@@ -6,7 +6,8 @@ built on the host when some row of the step uses a penalty; otherwise one cached
 device array per row count is reused, so the common case moves no vocab-sized data. The same
 holds for the logit bias ([rows, vocab], only when some row has a logit_bias) and the packed
 allowed-token mask (only when some row is constrained: min_tokens not reached,
-allowed_token_ids, bad_words).
+allowed_token_ids, bad_words, a grammar). A grammar row's mask comes from its sequence's
+matcher (synced to the output first), ANDed with the row's other constraints.
 Everything else goes to jit as host arrays, as the real steps and warm-up both do: jit keys
 its cache on where inputs live.
 """
@@ -14,18 +15,24 @@ its cache on where inputs live.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm.sampling import SamplingTensors, constraint_arrays, param_columns
+from jaxllm.sampling import SamplingTensors, param_columns
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.scheduler import ScheduledSeq, SchedulerOutput
+from jaxllm.token_masks import all_allowed, constraint_arrays
+
+if TYPE_CHECKING:
+    from jaxllm.structured.compiler import GrammarCompiler
 
 
 class SamplingTensorBuilder:
-    def __init__(self, vocab_size: int) -> None:
+    def __init__(self, vocab_size: int, grammars: GrammarCompiler | None = None) -> None:
         self.vocab_size = vocab_size
+        self.grammars = grammars  # fills grammar rows' masks (None: no structured output)
         self._zero_state: dict[int, tuple[jnp.ndarray, jnp.ndarray]] = {}
         self._neutral: dict[int, tuple[jnp.ndarray, jnp.ndarray]] = {}
 
@@ -45,14 +52,38 @@ class SamplingTensorBuilder:
     def _constraints(self, sched: SchedulerOutput, params: Sequence[SamplingParams],
                      rows: int) -> tuple[jnp.ndarray, jnp.ndarray]:
         """Bias and allowed mask of the step; the cached neutral pair when nobody needs them."""
+        grammar_rows = [i for i, p in enumerate(params) if p.has_structured_output]
         needed = any(p.logit_bias or (p.has_token_constraints and _constrained(p, seq))
                      for p, seq in zip(params, sched.seqs, strict=False))
-        if not needed:
+        if not needed and not grammar_rows:
             return self._unconstrained(rows)
         state = [(seq.output_index, seq.request.output_token_ids, seq.request.eos_token_ids)
                  for seq in sched.seqs]
-        bias, allowed = constraint_arrays(params, state, rows, self.vocab_size)
-        return jnp.asarray(bias), jnp.asarray(allowed)
+        if needed:
+            bias, allowed = constraint_arrays(params, state, rows, self.vocab_size)
+            bias = jnp.asarray(bias)
+        else:  # only grammars: the cached zero bias, a fresh all-ones mask to fill
+            bias, allowed = self._unconstrained(rows)[0], all_allowed(rows, self.vocab_size)
+        if grammar_rows:
+            self._fill_grammar_rows(sched, grammar_rows, allowed)
+        return bias, jnp.asarray(allowed)
+
+    def _fill_grammar_rows(self, sched: SchedulerOutput, grammar_rows: list[int],
+                           allowed: np.ndarray) -> None:
+        """AND each grammar row's matcher mask into `allowed`, the matcher first brought up to
+        the output before the token the row samples."""
+        if self.grammars is None:
+            raise ValueError("a request has a grammar but the engine has no grammar compiler")
+        matchers = []
+        for i in grammar_rows:
+            seq = sched.seqs[i]
+            matcher = seq.request.grammar
+            if matcher is None:
+                raise ValueError(f"request {seq.request.request_id!r} asks for structured output "
+                                 "but has no grammar matcher (admit it through the engine)")
+            matcher.sync(seq.request.output_token_ids[:seq.output_index])
+            matchers.append(matcher)
+        self.grammars.fill_bitmasks(matchers, grammar_rows, allowed)
 
     def build(self, sched: SchedulerOutput, params: Sequence[SamplingParams],
               key_data: Sequence[np.ndarray], rows: int) -> SamplingTensors:
