@@ -4,9 +4,11 @@ Usage: python benchmarks/attention_bench.py [--dtype float32|bfloat16] [--iters 
            [--impl reference,cpu,cpu_native,gpu_paged] [--shapes decode,prefill]
            [--page-sizes 16,32,64,128] [--pages-per-block N]
 
-Shapes (SmolLM2-135M heads: 9 query / 3 KV heads, head_dim 64, page_size 16 unless
---page-sizes lists others: each shape then runs at each page size):
-  decode : S sequences x 1 new token over a cached context (64 x 2048 on accelerators,
+Shapes (SmolLM2-135M heads: 9 query / 3 KV heads, head_dim 64, unless named "8B heads":
+Llama-3-8B's 32 / 8, head_dim 128; page_size 16 unless --page-sizes lists others: each shape
+then runs at each page size):
+  decode : S sequences x 1 new token over a cached context (64 x 2048, 8 x 8192 and, with
+           8B heads, 64 x 512 and 64 x 2048 on accelerators,
            32 x 256 -- the 32x32x16 decode bucket -- and 32 x 1024 on CPU; on CPU also
            32 x 192 over 30 layers' own caches, as a decode step reads them: from DRAM, where
            the single-cache shapes stay in L3 between iterations and are timed one call at a
@@ -44,7 +46,8 @@ import numpy as np
 
 from jaxllm.kernels import ragged_paged_attention
 
-HQ, HKV, D = 9, 3, 64
+SMOLLM2_HEADS = (9, 3, 64)  # query heads, kv heads, head_dim
+LLAMA3_8B_HEADS = (32, 8, 128)
 
 
 @dataclass
@@ -55,6 +58,7 @@ class Shape:
     kv_len: int  # after this step
     layers: int = 1  # > 1: that many caches, all dispatched before waiting (a step's DRAM traffic)
     page_size: int = 16
+    heads: tuple[int, int, int] = SMOLLM2_HEADS
 
 
 def shapes_for(backend: str) -> list[Shape]:
@@ -70,6 +74,8 @@ def shapes_for(backend: str) -> list[Shape]:
         Shape("decode 64x2048", 64, 1, 2048),
         Shape("decode 8x8192", 8, 1, 8192),
         Shape("prefill 4x512 (+512 cached)", 4, 512, 1024),
+        Shape("decode 64x512 8B heads", 64, 1, 512, heads=LLAMA3_8B_HEADS),
+        Shape("decode 64x2048 8B heads", 64, 1, 2048, heads=LLAMA3_8B_HEADS),
     ]
 
 
@@ -79,11 +85,12 @@ def build(shape: Shape, dtype, rng: np.random.Generator):
     page_indices = rng.permutation(num_pages)[: shape.num_seqs * pages_per_seq]
     page_indices = page_indices.reshape(shape.num_seqs, pages_per_seq).astype(np.int32)
     tokens = shape.num_seqs * shape.q_len
-    cache = rng.standard_normal((num_pages, shape.page_size, 2 * HKV, D), np.float32)
+    hq, hkv, d = shape.heads
+    cache = rng.standard_normal((num_pages, shape.page_size, 2 * hkv, d), np.float32)
     args = (
-        jnp.asarray(rng.standard_normal((tokens, HQ, D), np.float32), dtype),
-        jnp.asarray(rng.standard_normal((tokens, HKV, D), np.float32), dtype),
-        jnp.asarray(rng.standard_normal((tokens, HKV, D), np.float32), dtype),
+        jnp.asarray(rng.standard_normal((tokens, hq, d), np.float32), dtype),
+        jnp.asarray(rng.standard_normal((tokens, hkv, d), np.float32), dtype),
+        jnp.asarray(rng.standard_normal((tokens, hkv, d), np.float32), dtype),
         jnp.asarray(cache, dtype),
         jnp.full((shape.num_seqs,), shape.kv_len, jnp.int32),
         jnp.asarray(page_indices),
@@ -113,11 +120,12 @@ def paged_fn(impl: str, inputs: tuple, pages_per_block: int | None = None):
 
     @functools.partial(jax.jit, donate_argnums=(3,))
     def run(q, k, v, cache, kv_lens, pages, cu, n):
+        sm_scale = q.shape[-1] ** -0.5
         if impl == "gpu_paged":
-            return gpu_paged_attention(q, k, v, cache, kv_lens, pages, cu, n, sm_scale=D**-0.5,
+            return gpu_paged_attention(q, k, v, cache, kv_lens, pages, cu, n, sm_scale=sm_scale,
                                        pages_per_block=pages_per_block)
         return ragged_paged_attention(
-            q, k, v, cache, kv_lens, pages, cu, n, sm_scale=D**-0.5, impl=impl
+            q, k, v, cache, kv_lens, pages, cu, n, sm_scale=sm_scale, impl=impl
         )
 
     state = {"cache": jnp.array(inputs[3])}
@@ -132,16 +140,17 @@ def paged_fn(impl: str, inputs: tuple, pages_per_block: int | None = None):
 def dense_peer(shape: Shape, args):
     """Same attention over contiguous per-sequence K/V with XLA's dot_product_attention."""
     q, _, _, cache, _, pages, _, _ = args
-    kv = cache[pages].reshape(shape.num_seqs, -1, HKV, 2, D)[:, : shape.kv_len]
+    hq, hkv, d = shape.heads
+    kv = cache[pages].reshape(shape.num_seqs, -1, hkv, 2, d)[:, : shape.kv_len]
     k, v = kv[..., 0, :], kv[..., 1, :]
-    q = q.reshape(shape.num_seqs, shape.q_len, HQ, D)
+    q = q.reshape(shape.num_seqs, shape.q_len, hq, d)
     first = shape.kv_len - shape.q_len
     mask = jnp.arange(shape.kv_len)[None, :] <= first + jnp.arange(shape.q_len)[:, None]
     mask = mask[None, None]
 
     @jax.jit
     def run(q, k, v):
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=D**-0.5)
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=d**-0.5)
 
     return lambda: run(q, k, v)
 
@@ -171,10 +180,11 @@ def median_time(fn, iters: int) -> float:
 
 def work(shape: Shape, itemsize: int) -> tuple[float, float]:
     """(bytes of KV each sequence must read, attention FLOPs) for a shape."""
-    kv_bytes = shape.num_seqs * shape.kv_len * 2 * HKV * D * itemsize
+    hq, hkv, d = shape.heads
+    kv_bytes = shape.num_seqs * shape.kv_len * 2 * hkv * d * itemsize
     first = shape.kv_len - shape.q_len
     pairs = shape.num_seqs * sum(first + j + 1 for j in range(shape.q_len))
-    return kv_bytes * shape.layers, 4.0 * pairs * HQ * D * shape.layers
+    return kv_bytes * shape.layers, 4.0 * pairs * hq * d * shape.layers
 
 
 def main() -> None:
