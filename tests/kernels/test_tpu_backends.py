@@ -121,3 +121,18 @@ def test_jax_kernel_in_interpret_mode_matches_reference(name, interpreter_gap):
     assert err(out[:real], want[:real]) <= tol
     assert np.all(np.asarray(out[real:].astype(jnp.float32)) == 0.0)
     np.testing.assert_array_equal(real_part(cache, case), want_cache)
+
+
+def test_jax_backend_on_a_plain_layout_runs_our_kernel(caplog):
+    """A cache not padded to JAX's kernel's rules (head_dim 64) runs on "tpu_own", said once
+    in the log, and still matches the oracle."""
+    rng = np.random.default_rng(int(np.random.SeedSequence().entropy % 2**32))
+    case = make_case(rng, [(30, 1), (12, 5)], num_q_heads=4, num_kv_heads=2, head_dim=64,
+                     page_size=8, pad_tokens=2)
+    with caplog.at_level("WARNING", logger="jaxllm.kernels.backends"):
+        out, cache = ragged_paged_attention(*case.args(jnp.float32), sm_scale=case.sm_scale,
+                                            impl="tpu")
+    assert "running tpu_own" in caplog.text
+    want, want_cache = oracle(case, jnp.float32)
+    assert rel_err(out[:6], want[:6]) <= 1e-5 and np.all(np.asarray(out[6:]) == 0.0)
+    np.testing.assert_array_equal(real_part(cache, case), want_cache)
