@@ -38,11 +38,14 @@ from jaxllm.sampling import (
     DEFAULT_CANDIDATE_CAP,
     KEY_IMPL,
     SamplingTensors,
+    apply_bias_and_mask,
+    apply_penalties,
     compute_logprobs_topk,
     filtered_logprobs,
 )
 
 _ACCEPT_STREAM = 1  # fold_in tag of the acceptance uniform under an output index's key
+_DRAW_BLOCK = 256  # tokens per block of the two-level inverse-CDF draw
 
 
 @struct.dataclass
@@ -120,54 +123,68 @@ def rejection_sample(target_logits: jax.Array, draft_token_ids: jax.Array,
         raise ValueError(f"need {rows * positions} per-position sampling rows, got "
                          f"{tensors.num_rows}")
     flat_logits = target_logits.reshape(rows * positions, vocab).astype(jnp.float32)
-    logp = filtered_logprobs(flat_logits, tensors, candidate_cap=candidate_cap)
-    probs = jnp.exp(logp).reshape(rows, positions, vocab)
-    argmax = _first_argmax(logp).reshape(rows, positions)
     greedy = tensors.greedy.reshape(rows, positions)[:, 0]
-    u_accept, u_draw = (u.reshape(rows, positions)
-                        for u in verification_uniforms(tensors.key_data, tensors.step))
-
     num_draft = jnp.clip(num_draft, 0, num_drafts)
     drafts = jnp.clip(draft_token_ids, 0, vocab - 1)
     is_draft = jnp.arange(num_drafts)[None, :] < num_draft[:, None]
-    p_draft = jnp.take_along_axis(probs[:, :num_drafts], drafts[..., None], axis=2)[..., 0]
-    if draft_probs is None:
-        q_draft = jnp.ones_like(p_draft)
-    else:
-        q_draft = jnp.take_along_axis(draft_probs, drafts[..., None], axis=2)[..., 0]
-    # u < p / q without dividing (q = 0 with p > 0 accepts; p = 0 never does)
-    sampled_ok = u_accept[:, :num_drafts] * q_draft < p_draft
-    ok = jnp.where(greedy[:, None], drafts == argmax[:, :num_drafts], sampled_ok) & is_draft
-    num_accepted = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)
+    # greedy rows: the argmax of the processed logits (what filtered_logprobs one-hots)
+    penalised = apply_penalties(apply_bias_and_mask(flat_logits, tensors), tensors)
+    argmax = _first_argmax(penalised).reshape(rows, positions)
 
-    # the corrected (first rejection) or bonus (all accepted) token, at position num_accepted
-    at = num_accepted[:, None, None]
-    p_last = jnp.take_along_axis(probs, at, axis=1)[:, 0]
-    rejected = num_accepted < num_draft
-    d_last = jnp.take_along_axis(jnp.pad(drafts, ((0, 0), (0, 1))), at[:, :, 0], axis=1)
-    if draft_probs is None:
-        q_last = (jnp.arange(vocab)[None, :] == d_last).astype(p_last.dtype)
-    else:
-        padded = jnp.pad(draft_probs, ((0, 0), (0, 1), (0, 0)))
-        q_last = jnp.take_along_axis(padded, at, axis=1)[:, 0]
-    residual = jnp.maximum(p_last - q_last, 0.0)
-    # p == q on the support leaves no residual mass (a rejection then has probability 0)
-    use_residual = rejected & (jnp.sum(residual, axis=1) > 0)
-    weights = jnp.where(use_residual[:, None], residual, p_last)
-    drawn = _draw(weights, jnp.take_along_axis(u_draw, at[:, :, 0], axis=1)[:, 0])
-    last = jnp.where(greedy, jnp.take_along_axis(argmax, at[:, :, 0], axis=1)[:, 0], drawn)
+    def sampled_rows() -> tuple[jax.Array, jax.Array]:
+        """Acceptance of each draft and the token drawn where the row stops, by the
+        sampled rule (every row computes it; greedy rows ignore it)."""
+        logp = filtered_logprobs(flat_logits, tensors, candidate_cap=candidate_cap)
+        probs = jnp.exp(logp).reshape(rows, positions, vocab)
+        u_accept, u_draw = (u.reshape(rows, positions)
+                            for u in verification_uniforms(tensors.key_data, tensors.step))
+        p_draft = jnp.take_along_axis(probs[:, :num_drafts], drafts[..., None], axis=2)[..., 0]
+        if draft_probs is None:
+            q_draft = jnp.ones_like(p_draft)
+        else:
+            q_draft = jnp.take_along_axis(draft_probs, drafts[..., None], axis=2)[..., 0]
+        # u < p / q without dividing (q = 0 with p > 0 accepts; p = 0 never does)
+        ok = (u_accept[:, :num_drafts] * q_draft < p_draft) & is_draft
+        stop = _leading_true(ok)
+        at = stop[:, None, None]
+        p_last = jnp.take_along_axis(probs, at, axis=1)[:, 0]
+        if draft_probs is None:
+            d_last = jnp.take_along_axis(jnp.pad(drafts, ((0, 0), (0, 1))), at[:, :, 0], axis=1)
+            q_last = (jnp.arange(vocab)[None, :] == d_last).astype(p_last.dtype)
+        else:
+            q_last = jnp.take_along_axis(jnp.pad(draft_probs, ((0, 0), (0, 1), (0, 0))), at,
+                                         axis=1)[:, 0]
+        residual = jnp.maximum(p_last - q_last, 0.0)
+        # p == q on the support leaves no residual mass (a rejection then has probability 0)
+        use_residual = (stop < num_draft) & (jnp.sum(residual, axis=1) > 0)
+        weights = jnp.where(use_residual[:, None], residual, p_last)
+        return ok, _draw(weights, jnp.take_along_axis(u_draw, at[:, :, 0], axis=1)[:, 0])
+
+    def greedy_only() -> tuple[jax.Array, jax.Array]:
+        return jnp.zeros((rows, num_drafts), bool), jnp.zeros(rows, jnp.int32)
+
+    sampled_ok, drawn = lax.cond(jnp.all(greedy), greedy_only, sampled_rows)
+    greedy_ok = (drafts == argmax[:, :num_drafts]) & is_draft
+    num_accepted = _leading_true(jnp.where(greedy[:, None], greedy_ok, sampled_ok))
+    last = jnp.where(greedy, jnp.take_along_axis(argmax, num_accepted[:, None], axis=1)[:, 0],
+                     drawn)
 
     index = jnp.arange(positions)[None, :]
     padded_drafts = jnp.pad(drafts, ((0, 0), (0, 1)))
     token_ids = jnp.where(index < num_accepted[:, None], padded_drafts,
                           jnp.where(index == num_accepted[:, None], last[:, None], -1))
     lp = _emitted_logprobs(flat_logits, token_ids, tensors.num_logprobs, max_logprobs)
-    return VerifyOutput(num_accepted=num_accepted.astype(jnp.int32),
+    return VerifyOutput(num_accepted=num_accepted,
                         token_ids=token_ids.astype(jnp.int32),
                         logprobs=lp[0].reshape(rows, positions),
                         ranks=lp[1].reshape(rows, positions),
                         top_logprob_ids=lp[2].reshape(rows, positions, max_logprobs),
                         top_logprobs=lp[3].reshape(rows, positions, max_logprobs))
+
+
+def _leading_true(ok: jax.Array) -> jax.Array:
+    """Per row, how many leading entries are True (the accepted drafts)."""
+    return jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1).astype(jnp.int32)
 
 
 def _first_argmax(x: jax.Array) -> jax.Array:
@@ -180,12 +197,29 @@ def _first_argmax(x: jax.Array) -> jax.Array:
 
 def _draw(weights: jax.Array, u: jax.Array) -> jax.Array:
     """Inverse-CDF draw from unnormalised non-negative weights [R, V] with uniforms [R]: the
-    first token whose cumulative weight exceeds u * total (never a zero-weight token)."""
-    cum = jnp.cumsum(weights, axis=1)
-    index = jnp.sum(cum <= (u * cum[:, -1])[:, None], axis=1)
-    iota = lax.broadcasted_iota(jnp.int32, weights.shape, 1)
-    last_positive = jnp.max(jnp.where(weights > 0, iota, 0), axis=1)
-    return jnp.minimum(index, last_positive).astype(jnp.int32)
+    first token whose cumulative weight exceeds u * total. Two levels (block sums, then
+    within one block) because a cumsum over the whole vocabulary is slow on XLA CPU; each
+    level is clamped to its last entry with positive weight, so rounding never picks a
+    token of weight 0."""
+    rows, vocab = weights.shape
+    blocks = -(-vocab // _DRAW_BLOCK)
+    padded = jnp.pad(weights, ((0, 0), (0, blocks * _DRAW_BLOCK - vocab)))
+    per_block = padded.reshape(rows, blocks, _DRAW_BLOCK)
+    block_mass = jnp.sum(per_block, axis=2)
+    block_cum = jnp.cumsum(block_mass, axis=1)
+    target = u * block_cum[:, -1]
+    block = jnp.minimum(jnp.sum(block_cum <= target[:, None], axis=1), _last_positive(block_mass))
+    before = jnp.take_along_axis(block_cum - block_mass, block[:, None], axis=1)[:, 0]
+    within = jnp.take_along_axis(per_block, block[:, None, None], axis=1)[:, 0]
+    offset = jnp.minimum(jnp.sum(jnp.cumsum(within, axis=1) <= (target - before)[:, None],
+                                 axis=1), _last_positive(within))
+    return (block * _DRAW_BLOCK + offset).astype(jnp.int32)
+
+
+def _last_positive(x: jax.Array) -> jax.Array:
+    """Per row, the last index with x > 0 (0 if none)."""
+    iota = lax.broadcasted_iota(jnp.int32, x.shape, 1)
+    return jnp.max(jnp.where(x > 0, iota, 0), axis=1)
 
 
 def _emitted_logprobs(flat_logits: jax.Array, token_ids: jax.Array, num_logprobs: jax.Array,
