@@ -236,3 +236,23 @@ def test_the_distribution_check_catches_broken_rules():
     first = np.where(accept, drafts[:, 0], redraw)
     second = np.where(accept, rng.choice(STAT_VOCAB, STAT_ROWS, p=p[1]), -1)
     assert not _follows_target(np.stack([first, second, second * 0 - 1], axis=1), p)
+
+
+def test_draw_follows_the_cdf_and_never_picks_a_zero_weight_token():
+    from jaxllm.spec.rejection import _draw
+
+    rng = np.random.default_rng(81)
+    rows, vocab = 64, 600  # 3 blocks of 256, the last one partial
+    weights = rng.random((rows, vocab)) * (rng.random((rows, vocab)) < 0.05)
+    weights[:, 256:512] *= rng.random((rows, 1)) < 0.5  # some rows: a whole empty block
+    weights[np.arange(rows), rng.integers(0, vocab, rows)] += 0.5  # no empty row
+    u = rng.random(rows)
+    u[:4] = [0.0, np.nextafter(np.float32(1), np.float32(0)), 0.5, 1e-9]
+    got = np.asarray(jax.jit(_draw)(jnp.asarray(weights, jnp.float32), jnp.asarray(u, jnp.float32)))
+    assert np.all(weights[np.arange(rows), got] > 0)
+    cum = np.cumsum(weights, axis=1) / weights.sum(axis=1, keepdims=True)
+    for r in range(rows):
+        want = min(int(np.searchsorted(cum[r], u[r], side="right")),
+                   int(np.flatnonzero(weights[r])[-1]))
+        if np.min(np.abs(cum[r] - u[r])) > MARGIN:
+            assert got[r] == want, r
