@@ -14,7 +14,8 @@ user at a time: JAX preallocates most of a GPU's memory):
   decode      benchmarks/gpu_decode.py (8B-shaped decode step; HF peer with --decode-hf)
   make_model  a random 1B-shaped Llama (bf16) + tokenizer, written with save_pretrained
   e2e_jaxllm  LLM.generate, N requests x 128 prompt / 128 output tokens, platform defaults:
-              load + warm-up seconds, output tok/s
+              load + warm-up seconds (cold, saving programs to OUT/compile_cache), output tok/s
+  restart     the same engine started again from OUT/compile_cache: start-up seconds
   e2e_hf      HF transformers generate on the same checkpoint, same prompts, same device
               (one batch of N equal-length prompts; CUDA only: skipped on TPU)
 A stage that fails or runs out of time is recorded as such; the next one still runs. --tiny
@@ -27,6 +28,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -56,12 +58,12 @@ class Plan:
     def make(cls, tiny: bool, requests: int | None, engine_args: dict[str, Any]) -> Plan:
         if tiny:
             budgets = dict(probe=60, gpu_tier=90, attention=90, decode=120, make_model=90,
-                           e2e_jaxllm=120, e2e_hf=90)
+                           e2e_jaxllm=120, restart=90, e2e_hf=90)
             small = dict(max_num_seqs=8, max_num_batched_tokens=32, max_model_len=32)
             return cls(True, "tiny", "float32", requests or 8, 16, 16, budgets,
                        {**small, **engine_args})
-        budgets = dict(probe=20, gpu_tier=140, attention=45, decode=75, make_model=45,
-                       e2e_jaxllm=110, e2e_hf=45)
+        budgets = dict(probe=20, gpu_tier=125, attention=40, decode=70, make_model=45,
+                       e2e_jaxllm=110, restart=30, e2e_hf=40)
         return cls(False, "1b", "bfloat16", requests or 256, 128, 128, budgets, engine_args)
 
 
@@ -122,14 +124,23 @@ def _prompts(plan: Plan, vocab_size: int) -> list[list[int]]:
     return rng.integers(3, vocab_size, size=(plan.requests, plan.prompt_len)).tolist()
 
 
-def stage_e2e_jaxllm(plan: Plan, out: Path) -> dict[str, Any]:
-    from jaxllm import LLM, SamplingParams
-    from jaxllm.platform_defaults import describe, resolve_engine_config
+def _start_engine(plan: Plan, out: Path):
+    """(LLM, seconds to construct it, model info): the engine with the plan's arguments and
+    its programs saved to / loaded from OUT/compile_cache."""
+    from jaxllm import LLM
 
     model = json.loads((out / "stage_make_model.json").read_text())
+    args = {"compilation_cache_dir": str(out / "compile_cache"), **plan.engine_args}
     t = time.perf_counter()
-    llm = LLM(model["path"], **plan.engine_args)
-    start_s = time.perf_counter() - t
+    llm = LLM(model["path"], **args)
+    return llm, time.perf_counter() - t, model
+
+
+def stage_e2e_jaxllm(plan: Plan, out: Path) -> dict[str, Any]:
+    from jaxllm import SamplingParams
+    from jaxllm.platform_defaults import describe, resolve_engine_config
+
+    llm, start_s, model = _start_engine(plan, out)
     stats = llm.engine.get_stats()
     prompts = _prompts(plan, model["vocab_size"])
     params = SamplingParams(temperature=0.0, max_tokens=plan.output_len, ignore_eos=True)
@@ -145,6 +156,20 @@ def stage_e2e_jaxllm(plan: Plan, out: Path) -> dict[str, Any]:
             "recompiles": llm.engine.runner.recompiles,
             "defaults": describe(resolve_engine_config(llm.engine.config)),
             "engine_args": plan.engine_args}
+
+
+def stage_restart(plan: Plan, out: Path) -> dict[str, Any]:
+    from jaxllm import SamplingParams
+
+    llm, start_s, model = _start_engine(plan, out)
+    stats = llm.engine.get_stats()
+    outs = llm.generate(_prompts(plan, model["vocab_size"])[:4],
+                        SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
+                        use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == 8 for o in outs)
+    return {"start_s": start_s, "warmup_s": stats.warmup_time_s,
+            "loaded_programs": llm.engine.runner.loaded_programs,
+            "programs": stats.compile_count, "recompiles": llm.engine.runner.recompiles}
 
 
 def stage_e2e_hf(plan: Plan, out: Path) -> dict[str, Any]:
@@ -178,7 +203,7 @@ def stage_e2e_hf(plan: Plan, out: Path) -> dict[str, Any]:
 
 
 IN_PROCESS = {"probe": stage_probe, "make_model": stage_make_model,
-              "e2e_jaxllm": stage_e2e_jaxllm, "e2e_hf": stage_e2e_hf}
+              "e2e_jaxllm": stage_e2e_jaxllm, "restart": stage_restart, "e2e_hf": stage_e2e_hf}
 
 
 # -- the orchestrator -----------------------------------------------------------------------
@@ -267,6 +292,10 @@ def run_stage(name: str, plan: Plan, out: Path, budget: float, args: argparse.Na
         result.summary = f"{d['output_tok_s']:.1f} output tok/s"
         if name == "e2e_jaxllm":
             result.summary += f", start {d['start_s']:.1f} s (warm-up {d['warmup_s']:.1f} s)"
+    elif name == "restart" and result.data:
+        d = result.data
+        result.summary = (f"start {d['start_s']:.1f} s, {d['loaded_programs']} of "
+                          f"{d['programs']} programs loaded")
     elif name == "make_model" and result.data:
         result.summary = f"{result.data['shape']} {result.data['dtype']} in " \
                          f"{result.data['seconds']:.1f} s"
@@ -303,7 +332,8 @@ def write_summary(out: Path, plan: Plan, results: list[StageResult], total_s: fl
     return summary
 
 
-STAGE_ORDER = ("probe", "gpu_tier", "attention", "decode", "make_model", "e2e_jaxllm", "e2e_hf")
+STAGE_ORDER = ("probe", "gpu_tier", "attention", "decode", "make_model", "e2e_jaxllm", "restart",
+               "e2e_hf")
 
 
 def _engine_arg(text: str) -> tuple[str, Any]:
@@ -335,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     stages = args.only.split(",") if args.only else list(STAGE_ORDER)
     for stale in out.glob("stage_*.json"):  # a previous check's results are not this one's
         stale.unlink()
+    shutil.rmtree(out / "compile_cache", ignore_errors=True)  # e2e_jaxllm starts cold
     start = time.perf_counter()
     results: list[StageResult] = []
     backend = None
@@ -343,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
         if left < 5:
             results.append(StageResult(name, "skipped", 0.0, "no time left"))
             continue
-        if name in ("e2e_jaxllm", "e2e_hf") and not (out / "stage_make_model.json").is_file():
+        if name in ("e2e_jaxllm", "restart", "e2e_hf") and not (
+                out / "stage_make_model.json").is_file():
             results.append(StageResult(name, "skipped", 0.0, "no model (make_model failed)"))
             continue
         result = run_stage(name, plan, out, min(plan.budgets[name], left), args, backend)

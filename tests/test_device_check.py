@@ -25,7 +25,7 @@ def test_tiny_device_check_runs_every_stage_and_writes_its_summary(tmp_path):
     assert "platform cpu:" in stages["probe"]["data"]["defaults"]
     # No GPU here: the GPU tier is collected and skipped, never failed.
     assert stages["gpu_tier"]["status"] == "skipped" and stages["gpu_tier"]["data"]["skipped"] > 0
-    for name in ("attention", "decode", "make_model", "e2e_jaxllm", "e2e_hf"):
+    for name in ("attention", "decode", "make_model", "e2e_jaxllm", "restart", "e2e_hf"):
         assert stages[name]["status"] == "ok", stages[name]["output_tail"]
     assert stages["attention"]["data"]["table"] and stages["decode"]["data"]["table"]
     jl, hf = stages["e2e_jaxllm"]["data"], stages["e2e_hf"]["data"]
@@ -33,6 +33,8 @@ def test_tiny_device_check_runs_every_stage_and_writes_its_summary(tmp_path):
     assert jl["output_tokens"] == hf["output_tokens"] == 5 * plan["output_len"]
     assert jl["recompiles"] == 0 and jl["warmup_s"] > 0 and jl["output_tok_s"] > 0
     assert summary["jaxllm_vs_hf"] == jl["output_tok_s"] / hf["output_tok_s"]
+    restart = stages["restart"]["data"]  # from the programs the cold start saved
+    assert restart["loaded_programs"] > 0 and restart["recompiles"] == 0
     markdown = (tmp_path / "device_check.md").read_text()
     for name in STAGE_ORDER:
         assert f"| {name} | {stages[name]['status']} |" in markdown
