@@ -20,3 +20,18 @@ def compiler(default_tokenizer):
 
     return GrammarCompiler(lambda: build_llg_tokenizer(default_tokenizer,
                                                        default_tokenizer.eos_token_ids))
+
+
+@pytest.fixture(scope="session")
+def tiny_full_vocab_dir(tmp_path_factory):
+    """A 2-layer random Llama over the default model's whole vocabulary (49152) with its
+    tokenizer: random logits, so only the grammar makes its outputs well-formed."""
+    from jaxllm.default_model import default_model_path
+    from jaxllm.tokenizer import load_tokenizer
+    from tests.models.hf_tiny import make_tiny_hf_model
+
+    path = tmp_path_factory.mktemp("tiny-llama-49152")
+    model = make_tiny_hf_model("llama", seed=4321, vocab_size=49152)
+    model.save_pretrained(path)
+    load_tokenizer(default_model_path()).save(path)
+    return path

@@ -1,0 +1,132 @@
+"""Constrained requests through the engine on a random model over the real vocabulary.
+
+Random logits make the grammar the only reason an output is well-formed, so every finished,
+unstopped output must satisfy its spec. One mixed workload (greedy and seeded sampling, n > 1,
+logprobs, a stop string, an abort mid-flight, unconstrained neighbours) runs serially and
+overlapped, with and without a page budget small enough to preempt; both loops must agree
+token for token and leave no pages behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from jaxllm.config import EngineConfig
+from jaxllm.engine import LLMEngine
+from jaxllm.sampling_params import SamplingParams
+from jaxllm.structured.spec import StructuredOutputsParams as Spec
+from tests.structured.cases import REGEXES, SCHEMAS, satisfies
+
+SMALL = dict(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=256, page_size=8)
+# Bounded specs only (a random model would extend an unbounded number forever).
+SPECS = ([Spec(json=SCHEMAS[i]) for i in (0, 3, 6, 9, 12, 13, 19, 20)]
+         + [Spec(regex=REGEXES[i]) for i in (0, 2, 4, 6)]
+         + [Spec(choice=["left", "right", "up"]),
+            Spec(grammar='root ::= "(" item ("," item)* ")"\nitem ::= [a-c] | "nil"')])
+GRAMMAR_AS_REGEX = r"\((?:[a-c]|nil)(?:,(?:[a-c]|nil))*\)"
+
+
+def _workload(seed: int) -> tuple[dict[int, list], dict[int, str]]:
+    rng = np.random.default_rng(seed)
+    arrivals: dict[int, list] = {}
+    for k, spec in enumerate(SPECS):
+        ids = rng.integers(3, 49152, size=int(rng.integers(4, 24))).tolist()
+        kind = k % 4
+        params = dict(max_tokens=100, structured_outputs=spec)
+        if kind == 0:
+            params.update(temperature=0.0, logprobs=2)
+        elif kind == 1:
+            params.update(temperature=1.0, seed=seed + k)
+        elif kind == 2:
+            params.update(temperature=0.8, top_p=0.9, seed=seed + k, n=2)
+        else:
+            params.update(temperature=1.0, seed=seed + k, logprobs=0)
+        arrivals.setdefault(k // 3, []).append((f"r{k}", ids, SamplingParams(**params)))
+    ids = rng.integers(3, 49152, size=9).tolist()
+    arrivals[1].append(("plain", ids, SamplingParams(temperature=0.0, max_tokens=20,
+                                                     ignore_eos=True)))
+    arrivals[2].append(("stop", ids, SamplingParams(temperature=0.0, max_tokens=60,
+                                                    stop=['"'], guided_json=SCHEMAS[0])))
+    arrivals[0].append(("ab", ids, SamplingParams(temperature=1.0, seed=seed, max_tokens=60,
+                                                  guided_json=SCHEMAS[18])))
+    return arrivals, {4: "ab"}
+
+
+def _drive(engine: LLMEngine, arrivals: dict[int, list], aborts: dict[int, str],
+           overlap: bool) -> dict:
+    engine.config = dataclasses.replace(engine.config, overlap_scheduling=overlap)
+    engine.reset_prefix_cache()
+    arrivals = {k: list(v) for k, v in arrivals.items()}
+    done, aborted = {}, set()
+    for step in range(3000):
+        for rid, ids, params in arrivals.pop(step, []):
+            engine.add_request(ids, params, rid)
+        if step in aborts:
+            done[aborts[step]] = engine.abort_request(aborts[step], return_output=True)
+            aborted.add(aborts[step])
+        if not arrivals and not engine.has_unfinished_requests():
+            break
+        for out in engine.step():
+            assert out.request_id not in aborted, f"output for {out.request_id} after abort"
+            done[out.request_id] = out
+        engine.scheduler.check_invariants()
+    else:
+        raise AssertionError("engine did not drain")
+    engine.step()
+    assert not engine.scheduler.requests and engine.scheduler.allocator.num_used_pages == 0
+    assert engine.runner.recompiles == 0
+    return done
+
+
+def _check_valid(done: dict, where: str) -> None:
+    params = {rid: p for step in _workload(0)[0].values() for rid, _, p in step}
+    for k, spec in enumerate(SPECS):
+        for c in done[f"r{k}"].outputs:
+            assert c.finish_reason == "stop", f"{where} r{k} {spec.kind}: {c.text!r}"
+            assert satisfies(spec, c.text, GRAMMAR_AS_REGEX), f"{where} r{k} {spec.cache_key}: {c.text!r}"
+            if params[f"r{k}"].logprobs is not None:
+                assert len(c.logprobs) == len(c.token_ids)
+    stopped = done["stop"].outputs[0]
+    assert stopped.finish_reason == "stop" and '"' not in stopped.text
+    assert stopped.text == "{", f"{where} {stopped.text!r}"  # '{"' is forced, the stop cuts it
+    assert done["ab"].outputs[0].finish_reason == "abort"
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_full_vocab_dir):
+    """One engine for the file (warm-up dominates): a page budget small enough to preempt."""
+    return LLMEngine(EngineConfig(model=str(tiny_full_vocab_dir), num_pages=17, **SMALL))
+
+
+def test_constrained_workload_is_valid_and_overlap_equals_serial(engine):
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    arrivals, aborts = _workload(seed)
+    serial = _drive(engine, arrivals, aborts, overlap=False)
+    preempted = engine.scheduler.num_preemptions
+    overlapped = _drive(engine, arrivals, aborts, overlap=True)
+    where = f"seed={seed}"
+    _check_valid(serial, where)
+    _check_valid(overlapped, where)
+    for rid, a in serial.items():
+        if rid == "ab":
+            continue
+        for ca, cb in zip(a.outputs, overlapped[rid].outputs, strict=True):
+            assert (ca.token_ids, ca.text, ca.finish_reason) == \
+                (cb.token_ids, cb.text, cb.finish_reason), f"{where} {rid}"
+    assert engine.scheduler.num_preemptions > preempted > 0, where
+
+
+def test_bad_spec_is_rejected_before_queueing(engine):
+    for bad in (Spec(regex="(ab"), Spec(json={"type": "integer", "minimum": "x"}),
+                Spec(grammar="root ::= undefined_rule")):
+        with pytest.raises(ValueError, match="invalid structured output"):
+            engine.add_request([5, 6, 7], SamplingParams(structured_outputs=bad, n=2), "bad")
+        assert not engine.has_unfinished_requests() and not engine.scheduler.requests
+    engine.add_request([5, 6, 7], SamplingParams(guided_choice=["a b", "c"], max_tokens=8), "ok")
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+    assert outs[0].outputs[0].text in ("a b", "c") and outs[0].outputs[0].finish_reason == "stop"
+    assert engine.grammars.stats.misses >= 1
