@@ -34,6 +34,7 @@ from jaxllm.cache.allocator import PageAllocator
 from jaxllm.cache.kv_cache import allocate_kv_caches, bytes_per_page, pages_for_budget
 from jaxllm.cache.manager import KVCacheManager
 from jaxllm.config import EngineConfig
+from jaxllm.kernels import get_backend
 from jaxllm.loading import EngineParts, load_engine_parts
 from jaxllm.model_inputs import StepInputs, build_step_inputs
 from jaxllm.output_processor import OutputProcessor
@@ -124,11 +125,15 @@ class LLMEngine:
         self.kv_dtype = parts.kv_dtype
         self.eos_token_ids = tuple(sorted(set(self.tokenizer.eos_token_ids)
                                           | set(self.model_config.eos_token_ids)))
+        # The attention backend decides the KV cache's layout (kernels' registry).
+        self.attention = get_backend(config.attention_impl)
+        self._head_shards = config.tensor_parallel_size
+        logger.info("attention: %s", self.attention.describe())
         num_pages = config.num_pages or self._pages_from_budget()
         logger.info("KV cache: %d pages x %d tokens, %s (%.1f MiB)", num_pages, self.page_size,
                     self.kv_dtype.name,
-                    num_pages * bytes_per_page(self.model_config, self.page_size, self.kv_dtype)
-                    / 2**20)
+                    num_pages * bytes_per_page(self.model_config, self.page_size, self.kv_dtype,
+                                               self.attention, self._head_shards) / 2**20)
         allocator = PageAllocator(num_pages, self.page_size)
         cache = KVCacheManager(allocator, enable_prefix_caching=config.enable_prefix_caching)
         # Every bucket is one compilation of the whole model: the platform's ladder
@@ -142,7 +147,8 @@ class LLMEngine:
             SchedulerConfig.from_engine_config(config, max_model_len=self.max_model_len),
             cache, self.buckets)
         kv = allocate_kv_caches(self.model_config, num_pages, self.page_size, self.kv_dtype,
-                                sharding=parts.kv_sharding)
+                                sharding=parts.kv_sharding, backend=self.attention,
+                                head_shards=self._head_shards)
         make_runner = parts.make_runner or ModelRunner  # multi-host leaders broadcast steps
         self.runner = make_runner(parts.model, kv, attention_impl=config.attention_impl,
                                   attention_wrapper=parts.attention_wrapper,
@@ -176,7 +182,8 @@ class LLMEngine:
             free = stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0)
             budget = free if free > 0 else budget
         return pages_for_budget(self.model_config, self.page_size, self.kv_dtype,
-                                int(budget * self.config.memory_fraction))
+                                int(budget * self.config.memory_fraction), self.attention,
+                                self._head_shards)
 
     # -- admission ----------------------------------------------------------------------------
     def default_sampling_params(self) -> SamplingParams:

@@ -235,6 +235,7 @@ def run_follower(config: EngineConfig, options: MultiHostOptions = MultiHostOpti
     """A follower's whole life: load the model shards, then replay the leader's steps until
     it says stop. Returns when the leader stops; raises if a step fails."""
     from jaxllm.cache.kv_cache import allocate_kv_caches
+    from jaxllm.kernels import get_backend
     from jaxllm.loading import load_engine_parts
 
     config = _check_multihost(config)
@@ -250,7 +251,9 @@ def run_follower(config: EngineConfig, options: MultiHostOptions = MultiHostOpti
             raise RuntimeError(f"expected the leader's setup message, got op {int(msg['op'][0])}")
         num_pages = int(msg["setup"][0])
         kv = allocate_kv_caches(parts.model_config, num_pages, parts.page_size, parts.kv_dtype,
-                                sharding=parts.kv_sharding)
+                                sharding=parts.kv_sharding,
+                                backend=get_backend(config.attention_impl),
+                                head_shards=config.tensor_parallel_size)
         runner = ModelRunner(parts.model, kv, attention_impl=config.attention_impl,
                              attention_wrapper=parts.attention_wrapper,
                              max_rows=config.max_num_seqs, compute_dtype=parts.dtype)

@@ -10,7 +10,6 @@ warm-up; afterwards any new compilation is logged as an error and counted.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import re
@@ -33,7 +32,7 @@ from jaxllm.executable_store import (
     environment_fingerprint,
     source_fingerprint,
 )
-from jaxllm.kernels import ragged_paged_attention_from_metadata
+from jaxllm.kernels import get_backend
 from jaxllm.kernels.native_build import native_targets_used, register_native_target
 from jaxllm.model_inputs import StepInputs
 from jaxllm.models.base import CausalLM
@@ -71,10 +70,6 @@ class ForwardOutput:
     hidden: jax.Array  # [T, E] final hidden states of every token (prompt logprobs)
 
 
-def _attention(impl: str | None):
-    return functools.partial(ragged_paged_attention_from_metadata, impl=impl)
-
-
 def _widest_float(leaves) -> jnp.dtype:
     """The floating dtype holding the most parameter elements (a model's compute dtype)."""
     sizes: dict = {}
@@ -103,7 +98,10 @@ class ModelRunner:
         self.config = model.config
         self.kv_caches = kv_caches
         self.max_logprobs = max_logprobs
-        attn = _attention(attention_impl)
+        # The attention backend (kernels' registry; None: the platform's default): its per-step
+        # metadata is built once per step in _step, not in every layer.
+        self.backend = get_backend(attention_impl)
+        attn = self.backend.attention_fn
         self.attention_fn = attention_wrapper(attn) if attention_wrapper is not None else attn
         self.max_rows = max_rows or 1
         self._no_prev = jnp.zeros(self.max_rows, jnp.int32)  # for steps without look-ahead
@@ -136,8 +134,8 @@ class ModelRunner:
         rows = inputs.prev_sample_rows
         input_ids = jnp.where(rows >= 0, prev_tokens[jnp.clip(rows, 0, prev_tokens.shape[0] - 1)],
                               inputs.input_ids)
-        hidden, kv_caches = model(input_ids, inputs.positions, kv_caches,
-                                  inputs.attention, self.attention_fn)
+        md = self.backend.prepare_metadata(inputs.attention, input_ids.shape[0])
+        hidden, kv_caches = model(input_ids, inputs.positions, kv_caches, md, self.attention_fn)
         logits = model.compute_logits(hidden[inputs.logits_indices])
         return logits, kv_caches, hidden
 
