@@ -205,6 +205,9 @@ class LLMEngine:
         if self._sleeping_specs is not None:
             raise ValueError("the engine is asleep (its KV cache is released): call wake_up() first")
         text, ids = self._tokenize(prompt)
+        if params.bad_words and params.bad_words_token_ids is None:  # (the server resolves its own)
+            params = params.resolve_bad_words(
+                lambda word: self.tokenizer.encode(word, add_special_tokens=False))
         # A bad schema/regex/grammar raises here, before anything is queued.
         grammars = (self.grammars.matchers(params.structured_outputs, params.n)
                     if params.structured_outputs is not None else [None] * params.n)

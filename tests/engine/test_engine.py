@@ -271,3 +271,21 @@ def test_sleep_refuses_requests_until_wake_up(engine):
     engine.add_request([5, 6, 7], SamplingParams(max_tokens=2, ignore_eos=True), "zz")
     assert len(_run(engine, ["zz"])["zz"].outputs[0].token_ids) == 2
     _assert_no_leaks(engine)
+
+
+def test_bad_words_are_resolved_for_offline_requests(engine):
+    """bad_words given to the engine directly (no server to tokenize them) are banned."""
+    seed = _fresh_seed()
+    prompt = _prompts(seed, [7])[0]
+    greedy = dict(temperature=0.0, max_tokens=10, ignore_eos=True)
+    engine.add_request(prompt, SamplingParams(**greedy), "free")
+    free = _run(engine, ["free"])["free"].outputs[0].token_ids
+    tok = engine.tokenizer
+    word = next((t for t in free
+                 if tok.encode(tok.decode([t]), add_special_tokens=False) == [t]), None)
+    if word is None:
+        pytest.skip(f"seed={seed}: no generated token round-trips through its text")
+    engine.add_request(prompt, SamplingParams(**greedy, bad_words=[tok.decode([word])]), "ban")
+    banned = _run(engine, ["ban"])["ban"].outputs[0].token_ids
+    assert word not in banned and banned[:free.index(word)] == free[:free.index(word)], seed
+    _assert_no_leaks(engine)
