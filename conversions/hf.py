@@ -40,11 +40,11 @@ def is_hf_dir(path: Path) -> bool:
         (path / SINGLE_FILE).is_file() or (path / INDEX_FILE).is_file())
 
 
-def _open_files(path: Path) -> dict[str, SafetensorsFile]:
+def open_files(path: Path) -> dict[str, SafetensorsFile]:
     """HF tensor name -> the open file holding it (single file or sharded via the index).
 
     On error, files opened so far are closed; on success the caller closes them (see
-    `_close_all`).
+    `close_all`).
     """
     if (path / INDEX_FILE).is_file():
         try:
@@ -62,7 +62,7 @@ def _open_files(path: Path) -> dict[str, SafetensorsFile]:
                                      f"but that file does not contain it")
                 by_name[name] = files[fname]
         except BaseException:
-            _close_all(files.values())
+            close_all(files.values())
             raise
         return by_name
     if (path / SINGLE_FILE).is_file():
@@ -74,12 +74,12 @@ def _open_files(path: Path) -> dict[str, SafetensorsFile]:
     raise FileNotFoundError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE}")
 
 
-def _close_all(files: Iterable[SafetensorsFile]) -> None:
+def close_all(files: Iterable[SafetensorsFile]) -> None:
     for f in {id(f): f for f in files}.values():
         f.close()
 
 
-def _checkpoint_dtype(cfg: ModelConfig, files: dict[str, SafetensorsFile]) -> str:
+def checkpoint_dtype(cfg: ModelConfig, files: dict[str, SafetensorsFile]) -> str:
     """The dtype the weights are stored in (the embedding's), falling back to config.json."""
     name = "model.embed_tokens.weight"
     if name in files:
@@ -94,11 +94,11 @@ def load_hf_dir(path: str | Path, dtype: str = "auto", progress: bool = False) -
     path = Path(path)
     hf_config = json.loads((path / "config.json").read_text())
     cfg = ModelConfig.from_hf_dict(hf_config)
-    files = _open_files(path)
+    files = open_files(path)
     try:
         params = _read_params(path, cfg, files, dtype, progress)
     finally:
-        _close_all(files.values())
+        close_all(files.values())
     check_params(cfg, params, str(path))
 
     gen_path = path / "generation_config.json"
@@ -107,9 +107,10 @@ def load_hf_dir(path: str | Path, dtype: str = "auto", progress: bool = False) -
                             tokenizer_path=path, source_format="hf", hf_config=hf_config)
 
 
-def _read_params(path: Path, cfg: ModelConfig, files: dict[str, SafetensorsFile], dtype: str,
-                 progress: bool) -> dict[str, np.ndarray]:
-    """Validate every tensor's name, shape and dtype against `cfg`, then read them one by one."""
+def plan_params(path: Path, cfg: ModelConfig,
+                files: dict[str, SafetensorsFile]) -> list[tuple[str, str, bool]]:
+    """(HF name, jaxllm name, transpose?) of every weight, each name, shape and dtype checked
+    against `cfg` and none missing. A jaxllm name `p[i]` is slot i of stacked parameter p."""
     family = family_for(cfg.architecture)
     expected = family.param_shapes(cfg)
     plan: list[tuple[str, str, bool]] = []
@@ -143,8 +144,15 @@ def _read_params(path: Path, cfg: ModelConfig, files: dict[str, SafetensorsFile]
         shown = ", ".join(family.hf_names.to_source(n) for n in missing[:5])
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise ValueError(f"{path}: missing tensor(s) {shown}{more}")
+    return plan
 
-    ckpt_dtype = _checkpoint_dtype(cfg, files)
+
+def _read_params(path: Path, cfg: ModelConfig, files: dict[str, SafetensorsFile], dtype: str,
+                 progress: bool) -> dict[str, np.ndarray]:
+    """Validate every tensor's name, shape and dtype against `cfg`, then read them one by one."""
+    plan = plan_params(path, cfg, files)
+    expected = family_for(cfg.architecture).param_shapes(cfg)
+    ckpt_dtype = checkpoint_dtype(cfg, files)
     out_dtype = resolve_param_dtype(dtype, ckpt_dtype)
     params: dict[str, np.ndarray] = {}
     for hf_name, name, transpose in tqdm(plan, desc="loading", unit="tensor", disable=not progress):

@@ -65,6 +65,15 @@ class SafetensorsFile:
         except (SafetensorError, TypeError) as e:
             raise ValueError(f"{self.path}: cannot read tensor {name} ({e})") from e
 
+    def get_slice(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        """Only the part `index` (one slice per axis) of the tensor, as a new numpy array in
+        the stored dtype: the rest of the tensor is never read from the file."""
+        view = self._slice(name)
+        try:
+            return np.asarray(view[index])
+        except (SafetensorError, TypeError) as e:
+            raise ValueError(f"{self.path}: cannot read tensor {name}[{index}] ({e})") from e
+
     def close(self) -> None:
         self._handle.__exit__(None, None, None)
 

@@ -1,9 +1,12 @@
 """Everything the engine needs before it can run: model, tokenizer and resolved sizes.
 
 Kept apart from the engine so the loop reads as scheduling and stepping only. Tensor parallel
-placement happens here: the checkpoint is read once to host memory, attention heads are
-padded to fit the tensor-parallel size (jaxllm.parallel.head_padding), each parameter is
-placed on its slice of the mesh by the named rules, and the engine gets the KV-cache sharding
+placement happens here. An HF safetensors checkpoint is read straight into its shards: each
+parameter's slices are read from the file as the named rules place them (each process only
+what its devices own; jaxllm.conversions.sharded_hf). Otherwise (GGUF, jaxllm directories,
+heads that must be padded to fit the tensor-parallel size, data parallel) the checkpoint is
+read once to host memory, heads are padded (jaxllm.parallel.head_padding) and each parameter
+is placed on its slice of the mesh by the same rules; and the engine gets the KV-cache sharding
 and the shard_map attention wrapper through `EngineParts`. Data parallel builds one
 `EngineParts` per data slice of the mesh from the same host copy (`load_engine_parts_per_slice`).
 """
@@ -20,13 +23,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from jaxllm.config import EngineConfig, ModelConfig
 from jaxllm.models import CausalLM, build_model
 from jaxllm.models.dtypes import resolve_compute_dtype
 from jaxllm.models.quantized_layers import QuantizedMatmulOptions
 from jaxllm.parallel import (
+    MODEL_AXIS,
+    bind_mesh,
     data_slice_meshes,
     flat_param_shardings,
     kv_cache_sharding,
@@ -34,6 +39,7 @@ from jaxllm.parallel import (
     model_shardings,
     pad_heads_for_tp,
     place_array,
+    plan_head_layout,
     shard_attention,
 )
 from jaxllm.tokenizer import Tokenizer, load_tokenizer
@@ -114,6 +120,7 @@ class _HostModel:
     generation_config: dict[str, Any]
     name: str
     dtype: jnp.dtype
+    placed: bool = False  # params are jax Arrays already where the engine runs them
 
 
 def _enable_compilation_cache(config: EngineConfig) -> None:
@@ -176,6 +183,49 @@ def _load_host_model(config: EngineConfig) -> _HostModel:
     return _HostModel(cfg, params, tokenizer, dict(ckpt.generation_config), name, dtype)
 
 
+def lazy_loadable(config: EngineConfig, path: Path, mesh: Mesh | None) -> bool:
+    """Whether the checkpoint can be read straight into its shards (_load_placed_model): an HF
+    safetensors directory whose attention heads need no rearranging for the mesh."""
+    from jaxllm.conversions.checkpoint import detect_format
+
+    if detect_format(path) != "hf" or config.quantization == "gguf":
+        return False  # (the host path says why quantization="gguf" cannot apply)
+    if mesh is None:
+        return True
+    cfg = ModelConfig.from_file(path)
+    return plan_head_layout(cfg.num_heads, cfg.num_kv_heads, mesh.shape[MODEL_AXIS]).is_identity
+
+
+def _load_placed_model(config: EngineConfig, path: Path, mesh: Mesh | None) -> _HostModel:
+    """The HF checkpoint at `path` read tensor slice by tensor slice into its place on `mesh`
+    (one device when None): host memory holds about one tensor, never the checkpoint
+    (jaxllm.conversions.sharded_hf)."""
+    from jaxllm.conversions.sharded_hf import load_hf_dir_into
+
+    if mesh is None:
+        device = SingleDeviceSharding(jax.devices()[0])
+
+        def sharding_for(name: str, shape: tuple[int, ...]) -> Any:
+            return device
+    else:
+        def sharding_for(name: str, shape: tuple[int, ...]) -> Any:
+            return flat_param_shardings({name: shape}, mesh)[name]
+
+    ckpt = load_hf_dir_into(path, sharding_for, config.dtype)
+    dtype = resolve_compute_dtype(config.dtype, ckpt.config.torch_dtype)
+    tokenizer = load_tokenizer(ckpt.tokenizer_path or path)
+    return _HostModel(ckpt.config, ckpt.params, tokenizer, dict(ckpt.generation_config),
+                      path.name, dtype, placed=True)
+
+
+def _load_model_for(config: EngineConfig, mesh: Mesh | None) -> _HostModel:
+    """One engine's checkpoint: straight into shards when it can be, else via host memory."""
+    path = resolve_model_path(config.model)
+    if lazy_loadable(config, path, mesh):
+        return _load_placed_model(config, path, mesh)
+    return _load_host_model(config)
+
+
 def _parts_on(config: EngineConfig, host: _HostModel, mesh: Mesh | None) -> EngineParts:
     """Build the model (placed on `mesh` when given) and the engine's hooks for it."""
     cfg = host.config
@@ -193,10 +243,13 @@ def _parts_on(config: EngineConfig, host: _HostModel, mesh: Mesh | None) -> Engi
                             max_positions=rope_positions)
     else:
         # Each parameter goes straight to its slices (no full copy on one device first).
-        shardings = flat_param_shardings({k: v.shape for k, v in host.params.items()}, mesh)
-        placed = {k: place_array(v, shardings[k]) for k, v in host.params.items()}
+        placed = host.params
+        if not host.placed:
+            shardings = flat_param_shardings({k: v.shape for k, v in host.params.items()}, mesh)
+            placed = {k: place_array(v, shardings[k]) for k, v in host.params.items()}
         model = _place_remaining(
             build_model(cfg, placed, host.dtype, max_positions=rope_positions), mesh)
+        bind_mesh(model, mesh)  # mixture-of-experts blocks run expert-parallel on it
         kv_sharding = _without_trailing_none(kv_cache_sharding(mesh))
         attention_wrapper = _AttentionWrapper(mesh)
     return EngineParts(model_config=cfg, model=model, tokenizer=host.tokenizer,
@@ -256,7 +309,7 @@ def load_engine_parts(config: EngineConfig, mesh: Mesh | None = None) -> EngineP
                 "feature: use jaxllm.dp_engine.create_async_engine (or the server); "
                 "an offline LLM runs one engine (data_parallel_size=1)")
         mesh = engine_mesh(config)
-    return _parts_on(config, _load_host_model(config), mesh)
+    return _parts_on(config, _load_model_for(config, mesh), mesh)
 
 
 def load_engine_parts_per_slice(config: EngineConfig) -> list[EngineParts]:

@@ -119,8 +119,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     d.update({"architectures": [cfg.architecture], experts_key: cfg.num_experts,
               "num_experts_per_tok": cfg.num_experts_per_tok, "norm_topk_prob": cfg.norm_topk_prob,
               "decoder_sparse_step": 1, "mlp_only_layers": []})
-    if width_key != "intermediate_size":
-        d[width_key] = cfg.moe_intermediate_size
+    d[width_key] = cfg.moe_intermediate_size  # Mixtral: its intermediate_size is the experts'
     if cfg.shared_expert_intermediate_size:
         d["shared_expert_intermediate_size"] = cfg.shared_expert_intermediate_size
     return d

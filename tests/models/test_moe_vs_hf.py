@@ -41,34 +41,34 @@ def test_logits_and_greedy_match_transformers(tmp_path, kind):
     model = build_model(cfg, params, "float32")
     assert isinstance(model, MoeModel)
     rng = np.random.default_rng(seed)
-    prompts = [rng.integers(0, cfg.vocab_size, size=n).tolist() for n in (1, 9, 23, 14)]
+    prompts = [rng.integers(0, cfg.vocab_size, size=n).tolist() for n in (1, 9, 23)]
     for p, got in zip(prompts, forward_logits(model, prompts), strict=True):
         with torch.no_grad():
             ref = hf(torch.tensor([p])).logits[0].numpy()
         assert _rel_err(got, ref) < 1e-4, f"seed={seed} len={len(p)} err={_rel_err(got, ref)}"
-    ours = plain_generate(model, prompts[1:3], max_new_tokens=8)
+    ours = plain_generate(model, prompts[1:3], max_new_tokens=6)
     for p, got in zip(prompts[1:3], ours, strict=True):
         with torch.no_grad():
             ref = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                              max_new_tokens=8, do_sample=False, pad_token_id=0)[0, len(p):]
+                              max_new_tokens=6, do_sample=False, pad_token_id=0)[0, len(p):]
         assert got == ref.tolist(), f"seed={seed}"
 
 
-@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe_norm"])
+@pytest.mark.parametrize("kind", ["mixtral"])  # Qwen3-MoE: expert parallel, tests/sharding
 def test_engine_greedy_equals_plain_decode(tmp_path, kind):
     from jaxllm.default_model import default_model_path
     from jaxllm.tokenizer import load_tokenizer
 
     seed = _seed()
-    _, path = _saved(tmp_path, kind, seed, vocab_size=512)
+    _, path = _saved(tmp_path, kind, seed, vocab_size=512, num_hidden_layers=1)
     load_tokenizer(default_model_path()).save(path)
     cfg, params = load_checkpoint(path, "float32")
     rng = np.random.default_rng(seed)
-    prompts = [rng.integers(3, 512, size=n).tolist() for n in (5, 17, 1, 30, 9, 23)]
-    expected = plain_generate(build_model(cfg, params, "float32"), prompts, max_new_tokens=10)
+    prompts = [rng.integers(3, 512, size=n).tolist() for n in (5, 17, 1, 30, 9)]
+    expected = plain_generate(build_model(cfg, params, "float32"), prompts, max_new_tokens=6)
     llm = LLM(str(path), max_num_seqs=8, max_num_batched_tokens=64, max_model_len=256,
               page_size=8, prefill_chunk_size=8, dtype="float32")
-    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True),
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True),
                         use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == expected, f"seed={seed}"
 
