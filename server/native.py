@@ -73,7 +73,18 @@ def _params(ctx: ServingContext, req: GenerateRequest, sp: NativeSamplingParams,
         logprobs=req.top_logprobs_num if want_lp else None,
         prompt_logprobs=(req.top_logprobs_num if want_lp and req.logprob_start_len >= 0
                          else None),
-        skip_special_tokens=sp.skip_special_tokens, include_stop_str_in_output=sp.no_stop_trim)
+        skip_special_tokens=sp.skip_special_tokens, include_stop_str_in_output=sp.no_stop_trim,
+        structured_outputs=_structured(sp))
+
+
+def _structured(sp: NativeSamplingParams) -> dict[str, Any] | None:
+    """SGLang's json_schema / regex / ebnf as a structured_outputs spec (at most one)."""
+    given = {k: v for k, v in (("json", sp.json_schema), ("regex", sp.regex),
+                               ("grammar", sp.ebnf)) if v is not None}
+    if len(given) > 1:
+        raise bad_request("set at most one of json_schema, regex, ebnf",
+                          param="sampling_params")
+    return given or None
 
 
 def _finish_reason(comp: CompletionOutput) -> dict[str, Any] | None:

@@ -32,9 +32,11 @@ from .serving import (
     request_id,
     resolve_bad_words,
     resolve_max_tokens,
+    structured_fields,
     token_constraints,
 )
 from .streaming import SSE_DONE, SSE_HEADERS, run_unless_disconnected, sse
+from .structured_output import tool_call_spec
 
 router = APIRouter()
 
@@ -82,13 +84,6 @@ def validate_chat_request(ctx: ServingContext, req: ChatCompletionRequest) -> No
         if req.top_logprobs > sc.max_logprobs:
             raise bad_request(f"top_logprobs must be <= {sc.max_logprobs}, got "
                               f"{req.top_logprobs}", param="top_logprobs")
-    rf = req.response_format
-    if rf is not None and rf.type != "text":
-        if rf.type == "json_schema" and not rf.json_schema:
-            raise bad_request("response_format json_schema needs a json_schema object",
-                              param="response_format")
-        raise bad_request(f"response_format {rf.type!r} is not supported by this server (no "
-                          f"constrained decoding); use 'text'", param="response_format")
     if req.stream_options is not None and not req.stream:
         raise bad_request("stream_options is only allowed when stream is true",
                           param="stream_options")
@@ -127,8 +122,9 @@ def build_chat_prompt(ctx: ServingContext, req: ChatCompletionRequest) -> tuple[
 
 
 def _forced_tool_prefix(req: ChatCompletionRequest) -> str:
-    """Without constrained decoding, tool_choice "required" / named is enforced by opening
-    the Hermes tool-call block (and its name) in the prompt for the model to complete."""
+    """tool_choice "required" / named opens the Hermes tool-call block (and its name) in the
+    prompt; the rest of the block is constrained to the tools' parameter schemas
+    (`structured_output.tool_call_spec`)."""
     if isinstance(req.tool_choice, NamedToolChoice):
         name = json.dumps(req.tool_choice.function.name, ensure_ascii=False)
         return '<tool_call>\n{"name": ' + name + ', "arguments": '
@@ -147,6 +143,8 @@ def _top_k(req: ChatCompletionRequest) -> int | None:
 
 
 def chat_sampling_params(ctx: ServingContext, req: ChatCompletionRequest, max_tokens: int) -> Any:
+    tool_spec = (tool_call_spec(req.tools or [], req.tool_choice, _forced_tool_prefix(req))
+                 if _tools_active(req) else None)
     return resolve_bad_words(ctx, build_sampling_params(
         n=req.n, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
         max_tokens=max_tokens, min_tokens=req.min_tokens, stop=normalize_stop(req.stop),
@@ -155,7 +153,8 @@ def chat_sampling_params(ctx: ServingContext, req: ChatCompletionRequest, max_to
         repetition_penalty=req.repetition_penalty, seed=req.seed, logprobs=_top_k(req),
         prompt_logprobs=req.prompt_logprobs, skip_special_tokens=req.skip_special_tokens,
         include_stop_str_in_output=req.include_stop_str_in_output,
-        **token_constraints(ctx, req.logit_bias, req.allowed_token_ids, req.bad_words)))
+        **token_constraints(ctx, req.logit_bias, req.allowed_token_ids, req.bad_words),
+        **structured_fields(req, tool_spec)))
 
 
 @router.post("/v1/chat/completions")

@@ -26,6 +26,7 @@ from .serving import (
     request_id,
     resolve_bad_words,
     resolve_max_tokens,
+    structured_fields,
     token_constraints,
 )
 from .streaming import SSE_DONE, SSE_HEADERS, merge_streams, run_unless_disconnected, sse
@@ -90,7 +91,8 @@ def _params(ctx: ServingContext, req: CompletionRequest, max_tokens: int) -> Any
         repetition_penalty=req.repetition_penalty, seed=req.seed, logprobs=req.logprobs,
         prompt_logprobs=prompt_lp, skip_special_tokens=req.skip_special_tokens,
         include_stop_str_in_output=req.include_stop_str_in_output,
-        **token_constraints(ctx, req.logit_bias, req.allowed_token_ids, req.bad_words)))
+        **token_constraints(ctx, req.logit_bias, req.allowed_token_ids, req.bad_words),
+        **structured_fields(req)))
 
 
 def _prompt_logprobs(ctx: ServingContext, req: CompletionRequest, out: RequestOutput) -> Any:

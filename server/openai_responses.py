@@ -106,9 +106,6 @@ def _input_messages(req: ResponsesRequest) -> list[dict[str, Any]]:
 
 
 def _chat_request(req: ResponsesRequest, messages: list[dict[str, Any]]) -> ChatCompletionRequest:
-    if req.text is not None and req.text.format is not None and req.text.format.type != "text":
-        raise bad_request(f"text.format {req.text.format.type!r} is not supported by this "
-                          f"server (no constrained decoding); use 'text'", param="text.format")
     if not messages:
         raise bad_request("input must not be empty", param="input")
     tools = [{"type": "function", "function": t.model_dump(exclude={"type"}, exclude_none=True)}
@@ -126,6 +123,14 @@ def _chat_request(req: ResponsesRequest, messages: list[dict[str, Any]]) -> Chat
                                   "min_tokens", "logit_bias", "allowed_token_ids", "bad_words",
                                   "cache_salt", "priority"}),
     }
+    fmt = req.text.format if req.text is not None else None
+    if fmt is not None and fmt.type == "json_object":
+        body["response_format"] = {"type": "json_object"}
+    elif fmt is not None and fmt.type == "json_schema":
+        if fmt.json_schema_body is None:
+            raise bad_request("text.format json_schema needs a schema", param="text.format")
+        body["response_format"] = {"type": "json_schema", "json_schema": {
+            "name": fmt.name, "schema": fmt.json_schema_body, "strict": fmt.strict}}
     return ChatCompletionRequest.model_validate(body)
 
 

@@ -26,6 +26,10 @@ class NativeSamplingParams(_Lenient):
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     skip_special_tokens: bool = True
     no_stop_trim: bool = False
+    # Structured output (SGLang's names): a JSON schema (as text), a regex, an EBNF grammar.
+    json_schema: str | dict | None = None
+    regex: str | None = None
+    ebnf: str | None = None
 
 
 class GenerateRequest(_Lenient):

@@ -52,10 +52,25 @@ class _SamplingFields(_Lenient):
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
     request_id: str | None = None
+    # Structured output (vLLM's extra body fields; jaxllm.structured)
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+
+class ResponseFormat(_Lenient):
+    """text | json_object | json_schema ({"name", "schema", "strict"}): enforced by the
+    sampler (structured output), strict or not."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
 
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
+    response_format: ResponseFormat | None = None
     max_tokens: int | None = Field(16, ge=0)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0)
@@ -111,11 +126,6 @@ class NamedFunction(_Lenient):
 class NamedToolChoice(_Lenient):
     type: Literal["function"] = "function"
     function: NamedFunction
-
-
-class ResponseFormat(_Lenient):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict[str, Any] | None = None
 
 
 class ChatCompletionRequest(_SamplingFields):

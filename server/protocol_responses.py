@@ -56,7 +56,14 @@ class FunctionToolChoice(_Lenient):
 
 
 class TextFormat(_Lenient):
+    """json_schema carries name / schema / strict inline (the Responses API's shape)."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, populate_by_name=True)
+
     type: Literal["text", "json_object", "json_schema"] = "text"
+    name: str | None = None
+    json_schema_body: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
 
 
 class TextConfig(_Lenient):

@@ -92,6 +92,19 @@ def build_sampling_params(**fields: Any) -> Any:
         raise bad_request(str(e)) from e
 
 
+def structured_fields(req: Any, tool_spec: Any = None) -> dict[str, Any]:
+    """The `structured_outputs` SamplingParams field of an OpenAI request (None: none): a tool
+    call that must happen, else response_format / structured_outputs / guided_*."""
+    from .structured_output import structured_spec
+
+    spec = structured_spec(
+        response_format=getattr(req, "response_format", None),
+        structured_outputs=req.structured_outputs, guided_json=req.guided_json,
+        guided_regex=req.guided_regex, guided_choice=req.guided_choice,
+        guided_grammar=req.guided_grammar)
+    return {"structured_outputs": tool_spec or spec}
+
+
 def token_constraints(ctx: ServingContext, logit_bias: dict[str, float] | None,
                       allowed_token_ids: list[int] | None,
                       bad_words: list[str] | None) -> dict[str, Any]:

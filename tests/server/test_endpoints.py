@@ -131,7 +131,12 @@ async def test_validation_errors_are_400() -> None:
             ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
                                       "logprobs": True, "top_logprobs": 30}),
             ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
-                                      "response_format": {"type": "json_object"}}),
+                                      "response_format": {"type": "json_schema",
+                                                          "json_schema": {"name": "x"}}}),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                      "guided_regex": "a", "guided_choice": ["b"]}),
+            ("/v1/completions", {"prompt": "hi", "structured_outputs": {"json": "{bad"}}),
+            ("/generate", {"text": "a", "sampling_params": {"regex": "a", "ebnf": "b"}}),
             ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
                                       "tool_choice": "required"}),
             ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
@@ -146,7 +151,7 @@ async def test_validation_errors_are_400() -> None:
         _assert_openai_error(bad_json, 400)
         rf = await c.post("/v1/chat/completions", json={
             "messages": [{"role": "user", "content": "x"}],
-            "response_format": {"type": "json_object"}})
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}})
         assert "response_format" in rf.json()["error"]["message"]
     assert not engine.active
 

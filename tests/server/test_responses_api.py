@@ -107,7 +107,7 @@ def test_previous_response_id_replays_the_conversation(client: openai.OpenAI,
 def test_bad_requests_are_400(live_server: LiveServer) -> None:
     headers = {"Authorization": f"Bearer {live_server.api_key}"}
     for body in ({"input": [{"role": "user", "content": [{"type": "input_image"}]}]},
-                 {"input": "x", "text": {"format": {"type": "json_object"}}},
+                 {"input": "x", "text": {"format": {"type": "json_schema"}}},
                  {"input": []},
                  {"input": "x", "max_output_tokens": 0}):
         r = httpx.post(live_server.openai_url + "/responses", json={"model": MODEL, **body},
