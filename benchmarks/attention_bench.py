@@ -1,7 +1,7 @@
 """Time ragged paged attention per implementation on the current backend.
 
 Usage: python benchmarks/attention_bench.py [--dtype float32|bfloat16] [--iters N]
-           [--impl reference,cpu,cpu_native,gpu_paged] [--shapes decode,prefill]
+           [--impl reference,gpu,gpu_query_blocks,gpu_paged,...] [--shapes decode,prefill]
            [--page-sizes 16,32,64,128] [--pages-per-block N]
 
 Shapes (SmolLM2-135M heads: 9 query / 3 KV heads, head_dim 64, unless named "8B heads":
@@ -25,10 +25,11 @@ out contiguously per sequence (no paging, no cache write) -- what paging costs o
 Kernels run only where they compile (Pallas TPU on TPU, Pallas GPU on GPU); interpret mode is a
 correctness tool, not timed. On CPU the `cpu` (kernels/cpu.py) and `cpu_native` (kernels/
 cpu_native.py, the C++ FFI kernel) implementations are timed too; --impl picks a subset (the
-first one listed is the "vs" baseline). `gpu_paged` is kernels/gpu_paged.py (decode kernel over
-(sequence, kv head, split) + one-sequence prefill blocks) called directly after the shared K/V
-write, until the "gpu" backend runs it; on GPUs it is timed next to "gpu", and
---pages-per-block overrides its block size (block_sizes.gpu_pages_per_block) for sweeps.
+first one listed is the "vs" baseline). "gpu" runs kernels/gpu_paged.py (decode kernel over
+(sequence, kv head, split) + one-sequence prefill blocks); on GPUs it is timed next to
+`gpu_query_blocks`, the first GPU kernel (gpu.query_block_attention_gpu, the one the recorded
+H200 run measured). `gpu_paged` calls gpu_paged.py directly so that --pages-per-block can
+override its block size (block_sizes.gpu_pages_per_block) for sweeps.
 """
 
 from __future__ import annotations
@@ -100,18 +101,26 @@ def build(shape: Shape, dtype, rng: np.random.Generator):
     return args
 
 
-def gpu_paged_attention(q, k, v, cache, kv_lens, pages, cu, n, *, sm_scale: float,
-                        pages_per_block: int | None):
-    """The shared K/V write, then kernels/gpu_paged.py (interpret mode off a GPU)."""
+def gpu_kernel_attention(impl: str, q, k, v, cache, kv_lens, pages, cu, n, *, sm_scale: float,
+                         pages_per_block: int | None):
+    """The shared K/V write, then a GPU kernel called directly (interpret mode off a GPU):
+    gpu_paged (kernels/gpu_paged.py, with the block-size override) or gpu_query_blocks (the
+    first kernel, gpu.query_block_attention_gpu, which the recorded H200 run measured)."""
+    from jaxllm.kernels.gpu import query_block_attention_gpu
     from jaxllm.kernels.gpu_paged import paged_attention_gpu
     from jaxllm.kernels.metadata import AttentionMetadata
     from jaxllm.kernels.ragged_layout import token_layout, write_new_kv
 
-    cache = write_new_kv(cache, k.astype(cache.dtype), v.astype(cache.dtype), pages,
-                         token_layout(q.shape[0], kv_lens, cu, n))
-    out = paged_attention_gpu(q, cache, AttentionMetadata(kv_lens, pages, cu, n),
-                              sm_scale=sm_scale, pages_per_block=pages_per_block,
-                              interpret=jax.default_backend() not in ("gpu", "cuda"))
+    layout = token_layout(q.shape[0], kv_lens, cu, n)
+    cache = write_new_kv(cache, k.astype(cache.dtype), v.astype(cache.dtype), pages, layout)
+    md = AttentionMetadata(kv_lens, pages, cu, n)
+    interpret = jax.default_backend() not in ("gpu", "cuda")
+    if impl == "gpu_query_blocks":
+        out = query_block_attention_gpu(q, cache, md.replace(layout=layout), sm_scale=sm_scale,
+                                        interpret=interpret)
+    else:
+        out = paged_attention_gpu(q, cache, md, sm_scale=sm_scale,
+                                  pages_per_block=pages_per_block, interpret=interpret)
     return out, cache
 
 
@@ -121,9 +130,9 @@ def paged_fn(impl: str, inputs: tuple, pages_per_block: int | None = None):
     @functools.partial(jax.jit, donate_argnums=(3,))
     def run(q, k, v, cache, kv_lens, pages, cu, n):
         sm_scale = q.shape[-1] ** -0.5
-        if impl == "gpu_paged":
-            return gpu_paged_attention(q, k, v, cache, kv_lens, pages, cu, n, sm_scale=sm_scale,
-                                       pages_per_block=pages_per_block)
+        if impl in ("gpu_paged", "gpu_query_blocks"):
+            return gpu_kernel_attention(impl, q, k, v, cache, kv_lens, pages, cu, n,
+                                        sm_scale=sm_scale, pages_per_block=pages_per_block)
         return ragged_paged_attention(
             q, k, v, cache, kv_lens, pages, cu, n, sm_scale=sm_scale, impl=impl
         )
@@ -205,14 +214,15 @@ def main() -> None:
     args = parser.parse_args()
     dtype = jnp.dtype(args.dtype)
     backend = jax.default_backend()
-    defaults = {"tpu": ["tpu"], "gpu": ["gpu", "gpu_paged"]}.get(backend, ["cpu", "cpu_native"])
+    defaults = {"tpu": ["tpu"], "gpu": ["gpu", "gpu_query_blocks"]}.get(backend,
+                                                                      ["cpu", "cpu_native"])
     impls = args.impl.split(",") if args.impl else ["reference", *defaults]
     prefixes = tuple(args.shapes.split(",")) if args.shapes else ("",)
     rng = np.random.default_rng(0)
     copy_rate = copy_bandwidth(args.iters) if backend != "cpu" else None
     print(f"backend={backend} device={jax.devices()[0].device_kind} dtype={args.dtype}"
           + (f" copy={copy_rate / 1e9:.0f} GB/s" if copy_rate else ""))
-    header = (f"{'shape':30s} {'impl':10s} {'ms':>9s} {'KV GB/s':>9s} {'GFLOP/s':>9s} "
+    header = (f"{'shape':30s} {'impl':16s} {'ms':>9s} {'KV GB/s':>9s} {'GFLOP/s':>9s} "
               f"{'vs 1st':>7s}" + (f" {'% copy':>7s}" if copy_rate else ""))
     print(header)
     print("-" * len(header))
@@ -235,7 +245,7 @@ def main() -> None:
             ref_time = ref_time or seconds
             share = f" {100 * kv_bytes / seconds / copy_rate:7.1f}" if copy_rate else ""
             print(
-                f"{shape.name:30s} {impl:10s} {seconds * 1e3:9.3f} "
+                f"{shape.name:30s} {impl:16s} {seconds * 1e3:9.3f} "
                 f"{kv_bytes / seconds / 1e9:9.2f} {flops / seconds / 1e9:9.2f} "
                 f"{ref_time / seconds:7.2f}{share}"
             )

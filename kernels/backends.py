@@ -12,8 +12,10 @@ so the per-token layout (ragged_layout.token_layout) is computed once, not once 
 Defaults per platform (`default_impl`):
 - CPU: "cpu_native" (the C++ kernel: the batch-32 decode step 1.6x faster than "cpu"'s,
   benchmarks/RESULTS.md), or "cpu" (pure JAX, 1.34x the reference's) without a C++ compiler.
-- NVIDIA GPU: "gpu", the Pallas Triton kernel. The first hardware run (one H200, 2026-12-04,
-  ../shared/MEASURING.md "GPU: the first hardware run") measured it 7.8x the reference on
+- NVIDIA GPU: "gpu", the Pallas Triton paged decode + prefill kernels (gpu_paged.py; their
+  hardware run is owed). The first hardware run (one H200, 2026-12-04, ../shared/MEASURING.md
+  "GPU: the first hardware run") measured the first kernel (gpu.query_block_attention_gpu,
+  the fallback) 7.8x the reference on
   prefill attention (0.36 vs 2.82 ms, 4 x 512 tokens over 512 cached) and a batch-256 decode
   step of a 1B-shaped model at 5.87 ms against the reference's 18.65 ms.
 - TPU: "tpu", JAX's own tuned kernel (jax_tpu.py); "tpu_own" is jaxllm's kernel (tpu.py).
@@ -228,11 +230,12 @@ class JaxTpuBackend(AttentionBackend):
 class GpuBackend(AttentionBackend):
     name = "gpu"
     platforms = GPU_PLATFORMS
-    summary = "jaxllm's Pallas Triton kernel"
+    summary = "jaxllm's Pallas Triton paged decode + prefill kernels (gpu_paged.py)"
 
     def block_sizes(self) -> str:
-        return ("up to 64 query rows per program, kv splits 1/2/4 by pages per sequence "
-                "(block_sizes.gpu_query_block, gpu_kv_splits)")
+        return ("decode: a kv head's query heads as >= 16 rows, ~64-128 keys per page block, "
+                "kv splits to fill the SMs; prefill: 64-row query blocks of one sequence "
+                "(block_sizes.gpu_*)")
 
     def attend(self, q, k_new, v_new, kv_cache, md, **opts):
         from jaxllm.kernels.gpu import ragged_paged_attention_gpu

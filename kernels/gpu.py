@@ -1,4 +1,11 @@
-"""Ragged paged attention as a Pallas GPU kernel (Triton backend).
+"""Ragged paged attention on NVIDIA GPUs: the "gpu" backend's entry point, and the first kernel.
+
+`ragged_paged_attention_gpu` runs the paged decode + prefill kernels (gpu_paged.py: a decode
+grid of (sequence, kv head, kv split) and prefill blocks of one sequence each; issue 18). They
+have interpret-mode tests only: their first hardware run is owed (docs/architecture.md, "What
+runs on GPU"). `query_block_attention_gpu` below is the first kernel, the one the recorded H200
+run measured (97 GB/s of KV read at decode 64 x 2048): kept as the comparison point
+(benchmarks/attention_bench.py --impl gpu,gpu_query_blocks) and as the one-line fallback.
 
 Why Triton and not Mosaic GPU: CI has no GPU, so the kernel must be checked in interpret mode
 on CPU. With the installed JAX, Triton-backend kernels interpret faithfully (jax's own Triton
@@ -6,7 +13,7 @@ paged attention matches its reference there), while Mosaic GPU's GMEM->SMEM copi
 barriers and wgmma fail or give wrong results under interpret. The Triton backend is deprecated
 from JAX 0.11; a Hopper Mosaic GPU path is the follow-up once hardware runs are possible.
 
-Status: the default on NVIDIA GPUs (backends.py cites the recorded H200 run). Float32 inputs
+First kernel's status: the default on NVIDIA GPUs until the paged kernels. Float32 inputs
 are multiplied at full float32 precision (precision=HIGHEST: IEEE dots, no TF32); bfloat16
 inputs keep the default (TF32 on the float32-widened values, exact for bfloat16 operands).
 
@@ -29,6 +36,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from jaxllm.kernels.block_sizes import gpu_kv_splits, gpu_query_block
+from jaxllm.kernels.gpu_paged import paged_attention_gpu
 from jaxllm.kernels.metadata import AttentionMetadata
 from jaxllm.kernels.pallas_common import (
     MASK_VALUE,
@@ -117,8 +125,25 @@ def dot_precision(dtype) -> lax.Precision | None:
     return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "interpret"))
 def ragged_paged_attention_gpu(
+    q: jax.Array,
+    kv_cache: jax.Array,
+    md: AttentionMetadata,
+    *,
+    sm_scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """Attend q over a cache that already holds the new K/V (gpu_paged.paged_attention_gpu).
+    Inputs are assumed validated. Returns out [T, Hq, D] in q's dtype."""
+    return paged_attention_gpu(q, kv_cache, md, sm_scale=sm_scale,
+                               sliding_window=sliding_window, soft_cap=soft_cap,
+                               interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "interpret"))
+def query_block_attention_gpu(
     q: jax.Array,
     kv_cache: jax.Array,
     md: AttentionMetadata,

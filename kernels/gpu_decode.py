@@ -40,10 +40,24 @@ def load_kv_block(kv_ref, pages_ref, seq, block, head, *, pages_per_block: int,
     return k, v
 
 
+def probs_dot_values(probs, v, *, precision, split_probs: bool):
+    """P.V with float32 probabilities P. With bfloat16 V, P goes to the tensor cores as
+    bfloat16: as a hi + lo pair (two MMAs, ~16 mantissa bits: the reference's accuracy) when
+    split_probs, else once (flash attention's rounding: ~2^-9 relative per probability)."""
+    if v.dtype == jnp.float32:
+        return pltriton.dot(probs, v, precision=precision)
+    hi = probs.astype(v.dtype)
+    out = pltriton.dot(hi, v, precision=precision)
+    if split_probs:
+        lo = (probs - hi.astype(jnp.float32)).astype(v.dtype)
+        out = out + pltriton.dot(lo, v, precision=precision)
+    return out
+
+
 def attend_block(state, q, k, v, key_pos, kv_len, mask, *, sm_scale: float,
-                 soft_cap: float | None, precision):
+                 soft_cap: float | None, precision, split_probs: bool):
     """Fold one block of keys into the running (acc [rows, D], max [rows], sum [rows]) of the
-    rows of q; P is cast to V's dtype for P.V (bfloat16 tensor cores on the fast path).
+    rows of q (P.V as probs_dot_values).
 
     Keys at or past kv_len may be poisoned (NaN in never-written slots), so their values are
     zeroed before the P.V product; their logits are masked by `mask`."""
@@ -57,14 +71,15 @@ def attend_block(state, q, k, v, key_pos, kv_len, mask, *, sm_scale: float,
     probs = jnp.where(mask, jnp.exp(logits - m_new[:, None]), 0.0)
     alpha = jnp.exp(m_prev - m_new)
     l_new = alpha * l_prev + jnp.sum(probs, axis=1)
-    acc = alpha[:, None] * acc + pltriton.dot(probs.astype(v.dtype), v, precision=precision)
+    acc = alpha[:, None] * acc + probs_dot_values(probs, v, precision=precision,
+                                                  split_probs=split_probs)
     return acc, m_new, l_new
 
 
 def _decode_kernel(
     kv_lens_ref, pages_ref, q_ref, kv_ref, acc_ref, m_ref, l_ref,
     *, pages_per_block: int, num_splits: int, num_pages: int, sm_scale: float,
-    sliding_window: int | None, soft_cap: float | None, precision,
+    sliding_window: int | None, soft_cap: float | None, precision, split_probs: bool,
 ):  # fmt: skip
     rows, head_dim = q_ref.shape
     page_size = kv_ref.shape[1]
@@ -92,7 +107,7 @@ def _decode_kernel(
             live = live & (key_pos > pos - sliding_window)
         mask = jnp.broadcast_to(live[None, :], (rows, block_keys))
         return attend_block(state, q, k, v, key_pos, kv_len, mask, sm_scale=sm_scale,
-                            soft_cap=soft_cap, precision=precision)
+                            soft_cap=soft_cap, precision=precision, split_probs=split_probs)
 
     state = (
         jnp.zeros((rows, head_dim), jnp.float32),
@@ -117,7 +132,7 @@ def merge_splits(acc: jax.Array, m: jax.Array, l_sum: jax.Array) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=(
     "rows", "pages_per_block", "sm_scale", "sliding_window", "soft_cap", "precision",
-    "interpret"))
+    "split_probs", "interpret"))
 def decode_attention(
     q: jax.Array,
     kv_cache: jax.Array,
@@ -130,6 +145,7 @@ def decode_attention(
     sliding_window: int | None,
     soft_cap: float | None,
     precision,
+    split_probs: bool,
     interpret: bool,
 ) -> jax.Array:
     """One query token per sequence over its pages: q [S, Hq, D] (in the compute dtype),
@@ -146,7 +162,7 @@ def decode_attention(
     kernel = functools.partial(
         _decode_kernel, pages_per_block=pages_per_block, num_splits=num_splits,
         num_pages=num_pages, sm_scale=sm_scale, sliding_window=sliding_window,
-        soft_cap=soft_cap, precision=precision,
+        soft_cap=soft_cap, precision=precision, split_probs=split_probs,
     )  # fmt: skip
     whole = pl.no_block_spec  # whole array in global memory; indexed in the kernel
     parts = (num_splits, num_seqs, num_kv_heads, rows)

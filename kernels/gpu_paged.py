@@ -13,8 +13,11 @@ new K/V (ragged_layout.write_new_kv), with the layout every backend shares ([pag
 2*Hkv, D], K of head h at 2h, V at 2h+1).
 
 Precision: float32 when q or the cache is float32 (dots at HIGHEST: IEEE, no TF32); otherwise
-bfloat16 tensor-core dots with float32 accumulation and softmax (P cast to bfloat16 for P.V,
-as flash attention does).
+bfloat16 tensor-core dots with float32 accumulation and softmax. P enters P.V as a bfloat16
+hi + lo pair (two MMAs): the reference's accuracy, so bf16 results match it as closely as the
+first kernel's did (flash attention's single bfloat16 P is ~2e-3 off in relative L2, the size of
+the output's own rounding). Decode is memory-bound, so the second MMA is free there; whether
+prefill should drop it (split_probs=False) is for the hardware run to say.
 
 Coalescing by page size: a K (or V) row of one head is D contiguous elements (128 bytes at
 D=64 bf16, 256 at D=128), rows of a page are 2*Hkv*D elements apart, so every page size reads
@@ -63,7 +66,7 @@ def last_tokens(md: AttentionMetadata, num_tokens: int) -> tuple[jax.Array, jax.
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "sm_scale", "sliding_window", "soft_cap", "interpret", "pages_per_block"))
+    "sm_scale", "sliding_window", "soft_cap", "interpret", "pages_per_block", "split_probs"))
 def paged_attention_gpu(
     q: jax.Array,
     kv_cache: jax.Array,
@@ -74,12 +77,14 @@ def paged_attention_gpu(
     soft_cap: float | None = None,
     interpret: bool = False,
     pages_per_block: int | None = None,
+    split_probs: bool = True,
 ) -> jax.Array:
     """Attend q [T, Hq, D] over a cache that already holds the step's new K/V; md as the
     engine builds it (its token layout is not needed). Inputs are assumed validated.
     pages_per_block overrides block_sizes.gpu_pages_per_block (hardware sweeps; tests that
-    need several blocks and kv splits at tiny sizes). Returns out [T, Hq, D] in q's dtype, 0
-    for padding tokens."""
+    need several blocks and kv splits at tiny sizes); split_probs=False gives bfloat16 P.V one
+    MMA instead of two (gpu_decode.probs_dot_values; to be measured on prefill). Returns out
+    [T, Hq, D] in q's dtype, 0 for padding tokens."""
     num_tokens, num_q_heads, head_dim = q.shape
     _, page_size, two_hkv, _ = kv_cache.shape
     group = num_q_heads // (two_hkv // 2)
@@ -92,7 +97,7 @@ def paged_attention_gpu(
     pages = jnp.pad(md.page_indices, ((0, 0), (0, -width % pages_per_block)))
     opts = dict(pages_per_block=pages_per_block, sm_scale=sm_scale,
                 sliding_window=sliding_window, soft_cap=soft_cap, precision=precision,
-                interpret=interpret)
+                split_probs=split_probs, interpret=interpret)
     q_in = q.astype(dtype)
 
     token, kv_len = last_tokens(md, num_tokens)

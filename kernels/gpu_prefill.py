@@ -55,7 +55,7 @@ def prefill_blocks(cu_q_lens: jax.Array, num_seqs: jax.Array, *, block_q: int,
 def _prefill_kernel(
     kv_lens_ref, pages_ref, cu_ref, seq_ref, first_ref, count_ref, q_ref, kv_ref, o_ref,
     *, group_padded: int, pages_per_block: int, num_pages: int, sm_scale: float,
-    sliding_window: int | None, soft_cap: float | None, precision,
+    sliding_window: int | None, soft_cap: float | None, precision, split_probs: bool,
 ):  # fmt: skip
     rows, head_dim = q_ref.shape
     page_size = kv_ref.shape[1]
@@ -85,7 +85,7 @@ def _prefill_kernel(
         if sliding_window is not None:
             mask = mask & (key_pos[None, :] > q_pos[:, None] - sliding_window)
         return attend_block(state, q, k, v, key_pos, kv_len, mask, sm_scale=sm_scale,
-                            soft_cap=soft_cap, precision=precision)
+                            soft_cap=soft_cap, precision=precision, split_probs=split_probs)
 
     state = (
         jnp.zeros((rows, head_dim), jnp.float32),
@@ -98,7 +98,7 @@ def _prefill_kernel(
 
 @functools.partial(jax.jit, static_argnames=(
     "block_q", "pages_per_block", "sm_scale", "sliding_window", "soft_cap", "precision",
-    "out_dtype", "interpret"))
+    "split_probs", "out_dtype", "interpret"))
 def prefill_attention(
     q: jax.Array,
     kv_cache: jax.Array,
@@ -113,6 +113,7 @@ def prefill_attention(
     sliding_window: int | None,
     soft_cap: float | None,
     precision,
+    split_probs: bool,
     out_dtype,
     interpret: bool,
 ) -> jax.Array:
@@ -140,7 +141,7 @@ def prefill_attention(
     kernel = functools.partial(
         _prefill_kernel, group_padded=group_padded, pages_per_block=pages_per_block,
         num_pages=num_pages, sm_scale=sm_scale, sliding_window=sliding_window,
-        soft_cap=soft_cap, precision=precision,
+        soft_cap=soft_cap, precision=precision, split_probs=split_probs,
     )  # fmt: skip
     whole = pl.no_block_spec
     out = pl.pallas_call(

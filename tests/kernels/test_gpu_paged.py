@@ -86,9 +86,10 @@ def check(case, dtype, *, cache_dtype=None, sliding_window=None, soft_cap=None,
     if jnp.float32 in (jnp.dtype(dtype), jnp.dtype(cache_dtype or dtype)):
         assert rel_err(out[:real], want[:real]) <= 1e-5, "vs oracle"
         assert rel_err(out[:real], ref) <= 1e-5, "vs reference"
-    else:  # bf16 P.V operands and output rounding: relative L2 (module docstring of gpu_paged)
+    else:  # relative L2: both outputs are rounded to bfloat16 (~1.6e-3 from the oracle alone);
+        # P.V as a bf16 hi + lo pair keeps the kernel within rounding flips of the reference
         assert rel_norm_err(out[:real], want[:real]) <= 4e-3, "vs oracle"
-        assert rel_norm_err(out[:real], ref) <= 4e-3, "vs reference"
+        assert rel_norm_err(out[:real], ref) <= 1e-3, "vs reference"
 
 
 def test_mha_decode_prefill_and_mixed_float32():
