@@ -44,12 +44,28 @@ def _random_config(arch: str, rng: np.random.Generator) -> ModelConfig:
         torch_dtype=str(rng.choice(["float32", "bfloat16", "float16"])))
 
 
+def _random_moe_config(arch: str, rng: np.random.Generator) -> ModelConfig:
+    """A random config of a mixture-of-experts architecture (attention as its Llama twin's)."""
+    base = {"MixtralForCausalLM": "MistralForCausalLM", "Qwen3MoeForCausalLM": "Qwen3ForCausalLM",
+            "Qwen2MoeForCausalLM": "Qwen2ForCausalLM"}[arch]
+    cfg = _random_config(base, rng)
+    experts = int(rng.integers(2, 9))
+    width = cfg.intermediate_size
+    return dataclasses.replace(
+        cfg, architecture=arch, num_experts=experts,
+        num_experts_per_tok=int(rng.integers(1, experts + 1)),
+        moe_intermediate_size=width if arch == "MixtralForCausalLM" else int(rng.integers(8, 100)),
+        norm_topk_prob=True if arch == "MixtralForCausalLM" else bool(rng.integers(2)),
+        shared_expert_intermediate_size=int(rng.integers(8, 100)) if arch.startswith("Qwen2") else 0)
+
+
 @pytest.mark.parametrize("arch", registry.supported_architectures())
 def test_config_to_hf_and_back_is_identity(arch):
     rng = np.random.default_rng(fresh_seed())
     family = registry.family_for(arch)
     for _ in range(20):
-        cfg = _random_config(arch, rng)
+        cfg = (_random_moe_config(arch, rng) if "Moe" in arch or arch.startswith("Mixtral")
+               else _random_config(arch, rng))
         assert ModelConfig.from_hf_dict(family.config_to_hf(cfg)) == cfg
 
 
@@ -87,11 +103,13 @@ def test_every_parameter_has_axes_of_its_rank_and_source_names(arch):
     rng = np.random.default_rng(fresh_seed())
     family = registry.family_for(arch)
     for _ in range(5):
-        cfg = _random_config(arch, rng)
+        cfg = (_random_moe_config(arch, rng) if "Moe" in arch or arch.startswith("Mixtral")
+               else _random_config(arch, rng))
         for name, shape in expected_param_shapes(cfg).items():
             assert len(logical_axes(name, arch)) == len(shape) and logical_axes(name) == \
                 logical_axes(name, arch), name
-            for names in (family.hf_names, family.gguf_names):
+            reads_gguf = bool(family.gguf_names.top or family.gguf_names.layer)
+            for names in (family.hf_names, family.gguf_names) if reads_gguf else (family.hf_names,):
                 if names is family.gguf_names and cfg.mlp_bias and "_proj.bias" in name \
                         and name.split(".")[-2] in ("gate_proj", "up_proj", "down_proj"):
                     continue  # llama.cpp's Llama conversion has no MLP biases
