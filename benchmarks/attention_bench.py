@@ -2,7 +2,7 @@
 
 Usage: python benchmarks/attention_bench.py [--dtype float32|bfloat16] [--iters N]
            [--impl reference,gpu,gpu_query_blocks,gpu_paged,...] [--shapes decode,prefill]
-           [--page-sizes 16,32,64,128] [--pages-per-block N]
+           [--page-sizes 16,32,64,128] [--pages-per-block N] [--single-bf16-probs]
 
 Shapes (SmolLM2-135M heads: 9 query / 3 KV heads, head_dim 64, unless named "8B heads":
 Llama-3-8B's 32 / 8, head_dim 128; page_size 16 unless --page-sizes lists others: each shape
@@ -29,7 +29,8 @@ first one listed is the "vs" baseline). "gpu" runs kernels/gpu_paged.py (decode 
 (sequence, kv head, split) + one-sequence prefill blocks); on GPUs it is timed next to
 `gpu_query_blocks`, the first GPU kernel (gpu.query_block_attention_gpu, the one the recorded
 H200 run measured). `gpu_paged` calls gpu_paged.py directly so that --pages-per-block can
-override its block size (block_sizes.gpu_pages_per_block) for sweeps.
+override its block size (block_sizes.gpu_pages_per_block) and --single-bf16-probs its
+bfloat16 P.V (gpu_paged.paged_attention_gpu's split_probs=False) for sweeps.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def build(shape: Shape, dtype, rng: np.random.Generator):
 
 
 def gpu_kernel_attention(impl: str, q, k, v, cache, kv_lens, pages, cu, n, *, sm_scale: float,
-                         pages_per_block: int | None):
+                         pages_per_block: int | None, split_probs: bool):
     """The shared K/V write, then a GPU kernel called directly (interpret mode off a GPU):
     gpu_paged (kernels/gpu_paged.py, with the block-size override) or gpu_query_blocks (the
     first kernel, gpu.query_block_attention_gpu, which the recorded H200 run measured)."""
@@ -120,11 +121,13 @@ def gpu_kernel_attention(impl: str, q, k, v, cache, kv_lens, pages, cu, n, *, sm
                                         interpret=interpret)
     else:
         out = paged_attention_gpu(q, cache, md, sm_scale=sm_scale,
-                                  pages_per_block=pages_per_block, interpret=interpret)
+                                  pages_per_block=pages_per_block, split_probs=split_probs,
+                                  interpret=interpret)
     return out, cache
 
 
-def paged_fn(impl: str, inputs: tuple, pages_per_block: int | None = None):
+def paged_fn(impl: str, inputs: tuple, pages_per_block: int | None = None,
+             split_probs: bool = True):
     """A no-argument step that, like the runner, donates the cache and keeps the result."""
 
     @functools.partial(jax.jit, donate_argnums=(3,))
@@ -132,7 +135,8 @@ def paged_fn(impl: str, inputs: tuple, pages_per_block: int | None = None):
         sm_scale = q.shape[-1] ** -0.5
         if impl in ("gpu_paged", "gpu_query_blocks"):
             return gpu_kernel_attention(impl, q, k, v, cache, kv_lens, pages, cu, n,
-                                        sm_scale=sm_scale, pages_per_block=pages_per_block)
+                                        sm_scale=sm_scale, pages_per_block=pages_per_block,
+                                        split_probs=split_probs)
         return ragged_paged_attention(
             q, k, v, cache, kv_lens, pages, cu, n, sm_scale=sm_scale, impl=impl
         )
@@ -205,6 +209,8 @@ def main() -> None:
                         help="comma-separated page sizes; each shape runs at each")
     parser.add_argument("--pages-per-block", type=int, default=None,
                         help="gpu_paged: pages per K/V load (default: block_sizes')")
+    parser.add_argument("--single-bf16-probs", action="store_true",
+                        help="gpu_paged: bf16 P.V in one MMA, not a hi + lo pair")
     parser.add_argument(
         "--shapes",
         default=None,
@@ -235,7 +241,8 @@ def main() -> None:
         layer_inputs = [build(shape, dtype, rng) for _ in range(shape.layers)]
         kv_bytes, flops = work(shape, dtype.itemsize)
         ref_time = None
-        runs = [(impl, all_layers([paged_fn(impl, inputs, args.pages_per_block)
+        runs = [(impl, all_layers([paged_fn(impl, inputs, args.pages_per_block,
+                                            not args.single_bf16_probs)
                                    for inputs in layer_inputs]))
                 for impl in impls]
         runs.append(("xla_dense", all_layers([dense_peer(shape, inputs)

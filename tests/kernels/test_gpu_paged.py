@@ -60,9 +60,10 @@ reference = jax.jit(attend, static_argnames=("sm_scale", "sliding_window", "soft
 
 
 def check(case, dtype, *, cache_dtype=None, sliding_window=None, soft_cap=None,
-          pages_per_block=None, interpret=True) -> None:
+          pages_per_block=None, split_probs=True, interpret=True) -> None:
     """Kernel output == oracle and reference on the real tokens; 0 on padding; finite.
     cache_dtype: store K/V in it (rounded in the case first, so the oracle sees them too).
+    split_probs=False: bf16 P.V in one MMA (looser bound vs the reference).
     interpret=False: compiled for the GPU (tests/gpu)."""
     if cache_dtype is not None:
         for name in ("k_new", "v_new", "kv_cache"):
@@ -74,7 +75,8 @@ def check(case, dtype, *, cache_dtype=None, sliding_window=None, soft_cap=None,
     cache, layout = written_cache(cache, k, v, kv_lens, pages, cu, n)
     opts = dict(sm_scale=case.sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
     out = paged_attention_gpu(q, cache, AttentionMetadata(kv_lens, pages, cu, n), **opts,
-                              interpret=interpret, pages_per_block=pages_per_block)
+                              interpret=interpret, pages_per_block=pages_per_block,
+                              split_probs=split_probs)
     ref = reference(q, cache, pages, layout, **opts)
     want, _ = oracle(case, dtype, sliding_window=sliding_window,
                      soft_cap=soft_cap)
@@ -89,7 +91,7 @@ def check(case, dtype, *, cache_dtype=None, sliding_window=None, soft_cap=None,
     else:  # relative L2: both outputs are rounded to bfloat16 (~1.6e-3 from the oracle alone);
         # P.V as a bf16 hi + lo pair keeps the kernel within rounding flips of the reference
         assert rel_norm_err(out[:real], want[:real]) <= 4e-3, "vs oracle"
-        assert rel_norm_err(out[:real], ref) <= 1e-3, "vs reference"
+        assert rel_norm_err(out[:real], ref) <= (1e-3 if split_probs else 4e-3), "vs reference"
 
 
 def test_mha_decode_prefill_and_mixed_float32():
@@ -145,6 +147,15 @@ def test_gqa8_float32_queries_over_bfloat16_cache_window_splits():
     for seqs in batches:
         check(fixed_shape_case(rng, seqs, **shape), jnp.float32, cache_dtype=jnp.bfloat16,
               sliding_window=21, pages_per_block=1)
+
+
+def test_single_bf16_probs_variant():
+    """split_probs=False (flash attention's single bf16 P) on a mixed bf16 batch, G = 2."""
+    rng = fresh_rng()
+    seqs = [(int(rng.integers(30, 90)), 1), (50, 21), (7, 7)]
+    case = make_case(rng, seqs, num_q_heads=4, num_kv_heads=2, head_dim=HEAD_DIM,
+                     page_size=16, pad_tokens=2, pad_seqs=1)
+    check(case, jnp.bfloat16, split_probs=False)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
