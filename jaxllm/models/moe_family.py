@@ -64,25 +64,32 @@ class ExpertTensorNameMap(TensorNameMap):
 
 _ATTENTION_NAMES = {k: v for k, v in llama_family.HF_NAMES.layer.items()
                     if not k.startswith("mlp.")}
-HF_NAMES = ExpertTensorNameMap(
-    layer_prefix=llama_family.HF_NAMES.layer_prefix,
-    top=llama_family.HF_NAMES.top,
-    layer={
-        **_ATTENTION_NAMES,
-        # Mixtral
-        "block_sparse_moe.gate.weight": ("router.kernel", True),
-        f"block_sparse_moe.experts.{_EXPERT}.w1.weight": ("experts.gate_kernel", True),
-        f"block_sparse_moe.experts.{_EXPERT}.w3.weight": ("experts.up_kernel", True),
-        f"block_sparse_moe.experts.{_EXPERT}.w2.weight": ("experts.down_kernel", True),
-        # Qwen3-MoE / Qwen2-MoE
-        "mlp.gate.weight": ("router.kernel", True),
-        **{f"mlp.experts.{_EXPERT}.{p}_proj.weight": (f"experts.{p}_kernel", True)
-           for p in ("gate", "up", "down")},
-        **{f"mlp.shared_expert.{p}_proj.weight": (f"shared_expert.{p}_proj.kernel", True)
-           for p in ("gate", "up", "down")},
-        "mlp.shared_expert_gate.weight": ("shared_expert_gate.kernel", True),
-    },
-)
+_MIXTRAL_MLP = {
+    "block_sparse_moe.gate.weight": ("router.kernel", True),
+    f"block_sparse_moe.experts.{_EXPERT}.w1.weight": ("experts.gate_kernel", True),
+    f"block_sparse_moe.experts.{_EXPERT}.w3.weight": ("experts.up_kernel", True),
+    f"block_sparse_moe.experts.{_EXPERT}.w2.weight": ("experts.down_kernel", True),
+}
+_QWEN_MLP = {
+    "mlp.gate.weight": ("router.kernel", True),
+    **{f"mlp.experts.{_EXPERT}.{p}_proj.weight": (f"experts.{p}_kernel", True)
+       for p in ("gate", "up", "down")},
+    **{f"mlp.shared_expert.{p}_proj.weight": (f"shared_expert.{p}_proj.kernel", True)
+       for p in ("gate", "up", "down")},
+    "mlp.shared_expert_gate.weight": ("shared_expert_gate.kernel", True),
+}
+
+
+def _names(mlp: Mapping[str, tuple[str, bool]]) -> ExpertTensorNameMap:
+    return ExpertTensorNameMap(layer_prefix=llama_family.HF_NAMES.layer_prefix,
+                               top=llama_family.HF_NAMES.top, layer={**_ATTENTION_NAMES, **mlp})
+
+
+# Per architecture (the names a checkpoint of it has), and the union the loaders read with.
+HF_NAMES_BY_ARCHITECTURE = {"MixtralForCausalLM": _names(_MIXTRAL_MLP),
+                            "Qwen3MoeForCausalLM": _names(_QWEN_MLP),
+                            "Qwen2MoeForCausalLM": _names(_QWEN_MLP)}
+HF_NAMES = _names({**_QWEN_MLP, **_MIXTRAL_MLP})
 GGUF_NAMES = TensorNameMap(layer_prefix="blk.", top={}, layer={})
 
 
@@ -116,7 +123,9 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     """An HF-style config.json dict that `config_from_hf` reads back to `cfg`."""
     base, experts_key, width_key = ARCHITECTURES[cfg.architecture]
     d = llama_family.config_to_hf(dataclasses.replace(cfg, architecture=base))
-    d.update({"architectures": [cfg.architecture], experts_key: cfg.num_experts,
+    model_type = next(t for t, a in MODEL_TYPES.items() if a == cfg.architecture)
+    d.update({"architectures": [cfg.architecture], "model_type": model_type,
+              experts_key: cfg.num_experts,
               "num_experts_per_tok": cfg.num_experts_per_tok, "norm_topk_prob": cfg.norm_topk_prob,
               "decoder_sparse_step": 1, "mlp_only_layers": []})
     d[width_key] = cfg.moe_intermediate_size  # Mixtral: its intermediate_size is the experts'
@@ -158,6 +167,10 @@ class MoeFamily:
                                              "qwen2moe": "Qwen2MoeForCausalLM"}
     hf_names = HF_NAMES
     gguf_names = GGUF_NAMES
+
+    def hf_names_for(self, architecture: str) -> TensorNameMap:
+        """The tensor names of a checkpoint of `architecture` (`hf_names` reads them all)."""
+        return HF_NAMES_BY_ARCHITECTURE[architecture]
 
     def config_from_hf(self, d: Mapping[str, Any], architecture: str) -> ModelConfig:
         return config_from_hf(d, architecture)

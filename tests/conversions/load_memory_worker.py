@@ -15,8 +15,10 @@ allowed for.
 from __future__ import annotations
 
 import json
+import resource
 import sys
 import threading
+import time
 
 import jax
 import numpy as np
@@ -60,6 +62,7 @@ def main(path: str, mode: str, dtype: str, tp: str) -> None:
     mesh = make_mesh(int(tp), 1, jax.devices()[:int(tp)])
     jax.device_put(np.ones(1024, np.float32)).block_until_ready()  # runtime warmed up
     before = anon_rss()
+    start = time.perf_counter()
     with PeakSampler() as sampler:
         if mode == "placed":
             params = load_hf_dir_into(
@@ -72,8 +75,10 @@ def main(path: str, mode: str, dtype: str, tp: str) -> None:
             params = load_checkpoint(path, dtype,
                                      shardings=flat_param_shardings(shapes, mesh)).params
         jax.block_until_ready(params)
+    seconds = time.perf_counter() - start
     print(json.dumps(dict(
-        anon_growth=sampler.peak - before,
+        anon_growth=sampler.peak - before, seconds=seconds,
+        peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         placed_bytes=sum(s.data.nbytes for a in params.values() for s in a.addressable_shards),
         checkpoint_bytes=sum(a.nbytes for a in params.values()),
         largest=max(a.nbytes for a in params.values()),

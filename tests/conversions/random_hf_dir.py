@@ -25,16 +25,18 @@ _DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.
 def source_tensors(cfg: ModelConfig):
     """(HF name, stored shape, jaxllm name) of every tensor of a checkpoint of `cfg`."""
     family = family_for(cfg.architecture)
+    names = (family.hf_names_for(cfg.architecture) if hasattr(family, "hf_names_for")
+             else family.hf_names)  # a family whose map reads several architectures' names
     for name, shape in family.param_shapes(cfg).items():
         try:  # stacked parameters (experts) have one source tensor per slot
-            stacked = family.hf_names.to_source(slot_name(name, 0)) != family.hf_names.to_source(name)
+            stacked = names.to_source(slot_name(name, 0)) != names.to_source(name)
         except KeyError:
             stacked = False
-        names = [slot_name(name, j) for j in range(shape[0])] if stacked else [name]
+        params = [slot_name(name, j) for j in range(shape[0])] if stacked else [name]
         one = shape[1:] if stacked else shape
-        for n in names:
-            source = family.hf_names.to_source(n)
-            _, transpose = family.hf_names.to_jaxllm(source)
+        for n in params:
+            source = names.to_source(n)
+            _, transpose = names.to_jaxllm(source)
             yield source, tuple(one[::-1] if transpose else one), n
 
 
