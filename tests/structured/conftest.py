@@ -35,3 +35,16 @@ def tiny_full_vocab_dir(tmp_path_factory):
     model.save_pretrained(path)
     load_tokenizer(default_model_path()).save(path)
     return path
+
+
+DEFAULT_MODEL_NAME = "smollm2"
+
+
+@pytest.fixture(scope="session")
+def default_llm():
+    """The default model, loaded once for the slow files (the spec set drives it directly,
+    the client tests serve it through an AsyncEngine that is stopped afterwards)."""
+    from jaxllm.llm import LLM
+
+    return LLM(max_num_seqs=32, max_model_len=1024, num_pages=640,
+               served_model_name=DEFAULT_MODEL_NAME)

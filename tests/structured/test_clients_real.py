@@ -6,6 +6,7 @@ before anything is queued. Slow: loads the 135M model (one in-process server for
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import Iterator
@@ -20,11 +21,12 @@ from jaxllm.config import EngineConfig
 from jaxllm.server.app import build_app
 from jaxllm.server.server_config import ServerConfig
 from tests.server.conftest import start_server
+from tests.structured.conftest import DEFAULT_MODEL_NAME
 
 pytestmark = pytest.mark.slow
 
 KEY = "structured-key"
-MODEL = "smollm2"
+MODEL = DEFAULT_MODEL_NAME
 
 
 class City(BaseModel):
@@ -39,13 +41,13 @@ class Verdict(BaseModel):
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[tuple[str, object]]:
+def server(default_llm) -> Iterator[tuple[str, object]]:
+    """The shared default-model engine behind an in-process server; its loop thread is
+    stopped afterwards so other files can drive the engine directly again."""
     from jaxllm.async_engine import AsyncEngine
-    from jaxllm.engine import LLMEngine
 
-    config = EngineConfig(served_model_name=MODEL, max_num_seqs=4, max_num_batched_tokens=128,
-                          max_model_len=1024, num_pages=192, api_key=KEY)
-    engine = AsyncEngine(LLMEngine(config))
+    engine = AsyncEngine(default_llm.engine)
+    config = EngineConfig(served_model_name=MODEL, api_key=KEY)
     app = build_app(config, engine, ServerConfig(tool_call_parser="hermes"))
     uv, thread, url = start_server(app)
     try:
@@ -53,7 +55,7 @@ def server() -> Iterator[tuple[str, object]]:
     finally:
         uv.should_exit = True
         thread.join(10)
-        engine.engine.config  # noqa: B018 -- keep the engine alive until the server stopped
+        asyncio.run(engine.shutdown())
 
 
 def _client(url: str) -> openai.OpenAI:

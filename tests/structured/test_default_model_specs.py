@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 
-from jaxllm.llm import LLM
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.structured.compiler import grammar_accepts
 from tests.structured.cases import REGEXES, SCHEMAS, all_specs, prompt_for, satisfies
@@ -15,9 +14,9 @@ from tests.structured.cases import REGEXES, SCHEMAS, all_specs, prompt_for, sati
 pytestmark = pytest.mark.slow
 
 
-def test_every_output_of_the_spec_set_validates():
+def test_every_output_of_the_spec_set_validates(default_llm):
     assert len(SCHEMAS) >= 20 and len(REGEXES) >= 10
-    llm = LLM(max_num_seqs=32, max_model_len=1024, num_pages=640)
+    llm = default_llm
     tok = llm.get_tokenizer()
     prompts, params, specs = [], [], []
     for spec in all_specs():
