@@ -269,4 +269,5 @@ def _require_int(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be an integer, got {value!r}")
 
 
-__all__ = ["MAX_LOGPROBS", "MAX_LOGIT_BIAS", "GREEDY_TEMPERATURE", "SamplingParams"]
+__all__ = ["MAX_LOGPROBS", "MAX_LOGIT_BIAS", "GREEDY_TEMPERATURE", "SamplingParams",
+           "StructuredOutputsParams"]
