@@ -1,5 +1,5 @@
 """Structured output through the server with the default model, driven by real clients: the
-openai SDK's `chat.completions.parse` with a pydantic model, langchain-openai's
+openai SDK's `chat.completions.parse` and `responses.parse` with a pydantic model, langchain-openai's
 `with_structured_output(method="json_schema")`, litellm with `response_format`; vLLM's extra
 body fields, the native /generate's SGLang names, forced tool calls, and a bad schema as a 400
 before anything is queued. Slow: loads the 135M model (one in-process server for the file)."""
@@ -80,6 +80,13 @@ def test_openai_sdk_parse_returns_the_pydantic_object(server):
             "name": "verdict", "schema": Verdict.model_json_schema(), "strict": True}})
     for choice in sampled.choices:
         Verdict.model_validate_json(choice.message.content)
+
+
+def test_openai_sdk_responses_parse(server):
+    url, _ = server
+    r = _client(url).responses.parse(model=MODEL, input="Describe Lima as JSON.",
+                                     text_format=City, temperature=0, max_output_tokens=80)
+    assert isinstance(r.output_parsed, City)
 
 
 def test_langchain_with_structured_output(server):
