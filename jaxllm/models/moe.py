@@ -44,17 +44,18 @@ def route(logits: jax.Array, top_k: int, normalize: bool) -> tuple[jax.Array, ja
 
 
 def block_rows(num_rows: int, num_groups: int) -> int:
-    """Rows per block: the average group size rounded up to a power of two, within [8, 64]
-    (small blocks waste little padding; bigger ones make each matmul worth its weight read)."""
+    """Rows per block: the expected group size (`num_rows` routed over `num_groups` experts)
+    rounded up to a power of two, within [8, 64] (small blocks waste little padding; bigger
+    ones make each matmul worth its weight read)."""
     avg = max(1, -(-num_rows // max(1, num_groups)))
     return min(64, max(8, 1 << (avg - 1).bit_length()))
 
 
 def _blocked_mlp(xs: jax.Array, group_sizes: jax.Array, gate_w: jax.Array, up_w: jax.Array,
-                 down_w: jax.Array, act: Callable) -> jax.Array:
+                 down_w: jax.Array, act: Callable, total_groups: int) -> jax.Array:
     m, hidden = xs.shape
     groups = gate_w.shape[0]
-    b = block_rows(m, groups)
+    b = block_rows(m, total_groups)
     num_blocks = -(-m // b) + min(groups, m)  # each non-empty group adds at most one partial block
     padded = (group_sizes + b - 1) // b * b
     pad_end = jnp.cumsum(padded)
@@ -82,29 +83,34 @@ def _blocked_mlp(xs: jax.Array, group_sizes: jax.Array, gate_w: jax.Array, up_w:
 
 
 def grouped_mlp(xs: jax.Array, group_sizes: jax.Array, gate_w: jax.Array, up_w: jax.Array,
-                down_w: jax.Array, act: Callable, impl: str) -> jax.Array:
+                down_w: jax.Array, act: Callable, impl: str,
+                total_groups: int | None = None) -> jax.Array:
     """act(xs @ gate_w[g]) * (xs @ up_w[g]) @ down_w[g] for the rows of each group g.
 
     xs [M, H] sorted by group, group_sizes [G] (sum <= M), weights [G, H, I] / [G, I, H].
     Rows past sum(group_sizes) give zeros (rows routed to experts of another device).
+    `total_groups`: experts the M rows were routed over (default G; more when the weights
+    are one device's share), which sizes the blocked impl's blocks.
     """
     gate_w, up_w, down_w = jnp.asarray(gate_w), jnp.asarray(up_w), jnp.asarray(down_w)
     if impl == "ragged_dot":
         h = act(jax.lax.ragged_dot(xs, gate_w, group_sizes)) * jax.lax.ragged_dot(xs, up_w, group_sizes)
         return jax.lax.ragged_dot(h, down_w, group_sizes)
     if impl == "blocked":
-        return _blocked_mlp(xs, group_sizes, gate_w, up_w, down_w, act)
+        return _blocked_mlp(xs, group_sizes, gate_w, up_w, down_w, act,
+                            total_groups or gate_w.shape[0])
     raise ValueError(f"unknown grouped matmul impl {impl!r}; choose one of {GROUPED_IMPLS}")
 
 
 def expert_mlp(x: jax.Array, weights: jax.Array, ids: jax.Array, gate_w: jax.Array,
                up_w: jax.Array, down_w: jax.Array, act: Callable, impl: str,
-               first_expert: jax.Array | int = 0) -> jax.Array:
+               first_expert: jax.Array | int = 0, total_experts: int | None = None) -> jax.Array:
     """Sum over each token's routed experts of weight x expert(x), float32 [T, H].
 
     The weights hold experts first_expert .. first_expert + G - 1 (all of them on one
     device; one device's share under expert parallelism): routes to other experts add
-    nothing here, and the devices' partial sums add up to the full result.
+    nothing here, and the devices' partial sums add up to the full result. `total_experts`:
+    the model's expert count (default G).
     """
     t, k = ids.shape
     groups = gate_w.shape[0]
@@ -113,6 +119,6 @@ def expert_mlp(x: jax.Array, weights: jax.Array, ids: jax.Array, gate_w: jax.Arr
     order = jnp.argsort(key, stable=True)
     token = order // k
     group_sizes = jnp.bincount(key, length=groups + 1)[:groups].astype(jnp.int32)
-    y = grouped_mlp(x[token], group_sizes, gate_w, up_w, down_w, act, impl)
+    y = grouped_mlp(x[token], group_sizes, gate_w, up_w, down_w, act, impl, total_experts)
     y = y.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
     return jnp.zeros((t, y.shape[-1]), jnp.float32).at[token].add(y)

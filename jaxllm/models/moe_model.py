@@ -71,12 +71,13 @@ class MoeBlock(nnx.Module):
         gate_spec, up_spec, down_spec = self.specs
         expert_axis = gate_spec[0]
         axes = {a for spec in self.specs for a in spec if a is not None}
-        act, impl = self.act, self.impl
+        act, impl, router_width = self.act, self.impl, self.router.shape[1]
 
         def local(h, weights, ids, gate_w, up_w, down_w):
             first = (jax.lax.axis_index(expert_axis) * gate_w.shape[0]
                      if expert_axis is not None else 0)
-            out = expert_mlp(h, weights, ids, gate_w, up_w, down_w, act, impl, first)
+            out = expert_mlp(h, weights, ids, gate_w, up_w, down_w, act, impl, first,
+                             total_experts=router_width)
             return jax.lax.psum(out, tuple(sorted(axes))) if axes else out
 
         rep = PartitionSpec()
