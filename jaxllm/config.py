@@ -137,6 +137,15 @@ class EngineConfig:
     # Dispatch step N+1 before completing step N, so the device never waits for the host
     # (jaxllm/engine.py); False runs the serial loop (debugging, equality tests).
     overlap_scheduling: bool = True
+    # Speculative decoding (jaxllm/speculation.py): proposals verified in the ragged step.
+    speculative_mode: str = "disable"  # disable | ngram | draft | eagle (ngram runs today)
+    num_speculative_tokens: int = 4
+    speculative_model: str | None = None  # draft / EAGLE weights (HF format)
+    ngram_prompt_lookup_min: int = 2
+    ngram_prompt_lookup_max: int = 4
+    # No sequence speculates in a step with more running sequences than this: past a few
+    # sequences a step is no longer bound by reading the weights (benchmarks/spec_bench.py).
+    speculative_disable_by_batch_size: int | None = 4
     compilation_cache_dir: str | None = None
     compile_threads: int | None = None  # warm-up's parallel compiles; None: 2 CPU, <= 16 else
     seed: int = 0
@@ -180,6 +189,23 @@ class EngineConfig:
             raise ValueError(f"page_size must be >= 2 (page size 1 ruins performance), got {self.page_size}")
         if self.memory_fraction is not None and not 0.0 < self.memory_fraction <= 1.0:
             raise ValueError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
+        spec = self.speculative_config()  # validates the speculative settings
+        if spec.mode in ("draft", "eagle"):
+            raise ValueError(f"speculative mode {spec.mode!r} is not available yet: this version "
+                             "verifies n-gram proposals (--speculative-mode ngram)")
+        if spec.enabled and self.num_processes > 1:
+            raise ValueError("speculative decoding is not supported across several processes")
+
+    def speculative_config(self):
+        """The speculative-decoding settings as a `jaxllm.spec.SpeculativeConfig`."""
+        from jaxllm.spec import SpeculativeConfig
+
+        return SpeculativeConfig(mode=self.speculative_mode,
+                                 num_speculative_tokens=self.num_speculative_tokens,
+                                 model=self.speculative_model,
+                                 ngram_min=self.ngram_prompt_lookup_min,
+                                 ngram_max=self.ngram_prompt_lookup_max,
+                                 disable_above_batch=self.speculative_disable_by_batch_size)
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:

@@ -46,6 +46,8 @@ from jaxllm.runner import DeviceSample, ForwardOutput, ModelRunner
 from jaxllm.sampling import request_key_data, unseeded_request_seed
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from jaxllm.spec import build_verify_layout
+from jaxllm.spec.scheduling import Speculation
 from jaxllm.step_inputs import SamplingTensorBuilder
 from jaxllm.structured.compiler import GrammarCompiler
 from jaxllm.structured.tokenizer_view import build_llg_tokenizer
@@ -73,6 +75,9 @@ class EngineStats:
     host_gap_s: float = 0.0  # last step: device idle between the previous result and this dispatch
     host_time_s: float = 0.0  # last step(): its wall time minus the time it waited for the device
     last_step_tokens: int = 0  # tokens the last completed step produced
+    spec_proposed_tokens: int = 0  # speculative decoding: drafts verified
+    spec_accepted_tokens: int = 0  # of which accepted
+    spec_mean_acceptance_length: float = 0.0  # tokens emitted per verified row
     warmup_time_s: float = 0.0
 
     @property
@@ -103,6 +108,11 @@ class InFlightStep:
     started_at: float
     dispatched_at: float
     host_gap_s: float
+
+    @property
+    def speculative(self) -> bool:
+        """Some sequence proposed drafts: the step verifies instead of sampling."""
+        return any(s.drafts for s in self.sched.seqs)
 
 
 class LLMEngine:
@@ -143,9 +153,12 @@ class LLMEngine:
                                  token_bucket_ratio=resolved.token_bucket_ratio,
                                  single_token_bucket=resolved.single_token_bucket)
         logger.info("step buckets: %s", self.buckets.describe())
+        spec = config.speculative_config()
+        self.speculation = Speculation(spec, self.max_model_len) if spec.enabled else None
+        self._spec_k = spec.num_speculative_tokens if spec.enabled else 0
         self.scheduler = Scheduler(
             SchedulerConfig.from_engine_config(config, max_model_len=self.max_model_len),
-            cache, self.buckets)
+            cache, self.buckets, self.speculation)
         kv = allocate_kv_caches(self.model_config, num_pages, self.page_size, self.kv_dtype,
                                 sharding=parts.kv_sharding, backend=self.attention,
                                 head_shards=self._head_shards)
@@ -170,7 +183,8 @@ class LLMEngine:
                  if config.compilation_cache_dir else None)
         self._stats.warmup_time_s = self.runner.warm_up(self.buckets.all(), self.tensors.dummy,
                                                         compile_threads=config.compile_threads,
-                                                        store=store)
+                                                        store=store,
+                                                        num_speculative_tokens=self._spec_k)
         logger.info("warm-up prepared %d programs (%d loaded from saved ones) in %.1f s",
                     self.runner.compile_count, self.runner.loaded_programs,
                     self._stats.warmup_time_s)
@@ -267,13 +281,26 @@ class LLMEngine:
             outs = self.complete(step) if step is not None else self.outputs.collect()
         else:
             prev, self._in_flight = self._in_flight, None
-            cur = self.dispatch(prev)
-            outs = self.complete(prev) if prev is not None else self.outputs.collect()
+            if prev is not None and (prev.speculative or self._speculating()):
+                # A verification's sequences go on from however many drafts it accepts, and
+                # proposals need the last token on the host: complete the step before
+                # scheduling them again (no look-ahead while the batch speculates).
+                outs = self.complete(prev)
+                prev = None
+                cur = self.dispatch(None)
+            else:
+                cur = self.dispatch(prev)
+                outs = self.complete(prev) if prev is not None else self.outputs.collect()
             if cur is not None and cur.sampled is None:
                 self.sample(cur)  # its look-ahead rows' sampling needed step N's tokens
             self._in_flight = cur
         self._stats.host_time_s = time.perf_counter() - start - self._waited
         return outs
+
+    def _speculating(self) -> bool:
+        """Whether sequences propose drafts at the current batch size."""
+        return (self.speculation is not None
+                and self.speculation.config.speculates_at(self.scheduler.num_running))
 
     def _drain(self) -> None:
         """Complete the in-flight step (before anything that must see a quiet device)."""
@@ -307,12 +334,21 @@ class LLMEngine:
 
     def sample(self, step: InFlightStep) -> None:
         """Build the step's sampling tensors from what the host knows now and dispatch the
-        sampler (per-row token masks and biases are applied there)."""
-        tensors = self.tensors.build(step.sched,
-                                     [s.request.sampling_params for s in step.sched.seqs],
-                                     [s.request.key_data for s in step.sched.seqs],
-                                     step.sched.bucket.num_seqs)
-        step.sampled = self.runner.sample(step.forward.logits, tensors)
+        sampler (per-row token masks and biases are applied there), or, when some sequence
+        proposed drafts, the verification of every row (jaxllm.spec.rejection)."""
+        sched = step.sched
+        tensors = self.tensors.build(sched, [s.request.sampling_params for s in sched.seqs],
+                                     [s.request.key_data for s in sched.seqs],
+                                     sched.bucket.num_seqs)
+        if not step.speculative:
+            step.sampled = self.runner.sample(step.forward.logits, tensors)
+            return
+        cu = step.inputs.attention.cu_q_lens
+        layout = build_verify_layout(
+            [int(cu[j + 1]) - 1 - len(s.drafts) for j, s in enumerate(sched.seqs)],
+            [s.drafts for s in sched.seqs], range(len(sched.seqs)), self._spec_k,
+            sched.bucket.num_seqs)
+        step.sampled = self.runner.verify(step.forward.hidden, layout, tensors)
 
     def complete(self, step: InFlightStep) -> list[RequestOutput]:
         """Wait for a dispatched step's tokens and turn them into outputs."""
@@ -359,6 +395,10 @@ class LLMEngine:
         s.compile_count = self.runner.compile_count
         s.recompile_count = self.runner.recompiles
         s.num_preemptions = self.scheduler.num_preemptions
+        if self.speculation is not None:
+            spec = self.speculation.stats
+            s.spec_proposed_tokens, s.spec_accepted_tokens = spec.proposed, spec.accepted
+            s.spec_mean_acceptance_length = spec.mean_acceptance_length
         return dataclasses.replace(s)
 
     def reset_prefix_cache(self) -> bool:

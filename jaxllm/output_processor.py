@@ -52,6 +52,7 @@ class _Sample:
     seq: Request
     detok: IncrementalDetokenizer
     text: str = ""
+    num_seen: int = 0  # output tokens already processed
     logprobs: list[dict[int, Logprob]] | None = None
     cumulative_logprob: float | None = None
 
@@ -135,21 +136,35 @@ class OutputProcessor:
         for row in produced:
             seq = sched.seqs[row].request
             tracked = self._owner.get(seq.request_id)
-            if tracked is not None:
-                self._on_token(tracked, tracked.samples[seq.sample_index], result, row, now)
+            if tracked is None:
+                continue
+            sample = tracked.samples[seq.sample_index]
+            new = seq.output_token_ids[sample.num_seen:]
+            if len(new) > 1:  # a verification emitted several: replay them one by one
+                seq.truncate_output(sample.num_seen)
+                for i, token in enumerate(new):
+                    seq.append_output(token)
+                    if self._on_token(tracked, sample, result, row, i, now):
+                        break  # tokens after one that ended the sequence are dropped
+            else:
+                self._on_token(tracked, sample, result, row, 0, now)
+            sample.num_seen = seq.num_output_tokens
 
     def _on_token(self, tracked: _Tracked, sample: _Sample, result: StepResult, row: int,
-                  now: float) -> None:
+                  i: int, now: float) -> bool:
+        """Process the sequence's last output token (row's i-th emitted one this step);
+        True if it ended the sequence."""
         seq, params = sample.seq, tracked.params
         token = seq.output_token_ids[-1]
         self.generation_tokens_total += 1
         if tracked.metrics.first_token_time is None:
             tracked.metrics.first_token_time = now
         if sample.logprobs is not None:
+            logprob, rank, top_ids, top_vals = result.position(row, i)
             sample.logprobs.append(self.logprob_entry(
-                token, float(result.logprobs[row]), int(result.ranks[row]),
-                result.top_ids[row, :params.logprobs], result.top_logprobs[row, :params.logprobs]))
-            sample.cumulative_logprob += float(result.logprobs[row])
+                token, float(logprob), int(rank), top_ids[:params.logprobs],
+                top_vals[:params.logprobs]))
+            sample.cumulative_logprob += float(logprob)
         stop = token_stop(seq, token, self.max_model_len)
         if seq.grammar is not None and (stop is None or stop[0] is RequestStatus.FINISHED_LENGTH):
             seq.grammar.sync(seq.output_token_ids)
@@ -166,6 +181,7 @@ class OutputProcessor:
             stop = (RequestStatus.FINISHED_STOPPED, sample.detok.stop_hit)
         if stop is not None:
             self.scheduler.finish(seq.request_id, *stop)
+        return stop is not None
 
     def logprob_entry(self, token: int, logprob: float, rank: int, top_ids, top_vals
                       ) -> dict[int, Logprob]:

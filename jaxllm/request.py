@@ -78,6 +78,7 @@ class Request:
     # 1 normally, 2 while the overlapped loop has scheduled a step past an in-flight one.
     num_pending_samples: int = 0
     sample_row: int = -1  # the row of the latest step that samples it (its output's index)
+    num_draft_tokens: int = 0  # proposed tokens a dispatched step is verifying (computed ahead)
     max_tokens: int = 0  # effective limit, set by the scheduler at admission
     # The sample's PRNG identity (jaxllm.sampling.request_key_data): a seed reproduces it.
     key_data: np.ndarray | None = field(default=None, repr=False)
@@ -117,3 +118,9 @@ class Request:
     def append_output(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self._all.append(token_id)
+
+    def truncate_output(self, num_output_tokens: int) -> None:
+        """Drop output tokens past `num_output_tokens` (a verification emitted tokens after
+        one that ended the sequence)."""
+        del self.output_token_ids[num_output_tokens:]
+        del self._all[self.num_prompt_tokens + num_output_tokens:]

@@ -38,19 +38,29 @@ from jaxllm.model_inputs import StepInputs
 from jaxllm.models.base import CausalLM
 from jaxllm.precision import with_matmul_precision
 from jaxllm.sampling import SamplerOutput, SamplingTensors, sample
+from jaxllm.spec import VerifyLayout, expand_sampling_tensors, rejection_sample
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class StepResult:
-    """Host copies of what one step sampled, one row per scheduled sequence."""
+    """Host copies of what one step sampled, one row per scheduled sequence; after a
+    verification every field has one more axis, the emitted tokens ([S, K+1], -1 after)."""
 
     token_ids: np.ndarray  # [S]
     logprobs: np.ndarray  # [S] raw log-probability of the chosen token
     ranks: np.ndarray  # [S]
-    top_ids: np.ndarray  # [S, K]
-    top_logprobs: np.ndarray  # [S, K]
+    top_ids: np.ndarray  # [S, L]
+    top_logprobs: np.ndarray  # [S, L]
+
+    def position(self, row: int, i: int) -> tuple[float, int, np.ndarray, np.ndarray]:
+        """(logprob, rank, top ids, top logprobs) of row's i-th emitted token."""
+        if self.token_ids.ndim == 1:
+            return (self.logprobs[row], self.ranks[row], self.top_ids[row],
+                    self.top_logprobs[row])
+        return (self.logprobs[row, i], self.ranks[row, i], self.top_ids[row, i],
+                self.top_logprobs[row, i])
 
 
 class DeviceSample(NamedTuple):
@@ -109,8 +119,8 @@ class ModelRunner:
         # The sampler is its own program, compiled once per row count rather than once per
         # (tokens, seqs, pages) bucket: compile time is what users wait for at start-up.
         self._jits = (jax.jit(self._step, donate_argnums=(1,)), jax.jit(self._sample),
-                      jax.jit(self._prompt_logprobs))
-        self._step_fn, self._sample_fn, self._prompt_logprobs_fn = (
+                      jax.jit(self._prompt_logprobs), jax.jit(self._verify))
+        self._step_fn, self._sample_fn, self._prompt_logprobs_fn, self._verify_fn = (
             with_matmul_precision(f, self.compute_dtype) for f in self._jits)
         self.warm_compiles: int | None = None  # programs compiled (or loaded) by warm-up
         self.loaded_programs = 0  # of which loaded from an ExecutableStore
@@ -118,6 +128,7 @@ class ModelRunner:
         # Warm-up's programs, called directly (no re-trace on a shape's first call):
         self._steps: dict[tuple[int, int, int], jax.stages.Compiled] = {}  # (tokens, seqs, pages)
         self._samplers: dict[int, jax.stages.Compiled] = {}  # by rows
+        self._verifiers: dict[tuple[int, int], jax.stages.Compiled] = {}  # (token rows, rows)
         self._prompt_programs: dict[int, jax.stages.Compiled] = {}  # by token rows
 
     # -- jitted bodies -------------------------------------------------------------------
@@ -143,6 +154,18 @@ class ModelRunner:
         out = sample(logits, tensors, max_logprobs=self.max_logprobs)
         ids = out.token_ids.astype(jnp.int32)[:self.max_rows]
         return DeviceSample(out, jnp.pad(ids, (0, self.max_rows - ids.shape[0])))
+
+    def _verify(self, state_leaves, hidden, hidden_rows, draft_ids, num_draft,
+                tensors: SamplingTensors) -> DeviceSample:
+        """Speculative verification: logits at each speculating row's last token and drafts
+        (hidden_rows [R, K+1]), then exact rejection sampling (jaxllm.spec.rejection)."""
+        model = self._model(state_leaves)
+        rows, positions = hidden_rows.shape
+        logits = model.compute_logits(hidden[hidden_rows.reshape(-1)]).reshape(rows, positions, -1)
+        out = rejection_sample(logits.astype(jnp.float32), draft_ids, num_draft,
+                               expand_sampling_tensors(tensors, draft_ids),
+                               max_logprobs=self.max_logprobs)
+        return DeviceSample(out, jnp.zeros(self.max_rows, jnp.int32))
 
     def _prompt_logprobs(self, state_leaves, hidden, rows, targets):
         """Log-probabilities of `targets` and the top-k after hidden states `hidden[rows]`."""
@@ -172,6 +195,16 @@ class ModelRunner:
         rows = logits.shape[0]
         sampler = self._samplers.get(rows) or self._counted(1, "sampler", rows)
         return sampler(logits, tensors)
+
+    def verify(self, hidden: jax.Array, layout: VerifyLayout,
+               tensors: SamplingTensors) -> DeviceSample:
+        """Dispatch the verification of a step's proposals (asynchronously): one row per
+        sequence of the step (num_draft 0: a plain sample); its output has [R, K+1] tokens,
+        -1 past each row's emitted ones. No look-ahead step reads it (next_input_ids zero)."""
+        key = (hidden.shape[0], layout.hidden_rows.shape[0])
+        fn = self._verifiers.get(key) or self._counted(3, "verify", key)
+        return fn(self.state_leaves, hidden, layout.hidden_rows, layout.draft_token_ids,
+                  layout.num_draft, tensors)
 
     def execute(self, inputs: StepInputs, tensors: SamplingTensors):
         """forward + sample: (device sampler output, hidden states)."""
@@ -204,7 +237,7 @@ class ModelRunner:
         return chosen, rank, ids, vals
 
     def warm_up(self, buckets: Iterable[Bucket], dummy_tensors, *, compile_threads: int = 2,
-                store: ExecutableStore | None = None) -> float:
+                store: ExecutableStore | None = None, num_speculative_tokens: int = 0) -> float:
         """Compile every bucket's step, sampler and prompt-logprobs programs ahead of time;
         returns seconds taken.
 
@@ -215,6 +248,7 @@ class ModelRunner:
         (a sharded step's logits come out sharded; only the compiled program says how).
         With a `store`, programs saved by an earlier start are loaded instead of traced (most
         of a warm start was tracing), and newly compiled ones are saved to it.
+        `num_speculative_tokens` > 0 also prepares each bucket's verification program.
         """
         start = time.perf_counter()
         buckets = list(buckets)
@@ -261,8 +295,17 @@ class ModelRunner:
             rows = jax.ShapeDtypeStruct((b.num_tokens,), jnp.int32)
             want(self._prompt_programs, b.num_tokens, "prompt_logprobs", (hidden, rows, rows),
                  lambda *a: self._prompt_logprobs_fn.trace(self.state_leaves, *a), derived=True)
+            k = num_speculative_tokens
+            if k and b.num_tokens > 1:  # speculation: a verification per bucket (it feeds >= 2)
+                r, i32 = b.num_seqs, jnp.int32
+                layout = (jax.ShapeDtypeStruct((r, k + 1), i32), jax.ShapeDtypeStruct((r, k), i32),
+                          jax.ShapeDtypeStruct((r,), i32))
+                want(self._verifiers, (b.num_tokens, r), "verify",
+                     (hidden, *layout, dummy_tensors(r)),
+                     lambda *a: self._verify_fn.trace(self.state_leaves, *a), derived=True)
         compile_pending("compiling samplers")
-        self.warm_compiles = len(self._steps) + len(self._samplers) + len(self._prompt_programs)
+        self.warm_compiles = (len(self._steps) + len(self._samplers) + len(self._prompt_programs)
+                              + len(self._verifiers))
         return time.perf_counter() - start
 
     def warm_up_by_running(self, buckets: Iterable[Bucket], dummy_tensors) -> float:
@@ -300,11 +343,11 @@ class ModelRunner:
         return sum(f._cache_size() for f in self._jits)
 
     def _counted(self, which: int, what: str, key):
-        """Program `which` (0 step, 1 sampler, 2 prompt logprobs), called through its jit
+        """Program `which` (0 step, 1 sampler, 2 prompt logprobs, 3 verify), called through its jit
         and counting and logging the compilations a call adds after warm-up: warm-up's
         programs are called directly, so any is a shape it missed."""
         raw = self._jits[which]
-        fn = (self._step_fn, self._sample_fn, self._prompt_logprobs_fn)[which]
+        fn = (self._step_fn, self._sample_fn, self._prompt_logprobs_fn, self._verify_fn)[which]
 
         def call(*args):
             before = raw._cache_size()

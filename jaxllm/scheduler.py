@@ -30,6 +30,7 @@ from jaxllm.buckets import Bucket, BucketSet
 from jaxllm.cache.invariants import check_invariants
 from jaxllm.cache.manager import KVCacheManager, cdiv
 from jaxllm.request import Request, RequestStatus
+from jaxllm.spec.scheduling import Speculation
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +79,9 @@ class ScheduledSeq:
     # Look-ahead: token_ids[0] is a placeholder whose id is row `prev_row` of the in-flight
     # step's sampled tokens (None: token_ids are all known).
     prev_row: int | None = None
+    # Speculation: proposed tokens fed after the last known token (token_ids[1:]), verified
+    # by this step; `update` keeps the accepted ones and rolls the rest back.
+    drafts: list[int] = field(default_factory=list)
 
     @property
     def kv_len(self) -> int:
@@ -101,7 +105,9 @@ class SchedulerOutput:
 class Scheduler:
     """Continuous-batching scheduler over a `KVCacheManager` and a `BucketSet`."""
 
-    def __init__(self, config: SchedulerConfig, cache: KVCacheManager, buckets: BucketSet) -> None:
+    def __init__(self, config: SchedulerConfig, cache: KVCacheManager, buckets: BucketSet,
+                 speculation: Speculation | None = None) -> None:
+        """`speculation`: proposes draft tokens for decoding requests (None: no speculation)."""
         if buckets.token_buckets[-1] < config.max_num_batched_tokens:
             raise ValueError("largest token bucket is below max_num_batched_tokens")
         if buckets.page_widths[-1] * cache.page_size < config.max_model_len:
@@ -110,6 +116,7 @@ class Scheduler:
             raise ValueError(f"bucket page_size {buckets.page_size} != cache page_size "
                              f"{cache.page_size}")
         self.config = config
+        self.speculation = speculation
         self.cache = cache
         self.allocator = cache.allocator
         self.buckets = buckets
@@ -219,10 +226,13 @@ class Scheduler:
                     remaining = req.num_tokens - req.num_computed_tokens
                 if (remaining == 1) != decode_pass:
                     continue
-                n = min(remaining, budget, self.config.chunk_size)
+                drafts = (self.speculation.drafts_for(req, len(self.running))
+                          if decode_pass and self.speculation and not req.awaiting_sample else [])
+                n = min(remaining + len(drafts), budget, self.config.chunk_size)
+                drafts = drafts[:n - 1] if decode_pass else []
                 if not self._grow_or_preempt(req, n, scheduled, preempted):
                     continue
-                seqs.append(self._take(req, n, len(seqs)))
+                seqs.append(self._take(req, n, len(seqs), drafts))
                 scheduled.add(req.request_id)
                 budget -= n
         if not preempted:
@@ -330,23 +340,27 @@ class Scheduler:
             self.cache.free(r)
         return bool(holders)
 
-    def _take(self, req: Request, n: int, row: int) -> ScheduledSeq:
-        """Record that the step feeds req's next n tokens as its row `row`."""
+    def _take(self, req: Request, n: int, row: int, drafts: Sequence[int] = ()) -> ScheduledSeq:
+        """Record that the step feeds req's next n tokens as its row `row` (the last
+        len(drafts) of them proposed tokens)."""
         start = req.num_computed_tokens
         placeholder = start == req.num_tokens  # look-ahead: the pending token is on the device
         req.num_computed_tokens += n
+        req.num_draft_tokens = len(drafts)
         samples = req.num_computed_tokens >= req.num_tokens
         prev_row = req.sample_row if placeholder else None
         if samples:
             req.num_pending_samples += 1
             req.sample_row = row
+        known = n - len(drafts)
         return ScheduledSeq(
-            request=req, token_ids=[0] if placeholder else req.all_token_ids[start:start + n],
+            request=req, token_ids=([0] if placeholder else req.all_token_ids[start:start + known])
+            + list(drafts),
             start_pos=start, num_new_tokens=n, samples=samples,
             page_ids=req.page_ids[:cdiv(start + n, self.page_size)],
             epoch=req.num_preemptions,
             output_index=req.num_output_tokens + req.num_pending_samples - 1,
-            prev_row=prev_row)
+            prev_row=prev_row, drafts=list(drafts))
 
     def _preempt(self, req: Request) -> None:
         logger.debug("preempting %s (%d tokens)", req.request_id, req.num_tokens)
@@ -354,28 +368,44 @@ class Scheduler:
         self.running.remove(req)
         req.status = RequestStatus.PREEMPTED
         req.num_pending_samples = 0
+        req.num_draft_tokens = 0
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.append(req)
 
     # ---- results ------------------------------------------------------------------------
-    def update(self, output: SchedulerOutput, sampled_token_ids: Sequence[int] | np.ndarray
+    def update(self, output: SchedulerOutput, sampled_token_ids: Sequence | np.ndarray
                ) -> list[int]:
-        """Apply a finished step: sampled_token_ids[i] is the token sampled for
-        output.seqs[i] (entries of non-sampling and padded rows are ignored). Returns the rows
-        whose sequence got a new token. Whether that token ends the sequence is the output
-        processor's call (`jaxllm.output_processor`), which then calls `finish`."""
+        """Apply a finished step: sampled_token_ids[i] is what row output.seqs[i] sampled:
+        one token, or (a verification step) its emitted tokens, -1 after them (entries of
+        non-sampling and padded rows are ignored). A speculating row keeps its accepted
+        drafts' KV (num_computed_tokens rolls back past the rejected ones; no copies).
+        Returns the rows whose sequence got new tokens. Whether a token ends the sequence is
+        the output processor's call (`jaxllm.output_processor`), which then calls `finish`."""
         produced: list[int] = []
+        sampled = np.asarray(sampled_token_ids)
+        per_row = sampled.ndim == 2
         for i, seq in enumerate(output.seqs):
             req = seq.request
             if req.status is not RequestStatus.RUNNING or seq.epoch != req.num_preemptions:
                 continue  # aborted, finished or preempted since this step was scheduled
-            self.cache.register_computed(req, seq.kv_len)
-            self._maybe_fork(req, seq.kv_len)
             if not seq.samples:
+                self.cache.register_computed(req, seq.kv_len)
+                self._maybe_fork(req, seq.kv_len)
                 continue
+            tokens = ([int(t) for t in sampled[i] if t >= 0] if per_row else [int(sampled[i])])
+            if seq.drafts:
+                accepted = len(tokens) - 1
+                req.num_computed_tokens -= len(seq.drafts) - accepted  # rejected drafts' slots
+                if self.speculation is not None:
+                    self.speculation.record(req.request_id, len(seq.drafts), accepted)
+            req.num_draft_tokens = 0
             req.num_pending_samples -= 1
-            req.append_output(int(sampled_token_ids[i]))
+            for token in tokens:  # (accepted drafts first: their KV is verified)
+                req.append_output(token)
+            verified = seq.kv_len - len(seq.drafts) + len(tokens) - 1
+            self.cache.register_computed(req, verified)
+            self._maybe_fork(req, verified)
             produced.append(i)
         return produced
 
@@ -418,6 +448,9 @@ class Scheduler:
         req.status = status
         req.stop_reason = stop_reason
         req.num_pending_samples = 0
+        req.num_draft_tokens = 0
+        if self.speculation is not None:
+            self.speculation.drop(req.request_id)
 
     # ---- state --------------------------------------------------------------------------
     def has_work(self) -> bool:

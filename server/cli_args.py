@@ -73,6 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
     a("--overlap-scheduling", action=argparse.BooleanOptionalAction,
       default=d.overlap_scheduling,
       help="schedule step N+1 while step N runs (--no-overlap-scheduling: the serial loop)")
+    a("--speculative-mode", default=d.speculative_mode,
+      choices=["disable", "ngram", "draft", "eagle"],
+      help="propose tokens and verify them in one step (ngram: prompt lookup)")
+    a("--num-speculative-tokens", type=int, default=d.num_speculative_tokens)
+    a("--speculative-model", default=None, help="draft / EAGLE weights (HF format)")
+    a("--ngram-prompt-lookup-min", type=int, default=d.ngram_prompt_lookup_min)
+    a("--ngram-prompt-lookup-max", type=int, default=d.ngram_prompt_lookup_max)
+    a("--speculative-disable-by-batch-size", type=int,
+      default=d.speculative_disable_by_batch_size,
+      help="no speculation in steps with more running sequences than this")
     a("--compilation-cache-dir", default=None)
     a("--compile-threads", type=int, default=None,
       help="programs warm-up compiles at once; default by platform: 2 CPU, min(cores, 16) else")

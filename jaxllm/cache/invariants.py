@@ -32,7 +32,7 @@ def check_invariants(
             assert not req.page_ids, f"finished request {rid} still holds pages"
         assert len(set(req.page_ids)) == len(req.page_ids), f"{rid} lists a page twice"
         # A look-ahead step may feed one token whose id is still on the device.
-        ahead = max(0, req.num_pending_samples - 1)
+        ahead = max(0, req.num_pending_samples - 1) + req.num_draft_tokens
         assert req.num_computed_tokens <= req.num_tokens + ahead, f"{rid} computed past its tokens"
         assert req.num_computed_tokens <= len(req.page_ids) * ps, (
             f"{rid}: {req.num_computed_tokens} computed tokens but {len(req.page_ids)} pages")

@@ -1,0 +1,85 @@
+"""Which sequences propose this step, and how many tokens: the scheduler's side of
+speculative decoding.
+
+`Speculation.drafts_for(req, batch_size)` asks the proposer for up to k tokens continuing a
+decoding request (prompt lookup for `mode="ngram"`), within the request's per-request back-off
+and its room (max_tokens, max_model_len). A request does not speculate while its next tokens'
+constraints change from position to position in ways the verifier's per-position tensors do
+not model: min_tokens not yet reached, bad words, a grammar. `record` feeds each verification's
+outcome to the back-off and the counters; `drop` forgets a finished request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from jaxllm.request import Request
+from jaxllm.spec.backoff import SpeculationBackoff
+from jaxllm.spec.config import SpeculativeConfig
+from jaxllm.spec.ngram import NgramProposer
+
+
+class Proposer(Protocol):
+    def propose(self, request_id: str, token_ids: Sequence[int], k: int) -> np.ndarray: ...
+
+    def drop(self, request_id: str) -> None: ...
+
+
+@dataclass
+class SpeculationStats:
+    proposed: int = 0  # draft tokens verified
+    accepted: int = 0  # of which accepted
+    verifications: int = 0  # speculating rows verified
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """Tokens emitted per verified row (accepted drafts + the bonus/corrected token)."""
+        return (self.accepted + self.verifications) / self.verifications if self.verifications else 0.0
+
+
+class Speculation:
+    def __init__(self, config: SpeculativeConfig, max_model_len: int,
+                 proposer: Proposer | None = None) -> None:
+        if not config.enabled:
+            raise ValueError("speculation is disabled")
+        self.config = config
+        self.max_model_len = max_model_len
+        self.proposer = proposer or NgramProposer(config)
+        self._backoff: dict[str, SpeculationBackoff] = {}
+        self.stats = SpeculationStats()
+
+    @property
+    def num_speculative_tokens(self) -> int:
+        return self.config.num_speculative_tokens
+
+    def drafts_for(self, req: Request, batch_size: int) -> list[int]:
+        """Draft tokens for `req`'s next step (empty: a plain decode)."""
+        sp = req.sampling_params
+        if (not self.config.speculates_at(batch_size) or req.num_output_tokens < sp.min_tokens
+                or sp.bad_words_token_ids or getattr(sp, "structured_outputs", None)):
+            return []
+        backoff = self._backoff.get(req.request_id)
+        if backoff is None:
+            backoff = self._backoff[req.request_id] = SpeculationBackoff.from_config(self.config)
+        cap = self.config.proposal_cap(req.num_tokens, req.num_output_tokens, req.max_tokens,
+                                       self.max_model_len)
+        k = min(backoff.proposal_length(self.config.num_speculative_tokens), cap)
+        if k <= 0:
+            return []
+        return [int(t) for t in self.proposer.propose(req.request_id, req.all_token_ids, k)[:k]]
+
+    def record(self, request_id: str, proposed: int, accepted: int) -> None:
+        backoff = self._backoff.get(request_id)
+        if backoff is not None:
+            backoff.record(proposed, accepted)
+        self.stats.proposed += proposed
+        self.stats.accepted += accepted
+        self.stats.verifications += 1
+
+    def drop(self, request_id: str) -> None:
+        self._backoff.pop(request_id, None)
+        self.proposer.drop(request_id)
