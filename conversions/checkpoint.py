@@ -44,8 +44,9 @@ def load_checkpoint(
     dtype: "auto" (checkpoint dtype on accelerators, float32 on CPU), "float32", "bfloat16",
     "float16" or "checkpoint" (the stored dtype; GGUF quantized weights dequantize to float32).
     Params are numpy arrays in the naming of `jaxllm.models.params`, checked with
-    `check_params`. `shardings` ({name: Sharding}) places each param: orbax restores straight
-    into it; other formats are loaded to host then `jax.device_put`. The result unpacks as
+    `check_params`. `shardings` ({name: Sharding}) places each param: orbax and HF safetensors
+    read straight into it (jaxllm.conversions.sharded_hf); GGUF is loaded to host then
+    `jax.device_put`. The result unpacks as
     `config, params = load_checkpoint(path)`. `keep_blocks` (GGUF only, float32, no
     shardings): Q4_0/Q4_1/Q8_0 matrices stay in blocks as `PackedWeight`s.
     """
@@ -54,6 +55,15 @@ def load_checkpoint(
         raise ValueError("keep_blocks needs a .gguf checkpoint loaded without shardings")
     if fmt == "jaxllm":
         return load_jaxllm_dir(path, dtype, shardings)
+    if fmt == "hf" and shardings is not None:  # each tensor's slices read straight into place
+        from jaxllm.conversions.sharded_hf import load_hf_dir_into
+
+        def sharding_for(name: str, shape: tuple[int, ...]) -> Any:
+            if name not in shardings:
+                raise ValueError(f"shardings: no sharding given for {name}")
+            return shardings[name]
+
+        return load_hf_dir_into(path, sharding_for, dtype)
     loaded = (load_gguf(path, dtype, progress, keep_blocks=keep_blocks) if fmt == "gguf"
               else load_hf_dir(path, dtype, progress))
     if shardings is not None:

@@ -72,8 +72,9 @@ def main(path: str, mode: str, dtype: str, tp: str) -> None:
             from jaxllm.config import ModelConfig
 
             shapes = expected_param_shapes(ModelConfig.from_file(path))
-            params = load_checkpoint(path, dtype,
-                                     shardings=flat_param_shardings(shapes, mesh)).params
+            shardings = flat_param_shardings(shapes, mesh)
+            params = {name: jax.device_put(a, shardings[name])
+                      for name, a in load_checkpoint(path, dtype).params.items()}
         jax.block_until_ready(params)
     seconds = time.perf_counter() - start
     print(json.dumps(dict(

@@ -80,3 +80,18 @@ def test_peak_memory_is_about_one_tensor_not_the_checkpoint(tmp_path):
     assert placed["anon_growth"] < bound, (placed, bound)
     assert placed["anon_growth"] > 0.9 * placed["placed_bytes"], placed  # the sampler sees them
     assert ModelConfig.from_file(path) == dataclasses.replace(cfg, torch_dtype="bfloat16")
+
+
+def test_load_checkpoint_with_shardings_reads_hf_straight_into_them(tmp_path, monkeypatch):
+    import jaxllm.conversions.hf as hf
+
+    path = write_random_hf_dir(tmp_path / "m", CONFIGS["qwen2_moe_shared"](), fresh_seed(), "bfloat16")
+    host = load_checkpoint(path, "bfloat16").params
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    monkeypatch.setattr(hf, "_read_params", None)  # the whole-checkpoint read is not used
+    placed = load_checkpoint(path, "bfloat16", shardings={n: device for n in host}).params
+    for name, a in host.items():
+        assert placed[name].sharding == device
+        np.testing.assert_array_equal(np.asarray(placed[name]).view(np.uint8), a.view(np.uint8))
+    with pytest.raises(ValueError, match="no sharding given"):
+        load_checkpoint(path, shardings={})
