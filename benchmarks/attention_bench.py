@@ -25,12 +25,12 @@ out contiguously per sequence (no paging, no cache write) -- what paging costs o
 Kernels run only where they compile (Pallas TPU on TPU, Pallas GPU on GPU); interpret mode is a
 correctness tool, not timed. On CPU the `cpu` (kernels/cpu.py) and `cpu_native` (kernels/
 cpu_native.py, the C++ FFI kernel) implementations are timed too; --impl picks a subset (the
-first one listed is the "vs" baseline). "gpu" runs kernels/gpu_paged.py (decode kernel over
-(sequence, kv head, split) + one-sequence prefill blocks); on GPUs it is timed next to
-`gpu_query_blocks`, the first GPU kernel (gpu.query_block_attention_gpu, the one the recorded
-H200 run measured). `gpu_paged` calls gpu_paged.py directly so that --pages-per-block can
-override its block size (block_sizes.gpu_pages_per_block) and --single-bf16-probs its
-bfloat16 P.V (gpu_paged.paged_attention_gpu's split_probs=False) for sweeps.
+first one listed is the "vs" baseline). "gpu" (the GPU default) and `gpu_query_blocks` run
+the query-block kernel (gpu.query_block_attention_gpu, the one the recorded H200 run
+measured); `gpu_paged` runs kernels/gpu_paged.py (decode kernel over (sequence, kv head,
+split) + one-sequence prefill blocks), called directly so that --pages-per-block can override
+its block size (block_sizes.gpu_pages_per_block) and --single-bf16-probs its bfloat16 P.V
+(gpu_paged.paged_attention_gpu's split_probs=False) for sweeps.
 """
 
 from __future__ import annotations
@@ -220,7 +220,7 @@ def main() -> None:
     args = parser.parse_args()
     dtype = jnp.dtype(args.dtype)
     backend = jax.default_backend()
-    defaults = {"tpu": ["tpu"], "gpu": ["gpu", "gpu_query_blocks"]}.get(backend,
+    defaults = {"tpu": ["tpu"], "gpu": ["gpu", "gpu_paged"]}.get(backend,
                                                                       ["cpu", "cpu_native"])
     impls = args.impl.split(",") if args.impl else ["reference", *defaults]
     prefixes = tuple(args.shapes.split(",")) if args.shapes else ("",)

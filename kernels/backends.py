@@ -12,12 +12,13 @@ so the per-token layout (ragged_layout.token_layout) is computed once, not once 
 Defaults per platform (`default_impl`):
 - CPU: "cpu_native" (the C++ kernel: the batch-32 decode step 1.6x faster than "cpu"'s,
   benchmarks/RESULTS.md), or "cpu" (pure JAX, 1.34x the reference's) without a C++ compiler.
-- NVIDIA GPU: "gpu", the Pallas Triton paged decode + prefill kernels (gpu_paged.py; their
-  hardware run is owed). The first hardware run (one H200, 2026-12-04, ../shared/MEASURING.md
-  "GPU: the first hardware run") measured the first kernel (gpu.query_block_attention_gpu,
-  the fallback) 7.8x the reference on
-  prefill attention (0.36 vs 2.82 ms, 4 x 512 tokens over 512 cached) and a batch-256 decode
-  step of a 1B-shaped model at 5.87 ms against the reference's 18.65 ms.
+- NVIDIA GPU: "gpu", the Pallas Triton query-block kernel (gpu.query_block_attention_gpu):
+  the first hardware run (one H200, 2026-12-04, ../shared/MEASURING.md "GPU: the first
+  hardware run") measured it 7.8x the reference on prefill attention (0.36 vs 2.82 ms, 4 x 512
+  tokens over 512 cached) and a batch-256 decode step of a 1B-shaped model at 5.87 ms against
+  the reference's 18.65 ms. "gpu_paged" (gpu_paged.py: decode over (sequence, kv head, split)
+  + prefill blocks of one sequence, built for HBM speed) is tested in interpret mode only: it
+  becomes the default once a hardware run is recorded (docs/architecture.md lists it).
 - TPU: "tpu", JAX's own tuned kernel (jax_tpu.py); "tpu_own" is jaxllm's kernel (tpu.py).
 - anything else: "reference".
 A Pallas backend forced on a platform it does not compile for runs in interpret mode.
@@ -228,8 +229,31 @@ class JaxTpuBackend(AttentionBackend):
 
 
 class GpuBackend(AttentionBackend):
+    """The GPU default: the Pallas Triton query-block kernel (gpu.query_block_attention_gpu),
+    the one a recorded hardware run measured (one H200, ../shared/MEASURING.md and
+    benchmarks/RESULTS.md: prefill attention 7.8x the reference, a batch-256 decode step
+    18.65 -> 5.87 ms). A default needs such a run: `gpu_paged` replaces it after its own."""
+
     name = "gpu"
     platforms = GPU_PLATFORMS
+    summary = "jaxllm's Pallas Triton query-block kernel (gpu.py)"
+
+    def block_sizes(self) -> str:
+        return "64-row query blocks of up to 64/G tokens x G heads (block_sizes.gpu_query_block)"
+
+    def attend(self, q, k_new, v_new, kv_cache, md, **opts):
+        from jaxllm.kernels.gpu import query_block_attention_gpu
+
+        return query_block_attention_gpu(q, kv_cache, md, **opts,
+                                         interpret=not self.native), kv_cache
+
+
+class GpuPagedBackend(GpuBackend):
+    """The Pallas Triton decode (sequence x kv head x split) + prefill kernels (gpu_paged.py),
+    built for HBM speed; tested in interpret mode, not yet on hardware (opt in with
+    attention_impl="gpu_paged")."""
+
+    name = "gpu_paged"
     summary = "jaxllm's Pallas Triton paged decode + prefill kernels (gpu_paged.py)"
 
     def block_sizes(self) -> str:
@@ -246,6 +270,7 @@ class GpuBackend(AttentionBackend):
 
 BACKENDS: tuple[type[AttentionBackend], ...] = (
     ReferenceBackend, CpuBackend, CpuNativeBackend, JaxTpuBackend, TpuOwnBackend, GpuBackend,
+    GpuPagedBackend,
 )
 IMPLEMENTATIONS = tuple(b.name for b in BACKENDS)
 

@@ -33,7 +33,8 @@ MIXED = [(37, 1), (20, 9), (50, 13), (3, 3), (1, 1)]  # decode, chunk, chunk, pr
 
 
 def test_registry_names_and_platform_defaults(monkeypatch):
-    assert set(IMPLEMENTATIONS) == {"reference", "cpu", "cpu_native", "tpu", "tpu_own", "gpu"}
+    assert set(IMPLEMENTATIONS) == {"reference", "cpu", "cpu_native", "tpu", "tpu_own", "gpu",
+                                    "gpu_paged"}
     for impl in IMPLEMENTATIONS:
         backend = get_backend(impl, "cpu")
         assert backend.name == impl and backend.platform == "cpu"
