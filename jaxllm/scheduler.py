@@ -21,15 +21,16 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from jaxllm.buckets import Bucket, BucketSet
+from jaxllm.buckets import BucketSet
 from jaxllm.cache.invariants import check_invariants
 from jaxllm.cache.manager import KVCacheManager, cdiv
 from jaxllm.request import Request, RequestStatus
+from jaxllm.scheduler_output import ScheduledSeq, SchedulerOutput
 from jaxllm.spec.scheduling import Speculation
 
 logger = logging.getLogger(__name__)
@@ -62,44 +63,6 @@ class SchedulerConfig:
         return cls(max_num_seqs=config.max_num_seqs,
                    max_num_batched_tokens=config.max_num_batched_tokens,
                    max_model_len=max_model_len, prefill_chunk_size=config.prefill_chunk_size)
-
-
-@dataclass
-class ScheduledSeq:
-    """One sequence's share of a step: feed token_ids at positions start_pos.. ."""
-
-    request: Request
-    token_ids: list[int]
-    start_pos: int
-    num_new_tokens: int
-    samples: bool  # the step samples this sequence's next token (end of prefill or decode)
-    page_ids: list[int]  # the pages covering positions [0, kv_len)
-    epoch: int  # request.num_preemptions when scheduled; a stale step is ignored by update()
-    output_index: int = 0  # index in the output of the token this row samples
-    # Look-ahead: token_ids[0] is a placeholder whose id is row `prev_row` of the in-flight
-    # step's sampled tokens (None: token_ids are all known).
-    prev_row: int | None = None
-    # Speculation: proposed tokens fed after the last known token (token_ids[1:]), verified
-    # by this step; `update` keeps the accepted ones and rolls the rest back.
-    drafts: list[int] = field(default_factory=list)
-
-    @property
-    def kv_len(self) -> int:
-        return self.start_pos + self.num_new_tokens
-
-
-@dataclass
-class SchedulerOutput:
-    seqs: list[ScheduledSeq]
-    bucket: Bucket | None  # None when nothing was scheduled
-    num_tokens: int
-    page_size: int
-    null_page: int
-    preempted: list[Request] = field(default_factory=list)
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.seqs
 
 
 class Scheduler:
