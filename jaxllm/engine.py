@@ -156,6 +156,10 @@ class LLMEngine:
         spec = config.speculative_config()
         self.speculation = Speculation(spec, self.max_model_len) if spec.enabled else None
         self._spec_k = spec.num_speculative_tokens if spec.enabled else 0
+        # Verification rows: one for a lone sequence (the latency case speculation is for),
+        # else the most sequences that speculate together (padding rows cost LM-head rows).
+        most = min(spec.disable_above_batch or config.max_num_seqs, config.max_num_seqs)
+        self._verify_rows = sorted({1, most}) if spec.enabled else []
         self.scheduler = Scheduler(
             SchedulerConfig.from_engine_config(config, max_model_len=self.max_model_len),
             cache, self.buckets, self.speculation)
@@ -184,7 +188,8 @@ class LLMEngine:
         self._stats.warmup_time_s = self.runner.warm_up(self.buckets.all(), self.tensors.dummy,
                                                         compile_threads=config.compile_threads,
                                                         store=store,
-                                                        num_speculative_tokens=self._spec_k)
+                                                        num_speculative_tokens=self._spec_k,
+                                                        verify_rows=self._verify_rows)
         logger.info("warm-up prepared %d programs (%d loaded from saved ones) in %.1f s",
                     self.runner.compile_count, self.runner.loaded_programs,
                     self._stats.warmup_time_s)
@@ -337,17 +342,19 @@ class LLMEngine:
         sampler (per-row token masks and biases are applied there), or, when some sequence
         proposed drafts, the verification of every row (jaxllm.spec.rejection)."""
         sched = step.sched
-        tensors = self.tensors.build(sched, [s.request.sampling_params for s in sched.seqs],
-                                     [s.request.key_data for s in sched.seqs],
-                                     sched.bucket.num_seqs)
         if not step.speculative:
+            tensors = self.tensors.build(sched, [s.request.sampling_params for s in sched.seqs],
+                                         [s.request.key_data for s in sched.seqs],
+                                         sched.bucket.num_seqs)
             step.sampled = self.runner.sample(step.forward.logits, tensors)
             return
         cu = step.inputs.attention.cu_q_lens
+        rows = next(r for r in self._verify_rows if r >= len(sched.seqs))
+        tensors = self.tensors.build(sched, [s.request.sampling_params for s in sched.seqs],
+                                     [s.request.key_data for s in sched.seqs], rows)
         layout = build_verify_layout(
             [int(cu[j + 1]) - 1 - len(s.drafts) for j, s in enumerate(sched.seqs)],
-            [s.drafts for s in sched.seqs], range(len(sched.seqs)), self._spec_k,
-            sched.bucket.num_seqs)
+            [s.drafts for s in sched.seqs], range(len(sched.seqs)), self._spec_k, rows)
         step.sampled = self.runner.verify(step.forward.hidden, layout, tensors)
 
     def complete(self, step: InFlightStep) -> list[RequestOutput]:

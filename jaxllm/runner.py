@@ -237,7 +237,8 @@ class ModelRunner:
         return chosen, rank, ids, vals
 
     def warm_up(self, buckets: Iterable[Bucket], dummy_tensors, *, compile_threads: int = 2,
-                store: ExecutableStore | None = None, num_speculative_tokens: int = 0) -> float:
+                store: ExecutableStore | None = None, num_speculative_tokens: int = 0,
+                verify_rows: Iterable[int] = ()) -> float:
         """Compile every bucket's step, sampler and prompt-logprobs programs ahead of time;
         returns seconds taken.
 
@@ -248,7 +249,8 @@ class ModelRunner:
         (a sharded step's logits come out sharded; only the compiled program says how).
         With a `store`, programs saved by an earlier start are loaded instead of traced (most
         of a warm start was tracing), and newly compiled ones are saved to it.
-        `num_speculative_tokens` > 0 also prepares each bucket's verification program.
+        `num_speculative_tokens` > 0 also prepares each bucket's verification programs, one per
+        row count in `verify_rows`.
         """
         start = time.perf_counter()
         buckets = list(buckets)
@@ -296,8 +298,8 @@ class ModelRunner:
             want(self._prompt_programs, b.num_tokens, "prompt_logprobs", (hidden, rows, rows),
                  lambda *a: self._prompt_logprobs_fn.trace(self.state_leaves, *a), derived=True)
             k = num_speculative_tokens
-            if k and b.num_tokens > 1:  # speculation: a verification per bucket (it feeds >= 2)
-                r, i32 = b.num_seqs, jnp.int32
+            for r in verify_rows if k and b.num_tokens > 1 else ():  # a verification feeds >= 2
+                i32 = jnp.int32
                 layout = (jax.ShapeDtypeStruct((r, k + 1), i32), jax.ShapeDtypeStruct((r, k), i32),
                           jax.ShapeDtypeStruct((r,), i32))
                 want(self._verifiers, (b.num_tokens, r), "verify",
