@@ -58,6 +58,14 @@ class ModelConfig:
     moe_intermediate_size: int = 0  # hidden width of one routed expert
     norm_topk_prob: bool = True  # renormalise the top-k routing weights to sum 1
     shared_expert_intermediate_size: int = 0  # always-on gated expert (Qwen2-MoE); 0: none
+    # Gemma 2/3 (jaxllm.models.gemma): per-layer "sliding_attention" / "full_attention" (empty:
+    # every layer uses `sliding_window`), sm_scale = query_pre_attn_scalar ** -0.5 when set,
+    # tanh soft caps of attention and final logits, rope theta of sliding layers (Gemma 3).
+    layer_types: tuple[str, ...] = ()
+    query_pre_attn_scalar: float | None = None
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+    rope_local_base_freq: float | None = None
 
     @property
     def rotary_dim(self) -> int:
@@ -95,6 +103,7 @@ class ModelConfig:
         d = dict(d)
         d["rope_scaling"] = RopeScaling(**d.get("rope_scaling", {}))
         d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
+        d["layer_types"] = tuple(d.get("layer_types", ()))
         return cls(**d)
 
 

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from jaxllm.config import ModelConfig
-from jaxllm.models import llama_family, moe_family
+from jaxllm.models import gemma_family, llama_family, moe_family
 from jaxllm.models.base import CausalLM, ModelFamily
 from jaxllm.models.dtypes import resolve_compute_dtype
 
@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 
     from jaxllm.models.quantized_layers import QuantizedMatmulOptions
 
-FAMILIES: tuple[ModelFamily, ...] = (llama_family.FAMILY, moe_family.FAMILY)
+FAMILIES: tuple[ModelFamily, ...] = (llama_family.FAMILY, moe_family.FAMILY,
+                                      gemma_family.FAMILY)
 
 
 def supported_architectures() -> list[str]:
