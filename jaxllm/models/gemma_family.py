@@ -117,7 +117,7 @@ def config_from_hf(d: Mapping[str, Any], architecture: str) -> ModelConfig:
         eos_token_ids=read_eos_token_ids(d),
         torch_dtype=read_checkpoint_dtype(d),
         layer_types=tuple(str(t) for t in layer_types),
-        query_pre_attn_scalar=float(d.get("query_pre_attn_scalar", 256)),
+        query_pre_attn_scalar=_optional_float(d.get("query_pre_attn_scalar", 256)),
         attn_logit_softcapping=_optional_float(d.get("attn_logit_softcapping", default_caps[0])),
         final_logit_softcapping=_optional_float(d.get("final_logit_softcapping", default_caps[1])),
         rope_local_base_freq=local_theta,

@@ -43,3 +43,32 @@ def make_tiny_gemma_model(kind: str, seed: int, **overrides):
             elif name.endswith("embed_tokens.weight"):
                 p.mul_(10.0)  # final logits of order the soft cap
     return model
+
+
+def random_gemma_config(arch: str, rng):
+    """A random Gemma 2 / Gemma 3 ModelConfig (the registry's config round-trip tests)."""
+    from jaxllm.config import ModelConfig, RopeScaling
+
+    gemma3 = arch == "Gemma3ForCausalLM"
+    kv = int(rng.integers(1, 4))
+    layers = int(rng.integers(1, 7))
+    return ModelConfig(
+        architecture=arch, vocab_size=int(rng.integers(10, 300)),
+        hidden_size=int(rng.integers(8, 100)), intermediate_size=int(rng.integers(8, 100)),
+        num_layers=layers, num_heads=kv * int(rng.integers(1, 4)), num_kv_heads=kv,
+        head_dim=2 * int(rng.integers(2, 9)), rms_norm_eps=float(rng.choice([1e-5, 1e-6])),
+        rope_theta=float(rng.integers(1, 10**6)),
+        rope_scaling=(RopeScaling("linear", float(rng.integers(2, 9)))
+                      if gemma3 and rng.integers(2) else RopeScaling()),
+        max_position_embeddings=int(rng.integers(16, 4096)),
+        tie_word_embeddings=bool(rng.integers(2)), qk_norm=gemma3,
+        sliding_window=int(rng.integers(2, 64)) if rng.integers(4) else None,
+        hidden_act="gelu_pytorch_tanh", bos_token_id=int(rng.integers(0, 10)),
+        eos_token_ids=tuple(int(x) for x in rng.integers(0, 10, size=int(rng.integers(0, 3)))),
+        torch_dtype=str(rng.choice(["float32", "bfloat16"])),
+        layer_types=tuple(str(rng.choice(["sliding_attention", "full_attention"]))
+                          for _ in range(layers)),
+        query_pre_attn_scalar=float(rng.integers(8, 300)) if rng.integers(4) else None,
+        attn_logit_softcapping=float(rng.integers(10, 60)) if rng.integers(2) else None,
+        final_logit_softcapping=float(rng.integers(10, 60)) if rng.integers(2) else None,
+        rope_local_base_freq=float(rng.integers(1000, 10**5)) if gemma3 else None)

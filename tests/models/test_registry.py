@@ -15,6 +15,7 @@ from jaxllm.models import CausalLM, ModelFamily, build_model, registry
 from jaxllm.models.dtypes import auto_dtype_name, resolve_compute_dtype, resolve_param_dtype
 from jaxllm.models.llama_family import LlamaFamily
 from jaxllm.models.params import check_params, expected_param_shapes, logical_axes
+from tests.models.gemma_tiny import random_gemma_config
 from tests.models.hf_tiny import ARCH_CONFIGS, hf_state_to_flat, make_tiny_hf_model
 from tests.oracles.plain_decode import forward_logits
 from tests.sharding.tiny import fresh_seed, hf_tiny_config, random_params
@@ -65,6 +66,7 @@ def test_config_to_hf_and_back_is_identity(arch):
     family = registry.family_for(arch)
     for _ in range(20):
         cfg = (_random_moe_config(arch, rng) if "Moe" in arch or arch.startswith("Mixtral")
+               else random_gemma_config(arch, rng) if arch.startswith("Gemma")
                else _random_config(arch, rng))
         assert ModelConfig.from_hf_dict(family.config_to_hf(cfg)) == cfg
 
@@ -104,6 +106,7 @@ def test_every_parameter_has_axes_of_its_rank_and_source_names(arch):
     family = registry.family_for(arch)
     for _ in range(5):
         cfg = (_random_moe_config(arch, rng) if "Moe" in arch or arch.startswith("Mixtral")
+               else random_gemma_config(arch, rng) if arch.startswith("Gemma")
                else _random_config(arch, rng))
         for name, shape in expected_param_shapes(cfg).items():
             assert len(logical_axes(name, arch)) == len(shape) and logical_axes(name) == \
