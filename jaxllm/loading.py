@@ -72,16 +72,22 @@ class EngineParts:
 
 
 def resolve_model_path(model: str | None) -> Path:
-    """The given path, or the embedded default model's GGUF file."""
+    """The given local path; else a hub id `org/name[@revision]`'s snapshot directory
+    (jaxllm.hub: downloaded, or found in the hub cache); None: the embedded default model."""
     if model is None:
         from jaxllm.default_model import default_model_path
 
         return default_model_path()
     path = Path(model).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"model path {path} does not exist (no model hub is used: "
-                                "pass a local HF directory, a jaxllm directory or a .gguf file)")
-    return path
+    if path.exists():
+        return path
+    from jaxllm.hub import download_model, parse_hub_id
+
+    hub_id = parse_hub_id(model)
+    if hub_id is not None:
+        return download_model(hub_id)
+    raise FileNotFoundError(f"model path {path} does not exist (pass a local HF directory, a "
+                            "jaxllm directory, a .gguf file or a hub id org/name[@revision])")
 
 
 def engine_mesh(config: EngineConfig) -> Mesh | None:
