@@ -16,11 +16,13 @@ even while the leader is idle.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from dataclasses import dataclass
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -111,17 +113,29 @@ class BroadcastingRunner(ModelRunner):
 
     def __init__(self, model, kv_caches, *, caster: StepBroadcaster, **kwargs: Any) -> None:
         self.caster = caster
+        self._in_flight = None  # outputs of the last device call
         # Followers size their caches from the leader's (free memory differs per host).
         caster.send(_message(OP_SETUP, setup=np.array([kv_caches[0].shape[0]], np.int32)))
         super().__init__(model, kv_caches, **kwargs)
 
+    def _send(self, msg: dict[str, np.ndarray]) -> None:
+        # The broadcast is a collective too: collectives of a device call still in flight
+        # would interleave with it, so each call finishes before the next one is announced
+        # (followers do the same; multi-host runs one step at a time).
+        jax.block_until_ready(self._in_flight)
+        self.caster.send(msg)
+
     def forward(self, inputs: StepInputs, prev_tokens=None):
-        self.caster.send(_message(OP_FORWARD, inputs=inputs))
-        return super().forward(inputs, prev_tokens)
+        self._send(_message(OP_FORWARD, inputs=inputs))
+        out = super().forward(inputs, prev_tokens)
+        self._in_flight = (out.logits, out.hidden)
+        return out
 
     def sample(self, logits, tensors: SamplingTensors):
-        self.caster.send(_message(OP_SAMPLE, tensors=tensors))
-        return super().sample(logits, tensors)
+        self._send(_message(OP_SAMPLE, tensors=tensors))
+        out = super().sample(logits, tensors)
+        self._in_flight = out
+        return out
 
     def warm_up(self, buckets, dummy_tensors, **kwargs: Any) -> float:
         # Run (and so broadcast) a dummy step per bucket: the followers compile in lockstep
@@ -129,8 +143,8 @@ class BroadcastingRunner(ModelRunner):
         return self.warm_up_by_running(buckets, dummy_tensors)
 
     def prompt_logprobs(self, hidden, rows: np.ndarray, targets: np.ndarray):
-        self.caster.send(_message(OP_PROMPT_LOGPROBS, rows=np.asarray(rows, np.int32),
-                                  targets=np.asarray(targets, np.int32)))
+        self._send(_message(OP_PROMPT_LOGPROBS, rows=np.asarray(rows, np.int32),
+                            targets=np.asarray(targets, np.int32)))
         return super().prompt_logprobs(hidden, rows, targets)
 
 
@@ -201,7 +215,9 @@ def _check_multihost(config: EngineConfig) -> EngineConfig:
                          f"{jax.process_count()}: call initialize_distributed(config) first")
     if config.data_parallel_size > 1:
         raise ValueError("multi-host runs one engine: data_parallel_size must be 1")
-    return resolve_engine_config(config).config
+    # One step at a time across hosts: the followers replay the leader's device calls, and a
+    # look-ahead step would have to pass the same previous-step arrays on every process.
+    return dataclasses.replace(resolve_engine_config(config).config, overlap_scheduling=False)
 
 
 def build_leader_engine(config: EngineConfig, options: MultiHostOptions = MultiHostOptions()):
@@ -258,17 +274,16 @@ def run_follower(config: EngineConfig, options: MultiHostOptions = MultiHostOpti
                              attention_wrapper=parts.attention_wrapper,
                              max_rows=config.max_num_seqs, compute_dtype=parts.dtype)
         logger.info("follower %d ready: %d KV pages", config.process_id, num_pages)
-        forward = prev_tokens = None
+        forward = None
         while (msg := caster.receive()) is not None:
             op = int(msg["op"][0])
-            if op == OP_FORWARD:
-                # Look-ahead rows read the last sampled ids, as on the leader (others ignore them).
-                forward = runner.forward(_unpack_inputs(msg), prev_tokens)
+            if op == OP_FORWARD:  # (the leader runs no look-ahead steps: see _check_multihost)
+                forward = runner.forward(_unpack_inputs(msg))
+                # before the next broadcast, as the leader
+                jax.block_until_ready((forward.logits, forward.hidden))
             elif op == OP_SAMPLE:
                 tensors = _unpack_tensors(msg, parts.model_config.vocab_size)
-                sampled = runner.sample(forward.logits, tensors)
-                prev_tokens = sampled.next_input_ids
-                runner.fetch(sampled)  # lockstep with the leader
+                runner.fetch(runner.sample(forward.logits, tensors))  # lockstep with the leader
             elif op == OP_PROMPT_LOGPROBS:
                 runner.prompt_logprobs(forward.hidden, msg["rows"], msg["targets"])
             else:
