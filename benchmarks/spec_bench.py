@@ -38,7 +38,7 @@ def run(llm: LLM, prompts: list[list[int]], params: SamplingParams, batch: int):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--num-speculative-tokens", type=int, default=4)
+    ap.add_argument("--num-speculative-tokens", type=int, default=7)
     args = ap.parse_args()
     common = dict(max_model_len=1024)
     plain = LLM(**common)

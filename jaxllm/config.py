@@ -148,7 +148,7 @@ class EngineConfig:
     overlap_scheduling: bool = True
     # Speculative decoding (jaxllm/speculation.py): proposals verified in the ragged step.
     speculative_mode: str = "disable"  # disable | ngram | draft | eagle (ngram runs today)
-    num_speculative_tokens: int = 4
+    num_speculative_tokens: int = 7  # CPU: a 1 + 7 token verification fills the 8-token bucket
     speculative_model: str | None = None  # draft / EAGLE weights (HF format)
     ngram_prompt_lookup_min: int = 2
     ngram_prompt_lookup_max: int = 4
