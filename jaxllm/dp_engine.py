@@ -29,7 +29,8 @@ logger = logging.getLogger(__name__)
 # Counters summed over replicas; gauges (page_usage, step times) are averaged or maxed below.
 _SUMMED = ("num_running", "num_waiting", "prefix_cache_queries", "prefix_cache_hits",
            "prompt_tokens_total", "generation_tokens_total", "compile_count",
-           "recompile_count", "steps_total", "num_preemptions")
+           "recompile_count", "steps_total", "num_preemptions", "spec_proposed_tokens",
+           "spec_accepted_tokens")
 
 
 class DataParallelEngine:

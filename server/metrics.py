@@ -44,8 +44,15 @@ class _EngineStatsCollector(Collector):
              s.generation_tokens_total),
             ("jaxllm_compile_count", "XLA compilations of the step function", s.compile_count),
             ("jaxllm_engine_steps", "Engine steps run", s.steps_total),
+            ("jaxllm_spec_decode_num_draft_tokens", "Speculative draft tokens verified",
+             s.spec_proposed_tokens),
+            ("jaxllm_spec_decode_num_accepted_tokens", "Speculative draft tokens accepted",
+             s.spec_accepted_tokens),
         ):
             yield CounterMetricFamily(name, doc, value=value)
+        yield GaugeMetricFamily("jaxllm_spec_decode_mean_acceptance_length",
+                                "Tokens emitted per speculative verification",
+                                value=s.spec_mean_acceptance_length)
 
 
 class ServerMetrics:

@@ -105,6 +105,9 @@ class FakeStats:
     generation_tokens_total: int = 0
     compile_count: int = 3
     steps_total: int = 0
+    spec_proposed_tokens: int = 0
+    spec_accepted_tokens: int = 0
+    spec_mean_acceptance_length: float = 0.0
 
 
 def _fake_model_config() -> ModelConfig:
