@@ -12,7 +12,10 @@ from typing import Any
 
 from fastapi import Request
 
+from jaxllm.config import EngineConfig
+from jaxllm.engine_client import EngineClient
 from jaxllm.outputs import RequestOutput
+from jaxllm.tokenizer import Tokenizer
 
 from .errors import APIError, bad_request
 from .metrics import ServerMetrics
@@ -24,14 +27,14 @@ from .server_config import ServerConfig
 class ServingContext:
     """What handlers need, stored on app.state.ctx (one per app, no globals)."""
 
-    engine: Any
-    engine_config: Any
+    engine: EngineClient
+    engine_config: EngineConfig
     server_config: ServerConfig
     metrics: ServerMetrics
     responses: ResponseStore = field(default_factory=ResponseStore)
 
     @property
-    def tokenizer(self) -> Any:
+    def tokenizer(self) -> Tokenizer:
         return self.engine.tokenizer
 
     @property
