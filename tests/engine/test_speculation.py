@@ -16,6 +16,7 @@ import pytest
 from jaxllm.config import EngineConfig
 from jaxllm.engine import LLMEngine
 from jaxllm.sampling_params import SamplingParams
+from jaxllm.spec import NgramProposer
 
 SMALL = dict(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=256, page_size=8)
 
@@ -96,7 +97,7 @@ def test_greedy_with_speculation_equals_greedy(engines, proposer):
     expected = _run(base, prompts, params)
     want = {rid: o.outputs[0].token_ids for rid, o in expected.items()}
     spec.speculation.proposer = {
-        "ngram": spec.speculation.proposer.__class__(spec.speculation.config),
+        "ngram": NgramProposer(spec.speculation.config),
         "oracle": OracleProposer({tuple(p): want[f"r{i}"] for i, p in enumerate(prompts)}),
         "random": RandomProposer(seed),
     }[proposer]
