@@ -18,6 +18,7 @@ import logging
 import os
 import pickle
 import tempfile
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,40 @@ def describe_inputs(tree: Any, shardings: bool = True) -> str:
         sharding = getattr(x, "sharding", None) if shardings else None
         rows.append(f"{x.shape}|{x.dtype}|{getattr(x, 'weak_type', False)}|{sharding}")
     return "\n".join(rows)
+
+
+_JAX_CACHE_HIT = "/jax/compilation_cache/cache_hits"
+
+
+class _CacheHits(threading.local):
+    """Per thread: did the last compile come from JAX's persistent cache?"""
+
+    hit = False
+
+
+_hits = _CacheHits()
+
+
+def _on_event(event: str, **_: object) -> None:
+    if event == _JAX_CACHE_HIT:
+        _hits.hit = True
+
+
+jax.monitoring.register_event_listener(_on_event)  # once; other events return at once
+
+
+def compile_for_store(lowered: jax.stages.Lowered) -> tuple[jax.stages.Compiled, bool]:
+    """Compile a program the store may save: (program, whether saving it is safe).
+
+    An XLA CPU executable that JAX's persistent cache served is not whole when serialized
+    again: loaded by a later process it fails on its first run ("Function
+    bitcast_gather_fusion.1 not found"), which took the server down on its second warm start.
+    So a program JAX's cache served is run but not saved (the next start gets it from JAX's
+    cache again); a fresh compile is saved. JAX records the hit on the compiling thread.
+    """
+    _hits.hit = False
+    compiled = lowered.compile()
+    return compiled, not _hits.hit
 
 
 class ExecutableStore:

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from jaxllm.buckets import Bucket
 from jaxllm.executable_store import (
     ExecutableStore,
+    compile_for_store,
     describe_inputs,
     environment_fingerprint,
     source_fingerprint,
@@ -275,13 +276,15 @@ class ModelRunner:
 
         def compile_pending(desc: str) -> None:
             with ThreadPoolExecutor(max(1, compile_threads)) as pool:
-                compiled = list(tqdm(pool.map(lambda p: p[4].compile(), pending),
+                compiled = list(tqdm(pool.map(lambda p: compile_for_store(p[4]), pending),
                                      total=len(pending), desc=desc, unit="program"))
-            for (table, key, name, inputs, _, needs), program in zip(pending, compiled,
-                                                                      strict=True):
+            for (table, key, name, inputs, _, needs), (program, savable) in zip(
+                    pending, compiled, strict=True):
                 table[key] = program
-                if store:
+                if store and savable:
                     store.save(name, inputs, program, needs)
+                elif store:
+                    logger.info("program %s came from JAX's compilation cache: not saved", name)
             pending.clear()
 
         self.loaded_programs = 0

@@ -104,3 +104,18 @@ def test_source_fingerprint_follows_every_source_file(tmp_path):
     assert source_fingerprint([package]) == before
     (tmp_path / "sub" / "kernel.cc").write_text("int f() { return 2; }")
     assert source_fingerprint([package]) != before
+
+
+def test_programs_served_by_jax_cache_are_run_but_not_saved(tiny_model_dir, plain_model,
+                                                            tmp_path):
+    """An XLA CPU executable from JAX's persistent cache, serialized again, fails to run when
+    a later process loads it ("Function ... not found"): such programs must not be saved."""
+    prompts = _prompts()
+    expected = plain_generate(plain_model, prompts, max_new_tokens=6)
+    LLM(str(tiny_model_dir), compilation_cache_dir=str(tmp_path), **SMALL)
+    for path in (tmp_path / "programs").glob("*.pkl"):
+        path.unlink()  # JAX's own cache (the same directory) still holds every program
+    again = LLM(str(tiny_model_dir), compilation_cache_dir=str(tmp_path), **SMALL)
+    assert again.engine.runner.loaded_programs == 0
+    assert not list((tmp_path / "programs").glob("*.pkl"))
+    assert _generate(again, prompts) == expected
