@@ -80,11 +80,16 @@ class IncrementalDetokenizer:
         """Add generated ids; return the text that became safe to emit."""
         if self._finished:
             return ""
-        new = [int(i) for i in new_token_ids]
-        if not new:
-            return ""
-        self.token_ids.extend(new)
-        self._ids.extend(new)
+        if len(new_token_ids) == 1:  # the per-step case
+            token = int(new_token_ids[0])
+            self.token_ids.append(token)
+            self._ids.append(token)
+        else:
+            new = [int(i) for i in new_token_ids]
+            if not new:
+                return ""
+            self.token_ids.extend(new)
+            self._ids.extend(new)
         return self._emit(self._decode_new(final=False), final=False)
 
     def flush(self) -> str:

@@ -11,7 +11,6 @@ never decides a finish itself.
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -127,9 +126,10 @@ class OutputProcessor:
         """Apply a completed step: `produced` are the rows of `sched.seqs` whose sequence
         got a new token (already appended by `Scheduler.update`)."""
         now = time.time()
+        owner = self._owner
         for s in sched.seqs:
-            tracked = self._owner.get(s.request.request_id)
-            if tracked is not None:
+            tracked = owner.get(s.request.request_id)
+            if tracked is not None and not tracked.touched:
                 tracked.touched = True
                 if tracked.metrics.first_scheduled_time is None:
                     tracked.metrics.first_scheduled_time = now
@@ -227,7 +227,9 @@ class OutputProcessor:
             if not tracked.touched:
                 continue
             tracked.touched = False
-            if all(s.seq.is_finished for s in tracked.samples):
+            samples = tracked.samples
+            if (samples[0].seq.is_finished if len(samples) == 1
+                    else all(s.seq.is_finished for s in samples)):
                 tracked.finished = True
                 tracked.metrics.finished_time = time.time()
                 del self._tracked[rid]
@@ -251,4 +253,4 @@ class OutputProcessor:
             prompt_token_ids=tracked.prompt_token_ids, outputs=outputs,
             finished=tracked.finished,
             prompt_logprobs=list(tracked.prompt_logprobs) if tracked.prompt_logprobs else None,
-            metrics=copy.copy(tracked.metrics))
+            metrics=tracked.metrics.snapshot())

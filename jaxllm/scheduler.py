@@ -86,6 +86,7 @@ class Scheduler:
         self.page_size = cache.page_size
         self.waiting: list[Request] = []
         self.running: list[Request] = []
+        self._running_sorted = True  # running is in _key order (admissions unsort it)
         self.requests: dict[str, Request] = {}  # live (not finished) requests by id
         self._order: dict[str, int] = {}
         self._next_order = 0
@@ -170,13 +171,19 @@ class Scheduler:
         scheduled: set[str] = set()
         preempted: list[Request] = []
         withheld = 0  # budget held back to land the step on a bucket
-        self.running.sort(key=self._key)
+        if not self._running_sorted:
+            self.running.sort(key=self._key)
+            self._running_sorted = True
         for decode_pass in (True, False):
-            if not decode_pass and self.config.align_prefill_to_buckets:
-                aligned = self._aligned_prefill_budget(
-                    self.config.max_num_batched_tokens - budget, budget, scheduled)
-                withheld, budget = budget - aligned, aligned
-            for req in list(self.running):
+            candidates = list(self.running)
+            if not decode_pass:
+                # (steady decoding: everyone was scheduled by the decode pass, nothing waits)
+                candidates = [r for r in candidates if r.request_id not in scheduled]
+                if (candidates or self.waiting) and self.config.align_prefill_to_buckets:
+                    aligned = self._aligned_prefill_budget(
+                        self.config.max_num_batched_tokens - budget, budget, scheduled)
+                    withheld, budget = budget - aligned, aligned
+            for req in candidates:
                 if budget == 0 or len(seqs) >= self.config.max_num_seqs:
                     break
                 if req.status is not RequestStatus.RUNNING or req.request_id in scheduled:
@@ -274,6 +281,7 @@ class Scheduler:
                 break  # first come first served: nobody overtakes the head of the queue
             self.waiting.remove(req)
             self.running.append(req)
+            self._running_sorted = False
             req.status = RequestStatus.RUNNING
             seqs.append(self._take(req, n, len(seqs)))
             scheduled.add(req.request_id)
@@ -346,8 +354,9 @@ class Scheduler:
         Returns the rows whose sequence got new tokens. Whether a token ends the sequence is
         the output processor's call (`jaxllm.output_processor`), which then calls `finish`."""
         produced: list[int] = []
-        sampled = np.asarray(sampled_token_ids)
-        per_row = sampled.ndim == 2
+        sampled_array = np.asarray(sampled_token_ids)
+        per_row = sampled_array.ndim == 2
+        sampled = sampled_array.tolist()  # Python ints at once (not one numpy scalar per row)
         for i, seq in enumerate(output.seqs):
             req = seq.request
             if req.status is not RequestStatus.RUNNING or seq.epoch != req.num_preemptions:
@@ -356,7 +365,7 @@ class Scheduler:
                 self.cache.register_computed(req, seq.kv_len)
                 self._maybe_fork(req, seq.kv_len)
                 continue
-            tokens = ([int(t) for t in sampled[i] if t >= 0] if per_row else [int(sampled[i])])
+            tokens = [t for t in sampled[i] if t >= 0] if per_row else [sampled[i]]
             if seq.drafts:
                 accepted = len(tokens) - 1
                 req.num_computed_tokens -= len(seq.drafts) - accepted  # rejected drafts' slots

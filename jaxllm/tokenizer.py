@@ -81,13 +81,18 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self.hf.decode(self._checked_ids(ids), skip_special_tokens=skip_special_tokens)
 
+    @cached_property
+    def _rust_decoder(self):
+        """(the Rust tokenizer's decode, the cleanup transformers applies after it or None)."""
+        cleanup = self.hf.clean_up_tokenization if self.hf.clean_up_tokenization_spaces else None
+        return self.hf.backend_tokenizer.decode, cleanup
+
     def decode_unchecked(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         """`decode` for ids the engine produced (known valid) on the per-token path: the Rust
         tokenizer directly, ~5x cheaper than the transformers wrapper, same text."""
-        text = self.hf.backend_tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
-        if self.hf.clean_up_tokenization_spaces:
-            text = self.hf.clean_up_tokenization(text)
-        return text
+        decode, cleanup = self._rust_decoder
+        text = decode(ids, skip_special_tokens=skip_special_tokens)
+        return cleanup(text) if cleanup is not None else text
 
     def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
         return list(self.hf.convert_ids_to_tokens(self._checked_ids(ids)))
