@@ -46,11 +46,18 @@ class IncrementalDetokenizer:
         stop: Sequence[str] | None = None,
         include_stop_str_in_output: bool = False,
         min_tokens: int = 0,
+        defer: bool = False,
     ):
+        """`defer`: the caller reads the text only after `flush` (a request that is not
+        streamed and has no stop strings): `step` only collects ids and `flush` decodes them
+        at once, the same text for one decode instead of two per token."""
         stops = list(stop or [])
         for s in stops:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop strings must be non-empty strings, got {s!r}")
+        if defer and stops:
+            raise ValueError("a detokenizer with stop strings must decode as tokens arrive")
+        self._defer = defer
         self._tokenizer = tokenizer
         self._skip_special = skip_special_tokens
         self._stops = stops
@@ -72,6 +79,11 @@ class IncrementalDetokenizer:
         self._finished = False
 
     @property
+    def deferred(self) -> bool:
+        """Text only at `flush` (see __init__)."""
+        return self._defer
+
+    @property
     def finished(self) -> bool:
         """True once a stop string was found or `flush` was called; later tokens are ignored."""
         return self._finished
@@ -90,6 +102,8 @@ class IncrementalDetokenizer:
                 return ""
             self.token_ids.extend(new)
             self._ids.extend(new)
+        if self._defer:
+            return ""
         return self._emit(self._decode_new(final=False), final=False)
 
     def flush(self) -> str:

@@ -86,10 +86,12 @@ class OutputProcessor:
     # -- requests -----------------------------------------------------------------------------
     def add(self, request_id: str, prompt: str | None, prompt_ids: list[int],
             params: SamplingParams, seqs: Sequence[Request], stream: bool = True) -> None:
+        # Text nobody reads before the finish (not streamed, no stop strings): decoded once then.
+        defer = not stream and not params.stop
         samples = [_Sample(seq=s, detok=IncrementalDetokenizer(
                                self.tokenizer, prompt_ids, params.skip_special_tokens,
                                params.stop, params.include_stop_str_in_output,
-                               min_tokens=params.min_tokens),
+                               min_tokens=params.min_tokens, defer=defer),
                            logprobs=[] if params.logprobs is not None else None,
                            cumulative_logprob=0.0 if params.logprobs is not None else None)
                    for s in seqs]
@@ -117,6 +119,8 @@ class OutputProcessor:
             self._owner.pop(s.seq.request_id, None)
             if not s.seq.is_finished:
                 s.seq.status = RequestStatus.FINISHED_ABORTED
+            if s.detok.deferred:  # its text so far, as a streamed request's would be
+                s.text += s.detok.flush()  # ("" when its finish flushed it already)
         tracked.finished = True
         return self._output(tracked)
 

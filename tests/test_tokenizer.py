@@ -273,6 +273,28 @@ def test_detokenizer_random_id_streams_equal_full_decode(ours):
         assert "".join(deltas) == ours.decode(ids, skip_special_tokens=skip)
 
 
+def test_deferred_detokenizer_flushes_the_streamed_text(ours):
+    """Not streamed and without stop strings, the text is decoded once at the finish: the same
+    text as streaming the ids, on valid text and on random ids full of stray UTF-8 bytes."""
+    rng = random.Random(random.randrange(1 << 30))
+    fragments = _fragment_ids(ours)
+    for i in range(30):
+        if i % 2:
+            ids = ours.encode(_random_text(rng, rng.randint(5, 80)), add_special_tokens=False)
+        else:
+            ids = [rng.choice(fragments) if rng.random() < 0.5 else rng.randrange(ours.vocab_size)
+                   for _ in range(rng.randint(1, 50))]
+        prompt = [rng.randrange(ours.vocab_size) for _ in range(rng.randint(0, 6))]
+        skip = rng.random() < 0.5
+        streamed = IncrementalDetokenizer(ours, prompt, skip_special_tokens=skip)
+        deferred = IncrementalDetokenizer(ours, prompt, skip_special_tokens=skip, defer=True)
+        expected = "".join(_stream(streamed, ids, rng))
+        assert deferred.deferred and not any(_stream(deferred, ids, rng)[:-1])
+        assert deferred.text == expected and deferred.token_ids == ids
+    with pytest.raises(ValueError, match="stop strings"):
+        IncrementalDetokenizer(ours, [], stop=["x"], defer=True)
+
+
 def test_detokenizer_holds_split_characters(ours):
     ids = ours.encode("a🤗", add_special_tokens=False)
     assert len(ids) >= 3  # the emoji is split over several byte tokens

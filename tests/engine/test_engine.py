@@ -289,3 +289,28 @@ def test_bad_words_are_resolved_for_offline_requests(engine):
     banned = _run(engine, ["ban"])["ban"].outputs[0].token_ids
     assert word not in banned and banned[:free.index(word)] == free[:free.index(word)], seed
     _assert_no_leaks(engine)
+
+
+def test_unstreamed_text_is_decoded_at_the_finish(engine):
+    """stream=False without stop strings decodes once at the finish (or the abort): the same
+    text as a streamed request with the same seed, and as decoding its token ids."""
+    seed = _fresh_seed()
+    prompts = _prompts(seed, [6, 13, 9])
+    params = SamplingParams(temperature=1.0, seed=seed, max_tokens=12, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add_request(p, params, f"streamed{i}")
+        engine.add_request(p, params, f"final{i}", stream=False)
+    engine.add_request(prompts[0], params, "aborted", stream=False)
+    for _ in range(4):
+        engine.step()
+    aborted = engine.abort_request("aborted", return_output=True)
+    done = _run(engine, [f"{kind}{i}" for kind in ("streamed", "final") for i in range(3)])
+    tok = engine.tokenizer
+    for i in range(3):
+        final, streamed = done[f"final{i}"].outputs[0], done[f"streamed{i}"].outputs[0]
+        assert final.token_ids == streamed.token_ids, f"seed={seed}"
+        assert final.text == streamed.text == tok.decode(final.token_ids, skip_special_tokens=True)
+    out = aborted.outputs[0]
+    assert out.finish_reason == "abort" and out.token_ids
+    assert out.text == tok.decode(out.token_ids, skip_special_tokens=True)
+    _assert_no_leaks(engine)
