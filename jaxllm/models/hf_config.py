@@ -1,16 +1,22 @@
 """Readers for config.json fields whose meaning is shared by every architecture family.
 
-Families parse their own switches; rope settings (both config.json generations: the
-transformers-5 `rope_parameters` form and the older `rope_theta` / `rope_scaling` form),
-token ids and the stored dtype read the same everywhere, so they are read here once.
+Families parse their own switches; the sizes, rope settings (both config.json generations:
+the transformers-5 `rope_parameters` form and the older `rope_theta` / `rope_scaling` form),
+token ids and the stored dtype read the same everywhere, so they are read here once
+(`read_common`, and `common_to_hf` back), and each family extends them with its own fields.
+`HFOnly` is the GGUF side of a family that reads HF checkpoints only.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from jaxllm.config import RopeScaling
+from jaxllm.config import ModelConfig, RopeScaling
+from jaxllm.models.tensor_names import TensorNameMap
+
+if TYPE_CHECKING:
+    from jaxllm.models.base import GGUFMetadata
 
 ROPE_SCALING_KINDS = ("default", "linear", "llama3")
 
@@ -61,3 +67,76 @@ def eos_token_ids_to_hf(ids: tuple[int, ...]) -> int | list[int]:
 def read_checkpoint_dtype(d: Mapping[str, Any]) -> str:
     """The dtype the checkpoint says it was saved in (`dtype`, or the older `torch_dtype`)."""
     return str(d.get("dtype") or d.get("torch_dtype") or "float32")
+
+
+def read_common(d: Mapping[str, Any], *, rms_norm_eps: float, max_position_embeddings: int,
+                tie_word_embeddings: bool, head_dim: int | None = None,
+                rope: tuple[float, RopeScaling, float] | None = None) -> dict[str, Any]:
+    """The ModelConfig fields every family reads alike, as keyword arguments for ModelConfig.
+
+    The keyword arguments are the family's defaults for keys a config.json may leave out
+    (`head_dim`: None means hidden_size // num_attention_heads); `rope` is the family's own
+    reading of the rope fields (default: `read_rope(d)`)."""
+    num_heads = int(d["num_attention_heads"])
+    hidden = int(d["hidden_size"])
+    rope_theta, scaling, partial = read_rope(d) if rope is None else rope
+    return {
+        "vocab_size": int(d["vocab_size"]),
+        "hidden_size": hidden,
+        "intermediate_size": int(d["intermediate_size"]),
+        "num_layers": int(d["num_hidden_layers"]),
+        "num_heads": num_heads,
+        "num_kv_heads": int(d.get("num_key_value_heads") or num_heads),
+        "head_dim": int(d.get("head_dim") or head_dim or hidden // num_heads),
+        "rms_norm_eps": float(d.get("rms_norm_eps", rms_norm_eps)),
+        "rope_theta": rope_theta,
+        "rope_scaling": scaling,
+        "partial_rotary_factor": partial,
+        "max_position_embeddings": int(d.get("max_position_embeddings",
+                                             max_position_embeddings)),
+        "tie_word_embeddings": bool(d.get("tie_word_embeddings", tie_word_embeddings)),
+        "bos_token_id": d.get("bos_token_id"),
+        "eos_token_ids": read_eos_token_ids(d),
+        "torch_dtype": read_checkpoint_dtype(d),
+    }
+
+
+def common_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    """The config.json entries `read_common` reads back to `cfg`'s common fields (and the
+    `architectures` list); families add their own entries."""
+    return {
+        "architectures": [cfg.architecture],
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": rope_to_hf(cfg.rope_scaling),
+        "partial_rotary_factor": cfg.partial_rotary_factor,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": eos_token_ids_to_hf(cfg.eos_token_ids),
+        "torch_dtype": cfg.torch_dtype,
+    }
+
+
+class HFOnly:
+    """The GGUF half of a ModelFamily for a family read from HF checkpoints only: no GGUF
+    tensor names, and its GGUF files (any `gguf_architectures` a subclass names, so that
+    they fail with this message) are refused with `gguf_refusal`."""
+
+    gguf_architectures: Mapping[str, str] = {}
+    gguf_names = TensorNameMap(layer_prefix="blk.", top={}, layer={})
+    gguf_refusal = "GGUF files of this architecture are not supported"
+
+    def config_from_gguf(self, meta: GGUFMetadata) -> dict[str, Any]:
+        raise ValueError(f"{meta.path}: {self.gguf_refusal}")
+
+    def gguf_permuted_heads(self, cfg: ModelConfig, gguf_architecture: str,
+                            name: str) -> int | None:
+        return None

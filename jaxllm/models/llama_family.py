@@ -15,13 +15,7 @@ from typing import Any
 from jaxllm.config import ModelConfig
 from jaxllm.models.base import CausalLM, GGUFMetadata
 from jaxllm.models.gguf_config import llama_cpp_hf_config
-from jaxllm.models.hf_config import (
-    eos_token_ids_to_hf,
-    read_checkpoint_dtype,
-    read_eos_token_ids,
-    read_rope,
-    rope_to_hf,
-)
+from jaxllm.models.hf_config import common_to_hf, read_common
 from jaxllm.models.llama import LlamaModel
 from jaxllm.models.tensor_names import TensorNameMap
 
@@ -117,10 +111,6 @@ def config_from_hf(d: Mapping[str, Any], architecture: str) -> ModelConfig:
     """The ModelConfig of a Llama-family config.json dict."""
     switches = ARCHITECTURES[architecture]
     qwen = architecture.startswith("Qwen")
-    num_heads = int(d["num_attention_heads"])
-    hidden = int(d["hidden_size"])
-    head_dim = d.get("head_dim") or hidden // num_heads
-    rope_theta, scaling, partial = read_rope(d)
     attention_bias = bool(d.get("attention_bias", False))
     sliding = d.get("sliding_window")
     if qwen and not d.get("use_sliding_window", False):
@@ -131,56 +121,26 @@ def config_from_hf(d: Mapping[str, Any], architecture: str) -> ModelConfig:
         qkv_bias, o_bias = attention_bias, attention_bias
     return ModelConfig(
         architecture=architecture,
-        vocab_size=int(d["vocab_size"]),
-        hidden_size=hidden,
-        intermediate_size=int(d["intermediate_size"]),
-        num_layers=int(d["num_hidden_layers"]),
-        num_heads=num_heads,
-        num_kv_heads=int(d.get("num_key_value_heads") or num_heads),
-        head_dim=int(head_dim),
-        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6 if qwen else 1e-5)),
-        rope_theta=rope_theta,
-        rope_scaling=scaling,
-        partial_rotary_factor=partial,
-        max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
-        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        **read_common(d, rms_norm_eps=1e-6 if qwen else 1e-5, max_position_embeddings=2048,
+                      tie_word_embeddings=False),
         qkv_bias=qkv_bias,
         o_bias=o_bias,
         mlp_bias=bool(d.get("mlp_bias", False)),
         qk_norm=bool(switches.get("qk_norm", False)),
         sliding_window=int(sliding) if sliding else None,
         hidden_act=str(d.get("hidden_act", "silu")),
-        bos_token_id=d.get("bos_token_id"),
-        eos_token_ids=read_eos_token_ids(d),
-        torch_dtype=read_checkpoint_dtype(d),
     )
 
 
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     """An HF-style config.json dict that `config_from_hf` reads back to `cfg`."""
     return {
-        "architectures": [cfg.architecture],
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads,
-        "head_dim": cfg.head_dim,
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "rope_scaling": rope_to_hf(cfg.rope_scaling),
-        "partial_rotary_factor": cfg.partial_rotary_factor,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "tie_word_embeddings": cfg.tie_word_embeddings,
+        **common_to_hf(cfg),
         "attention_bias": cfg.qkv_bias,
         "mlp_bias": cfg.mlp_bias,
         "sliding_window": cfg.sliding_window,
         "use_sliding_window": cfg.sliding_window is not None,
         "hidden_act": cfg.hidden_act,
-        "bos_token_id": cfg.bos_token_id,
-        "eos_token_id": eos_token_ids_to_hf(cfg.eos_token_ids),
-        "torch_dtype": cfg.torch_dtype,
     }
 
 
@@ -228,12 +188,11 @@ class LlamaFamily:
     gguf_architectures = GGUF_ARCHITECTURES
     hf_names = HF_NAMES
     gguf_names = GGUF_NAMES
-
-    def config_from_hf(self, d: Mapping[str, Any], architecture: str) -> ModelConfig:
-        return config_from_hf(d, architecture)
-
-    def config_to_hf(self, cfg: ModelConfig) -> dict[str, Any]:
-        return config_to_hf(cfg)
+    # The module's functions (implementing ModelFamily's methods of those names).
+    config_from_hf = staticmethod(config_from_hf)
+    config_to_hf = staticmethod(config_to_hf)
+    param_shapes = staticmethod(param_shapes)
+    logical_axes = staticmethod(logical_axes)
 
     def config_from_gguf(self, meta: GGUFMetadata) -> dict[str, Any]:
         gguf_arch = meta.get("general.architecture")
@@ -253,12 +212,6 @@ class LlamaFamily:
         if name.endswith(("k_proj.kernel", "k_proj.bias")):
             return cfg.num_kv_heads
         return None
-
-    def param_shapes(self, cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-        return param_shapes(cfg)
-
-    def logical_axes(self, name: str) -> tuple[str, ...] | None:
-        return logical_axes(name)
 
     def build(self, cfg: ModelConfig, params: Mapping[str, Any], dtype: Any,
               quantized: Any, max_positions: int | None) -> CausalLM:

@@ -16,7 +16,8 @@ from typing import Any
 
 from jaxllm.config import ModelConfig
 from jaxllm.models import llama_family
-from jaxllm.models.base import CausalLM, GGUFMetadata
+from jaxllm.models.base import CausalLM
+from jaxllm.models.hf_config import HFOnly
 from jaxllm.models.moe_model import DOWN_AXES, GATE_UP_AXES, ROUTER_AXES, MoeModel
 from jaxllm.models.stacked_names import slot_name, stacked_slot
 from jaxllm.models.tensor_names import TensorNameMap
@@ -90,7 +91,6 @@ HF_NAMES_BY_ARCHITECTURE = {"MixtralForCausalLM": _names(_MIXTRAL_MLP),
                             "Qwen3MoeForCausalLM": _names(_QWEN_MLP),
                             "Qwen2MoeForCausalLM": _names(_QWEN_MLP)}
 HF_NAMES = _names({**_QWEN_MLP, **_MIXTRAL_MLP})
-GGUF_NAMES = TensorNameMap(layer_prefix="blk.", top={}, layer={})
 
 
 def logical_axes(name: str) -> tuple[str, ...] | None:
@@ -156,41 +156,27 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-class MoeFamily:
+class MoeFamily(HFOnly):
     """The mixture-of-experts family as the registry sees it (a ModelFamily)."""
 
     name = "moe"
     architectures = tuple(ARCHITECTURES)
     model_types = MODEL_TYPES
+    hf_names = HF_NAMES
     # Named so that their files fail with a clear message (config_from_gguf).
     gguf_architectures: Mapping[str, str] = {"qwen3moe": "Qwen3MoeForCausalLM",
                                              "qwen2moe": "Qwen2MoeForCausalLM"}
-    hf_names = HF_NAMES
-    gguf_names = GGUF_NAMES
+    gguf_refusal = ("mixture-of-experts GGUF files are not supported; load the HF safetensors "
+                    "checkpoint instead")
+    # The module's functions (implementing ModelFamily's methods of those names).
+    config_from_hf = staticmethod(config_from_hf)
+    config_to_hf = staticmethod(config_to_hf)
+    param_shapes = staticmethod(param_shapes)
+    logical_axes = staticmethod(logical_axes)
 
     def hf_names_for(self, architecture: str) -> TensorNameMap:
         """The tensor names of a checkpoint of `architecture` (`hf_names` reads them all)."""
         return HF_NAMES_BY_ARCHITECTURE[architecture]
-
-    def config_from_hf(self, d: Mapping[str, Any], architecture: str) -> ModelConfig:
-        return config_from_hf(d, architecture)
-
-    def config_to_hf(self, cfg: ModelConfig) -> dict[str, Any]:
-        return config_to_hf(cfg)
-
-    def config_from_gguf(self, meta: GGUFMetadata) -> dict[str, Any]:
-        raise ValueError(f"{meta.path}: mixture-of-experts GGUF files are not supported; "
-                         "load the HF safetensors checkpoint instead")
-
-    def gguf_permuted_heads(self, cfg: ModelConfig, gguf_architecture: str,
-                            name: str) -> int | None:
-        return None
-
-    def param_shapes(self, cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-        return param_shapes(cfg)
-
-    def logical_axes(self, name: str) -> tuple[str, ...] | None:
-        return logical_axes(name)
 
     def build(self, cfg: ModelConfig, params: Mapping[str, Any], dtype: Any,
               quantized: Any, max_positions: int | None) -> CausalLM:
