@@ -76,12 +76,40 @@ def attend_block(state, q, k, v, key_pos, kv_len, mask, *, sm_scale: float,
     return acc, m_new, l_new
 
 
+def attend_pages(q, kv_ref, pages_ref, seq, head, kv_len, block_lo, block_hi, block_mask, *,
+                 pages_per_block: int, num_pages: int, sm_scale: float,
+                 soft_cap: float | None, precision, split_probs: bool):
+    """The online softmax of the rows of q [rows, D] over blocks [block_lo, block_hi) of
+    sequence `seq`'s keys (kv head `head`; load_kv_block, then attend_block): float32
+    (acc [rows, D], max [rows], sum [rows]). block_mask(key_pos) is the [rows, block keys]
+    mask of the block whose keys stand at positions key_pos."""
+    rows, head_dim = q.shape
+    block_keys = pages_per_block * kv_ref.shape[1]
+    key_in_block = lax.broadcasted_iota(jnp.int32, (block_keys,), 0)
+
+    def one_block(block, state):
+        k, v = load_kv_block(kv_ref, pages_ref, seq, block, head,
+                             pages_per_block=pages_per_block, num_pages=num_pages,
+                             dtype=q.dtype)
+        key_pos = block * block_keys + key_in_block
+        return attend_block(state, q, k, v, key_pos, kv_len, block_mask(key_pos),
+                            sm_scale=sm_scale, soft_cap=soft_cap, precision=precision,
+                            split_probs=split_probs)
+
+    state = (
+        jnp.zeros((rows, head_dim), jnp.float32),
+        jnp.full((rows,), MASK_VALUE, jnp.float32),
+        jnp.zeros((rows,), jnp.float32),
+    )
+    return lax.fori_loop(block_lo, block_hi, one_block, state)
+
+
 def _decode_kernel(
     kv_lens_ref, pages_ref, q_ref, kv_ref, acc_ref, m_ref, l_ref,
     *, pages_per_block: int, num_splits: int, num_pages: int, sm_scale: float,
     sliding_window: int | None, soft_cap: float | None, precision, split_probs: bool,
 ):  # fmt: skip
-    rows, head_dim = q_ref.shape
+    rows = q_ref.shape[0]
     page_size = kv_ref.shape[1]
     block_keys = pages_per_block * page_size
     seq, head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -94,27 +122,17 @@ def _decode_kernel(
     chunk = pl.cdiv(block_hi - block_lo, num_splits)
     lo = jnp.minimum(block_lo + split * chunk, block_hi)
     hi = jnp.minimum(lo + chunk, block_hi)
-    q = q_ref[...]
-    key_in_block = lax.broadcasted_iota(jnp.int32, (block_keys,), 0)
 
-    def one_block(block, state):
-        k, v = load_kv_block(kv_ref, pages_ref, seq, block, head,
-                             pages_per_block=pages_per_block, num_pages=num_pages,
-                             dtype=q.dtype)
-        key_pos = block * block_keys + key_in_block
+    def block_mask(key_pos):
         live = key_pos < kv_len
         if sliding_window is not None:
             live = live & (key_pos > pos - sliding_window)
-        mask = jnp.broadcast_to(live[None, :], (rows, block_keys))
-        return attend_block(state, q, k, v, key_pos, kv_len, mask, sm_scale=sm_scale,
-                            soft_cap=soft_cap, precision=precision, split_probs=split_probs)
+        return jnp.broadcast_to(live[None, :], (rows, block_keys))
 
-    state = (
-        jnp.zeros((rows, head_dim), jnp.float32),
-        jnp.full((rows,), MASK_VALUE, jnp.float32),
-        jnp.zeros((rows,), jnp.float32),
-    )
-    acc, m, l_sum = lax.fori_loop(lo, hi, one_block, state)
+    acc, m, l_sum = attend_pages(
+        q_ref[...], kv_ref, pages_ref, seq, head, kv_len, lo, hi, block_mask,
+        pages_per_block=pages_per_block, num_pages=num_pages, sm_scale=sm_scale,
+        soft_cap=soft_cap, precision=precision, split_probs=split_probs)
     acc_ref[...] = acc
     m_ref[...] = m
     l_ref[...] = l_sum

@@ -3,7 +3,7 @@
 The tokens to attend (gpu_paged.py hands over every query token except the last one of each
 sequence) are cut per sequence into blocks of `block_q` tokens; a block never spans two
 sequences, so a program reads only its own sequence's pages, from the first one its window
-can see to the one holding its last token, several pages per load (gpu_decode.load_kv_block).
+can see to the one holding its last token, several pages per load (gpu_decode.attend_pages).
 Rows of the tile are token-major: row r is token r // Gp, query head r % Gp of the program's
 kv head (Gp = G padded to a power of two).
 
@@ -23,7 +23,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from jaxllm.kernels.block_sizes import gpu_num_stages, gpu_num_warps
-from jaxllm.kernels.gpu_decode import MASK_VALUE, attend_block, load_kv_block
+from jaxllm.kernels.gpu_decode import attend_pages
 from jaxllm.kernels.ragged_layout import scalar_num_seqs
 
 
@@ -57,9 +57,8 @@ def _prefill_kernel(
     *, group_padded: int, pages_per_block: int, num_pages: int, sm_scale: float,
     sliding_window: int | None, soft_cap: float | None, precision, split_probs: bool,
 ):  # fmt: skip
-    rows, head_dim = q_ref.shape
-    page_size = kv_ref.shape[1]
-    block_keys = pages_per_block * page_size
+    rows = q_ref.shape[0]
+    block_keys = pages_per_block * kv_ref.shape[1]
     b, head = pl.program_id(0), pl.program_id(1)
     seq, first, count = seq_ref[b], first_ref[b], count_ref[b]
     kv_len, q_start, q_end = kv_lens_ref[seq], cu_ref[seq], cu_ref[seq + 1]
@@ -73,26 +72,17 @@ def _prefill_kernel(
     if sliding_window is not None:
         block_lo = jnp.minimum(jnp.maximum(first_pos - sliding_window + 1, 0) // block_keys,
                                block_hi)
-    q = q_ref[...]
-    key_in_block = lax.broadcasted_iota(jnp.int32, (block_keys,), 0)
 
-    def one_block(block, state):
-        k, v = load_kv_block(kv_ref, pages_ref, seq, block, head,
-                             pages_per_block=pages_per_block, num_pages=num_pages,
-                             dtype=q.dtype)
-        key_pos = block * block_keys + key_in_block
+    def block_mask(key_pos):
         mask = row_live[:, None] & (key_pos[None, :] <= q_pos[:, None])
         if sliding_window is not None:
             mask = mask & (key_pos[None, :] > q_pos[:, None] - sliding_window)
-        return attend_block(state, q, k, v, key_pos, kv_len, mask, sm_scale=sm_scale,
-                            soft_cap=soft_cap, precision=precision, split_probs=split_probs)
+        return mask
 
-    state = (
-        jnp.zeros((rows, head_dim), jnp.float32),
-        jnp.full((rows,), MASK_VALUE, jnp.float32),
-        jnp.zeros((rows,), jnp.float32),
-    )
-    acc, _, l_sum = lax.fori_loop(block_lo, block_hi, one_block, state)
+    acc, _, l_sum = attend_pages(
+        q_ref[...], kv_ref, pages_ref, seq, head, kv_len, block_lo, block_hi, block_mask,
+        pages_per_block=pages_per_block, num_pages=num_pages, sm_scale=sm_scale,
+        soft_cap=soft_cap, precision=precision, split_probs=split_probs)
     o_ref[...] = (acc / jnp.where(l_sum > 0, l_sum, 1.0)[:, None]).astype(o_ref.dtype)
 
 
