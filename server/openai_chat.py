@@ -35,7 +35,7 @@ from .serving import (
     structured_fields,
     token_constraints,
 )
-from .streaming import SSE_DONE, SSE_HEADERS, run_unless_disconnected, sse
+from .streaming import SSE_DONE, SSE_HEADERS, first_item, last_unless_disconnected, sse
 from .structured_output import tool_call_spec
 
 router = APIRouter()
@@ -173,25 +173,12 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request) -
     stream = generate(ctx, ids, params, rid, cache_salt=req.cache_salt, priority=req.priority)
 
     if req.stream:
-        try:
-            first = await anext(stream)
-        except BaseException:
-            await stream.aclose()
-            raise
+        first = await first_item(stream)
         return StreamingResponse(
             _stream(ctx, req, prefix, len(ids), first, stream, response_id, created),
             media_type="text/event-stream", headers=SSE_HEADERS)
 
-    async def collect() -> RequestOutput | None:
-        final = None
-        async for out in stream:
-            final = out
-        return final
-
-    async def abort() -> None:
-        await ctx.engine.abort(rid)
-
-    final = await run_unless_disconnected(request, collect, abort)
+    final = await last_unless_disconnected(request, stream, lambda: ctx.engine.abort(rid))
     if final is None:
         return JSONResponse({}, status_code=499)
     choices, completion_tokens = [], 0

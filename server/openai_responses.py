@@ -57,7 +57,7 @@ from .protocol_responses import (
 )
 from .response_store import StoredResponse
 from .serving import ServingContext, check_model, generate, get_ctx, request_id, resolve_max_tokens
-from .streaming import SSE_HEADERS, run_unless_disconnected
+from .streaming import SSE_HEADERS, first_item, last_unless_disconnected
 
 router = APIRouter()
 
@@ -332,24 +332,11 @@ async def create_response(req: ResponsesRequest, request: Request) -> Any:
     rid = request_id(request, "resp")
     stream = generate(ctx, ids, params, rid, cache_salt=req.cache_salt, priority=req.priority)
     if req.stream:
-        try:
-            first = await anext(stream)
-        except BaseException:
-            await stream.aclose()
-            raise
+        first = await first_item(stream)
         return StreamingResponse(_stream(turn, first, stream), media_type="text/event-stream",
                                  headers=SSE_HEADERS)
 
-    async def collect() -> RequestOutput | None:
-        final = None
-        async for out in stream:
-            final = out
-        return final
-
-    async def abort() -> None:
-        await ctx.engine.abort(rid)
-
-    final = await run_unless_disconnected(request, collect, abort)
+    final = await last_unless_disconnected(request, stream, lambda: ctx.engine.abort(rid))
     if final is None:
         return JSONResponse({}, status_code=499)
     comp = final.outputs[0]

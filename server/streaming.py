@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -87,3 +87,27 @@ async def run_unless_disconnected(request: Request, work: Callable[[], Awaitable
     await asyncio.gather(work_task, return_exceptions=True)
     await on_disconnect()
     return None
+
+
+async def first_item(stream: AsyncGenerator[T, None]) -> T:
+    """The first item of `stream`, awaited before a streaming response is started (so that an
+    early error still answers with its HTTP status); `stream` is closed if that fails."""
+    try:
+        return await anext(stream)
+    except BaseException:
+        await stream.aclose()
+        raise
+
+
+async def last_unless_disconnected(request: Request, stream: AsyncIterator[T],
+                                   on_disconnect: Callable[[], Awaitable[None]]) -> T | None:
+    """The last item of `stream` (a non-streaming answer's final output), or None if the client
+    disconnected first (`run_unless_disconnected`: then `on_disconnect` has run)."""
+
+    async def collect() -> T | None:
+        final = None
+        async for out in stream:
+            final = out
+        return final
+
+    return await run_unless_disconnected(request, collect, on_disconnect)
