@@ -22,11 +22,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from step_fixtures import decode_step_inputs
 
 from jaxllm.cache.kv_cache import allocate_kv_caches
 from jaxllm.config import ModelConfig
-from jaxllm.kernels import AttentionMetadata
-from jaxllm.model_inputs import StepInputs
 from jaxllm.models import build_model
 from jaxllm.models.params import expected_param_shapes
 from jaxllm.runner import ModelRunner
@@ -63,26 +62,6 @@ def copy_bandwidth(nbytes: int = 1 << 30) -> float:
         f(x).block_until_ready()
         times.append(time.perf_counter() - t)
     return 2 * nbytes / statistics.median(times)
-
-
-def decode_step_inputs(batch: int, ctx: int, page: int) -> StepInputs:
-    pages_per_seq = -(-ctx // page)
-    t = max(8, 1 << (batch - 1).bit_length())
-    s = t
-    pages = np.zeros((s, pages_per_seq), np.int32)
-    pages[:batch] = 1 + np.arange(batch * pages_per_seq).reshape(batch, pages_per_seq)
-    kv_lens = np.zeros(s, np.int32)
-    kv_lens[:batch] = ctx
-    cu = np.full(s + 1, batch, np.int32)
-    cu[: batch + 1] = np.arange(batch + 1)
-    positions = np.zeros(t, np.int32)
-    positions[:batch] = ctx - 1
-    logits_indices = np.zeros(s, np.int32)
-    logits_indices[:batch] = np.arange(batch)
-    return StepInputs(input_ids=np.ones(t, np.int32), positions=positions,
-                      attention=AttentionMetadata(kv_lens=kv_lens, page_indices=pages, cu_q_lens=cu,
-                                                  num_seqs=np.array([batch], np.int32)),
-                      logits_indices=logits_indices, prev_sample_rows=np.full(t, -1, np.int32))
 
 
 def run_jaxllm(cfg: ModelConfig, batches: list[int], ctx: int, page: int, dtype) -> dict:

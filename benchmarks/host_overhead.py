@@ -26,12 +26,10 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from step_fixtures import decode_step_inputs
 
-from jaxllm.buckets import Bucket
 from jaxllm.config import EngineConfig
 from jaxllm.engine import LLMEngine
-from jaxllm.kernels import AttentionMetadata
-from jaxllm.model_inputs import StepInputs
 from jaxllm.sampling_params import SamplingParams
 
 PROMPT_LEN = 32
@@ -54,28 +52,9 @@ def make_tiny_checkpoint(path: Path, vocab: int = 512) -> Path:
     return path
 
 
-def decode_inputs(bucket: Bucket, batch: int, ctx: int, page_size: int) -> StepInputs:
-    t, s, p = bucket.num_tokens, bucket.num_seqs, bucket.pages_per_seq
-    pages = np.zeros((s, p), np.int32)
-    per = -(-ctx // page_size)
-    pages[:batch, :per] = 1 + np.arange(batch * per).reshape(batch, per)
-    kv = np.zeros(s, np.int32)
-    kv[:batch] = ctx
-    cu = np.full(s + 1, batch, np.int32)
-    cu[:batch + 1] = np.arange(batch + 1)
-    pos = np.zeros(t, np.int32)
-    pos[:batch] = ctx - 1
-    li = np.zeros(s, np.int32)
-    li[:batch] = np.arange(batch)
-    return StepInputs(input_ids=np.ones(t, np.int32), positions=pos,
-                      attention=AttentionMetadata(kv_lens=kv, page_indices=pages, cu_q_lens=cu,
-                                                  num_seqs=np.array([batch], np.int32)),
-                      logits_indices=li, prev_sample_rows=np.full(t, -1, np.int32))
-
-
 def runner_only_ms(engine: LLMEngine, batch: int, ctx: int, iters: int) -> float:
     bucket = engine.buckets.pick(batch, batch, -(-ctx // engine.page_size))
-    inputs = decode_inputs(bucket, batch, ctx, engine.page_size)
+    inputs = decode_step_inputs(batch, ctx, engine.page_size, bucket)
     tensors = engine.tensors.dummy(bucket.num_seqs)
     runner = engine.runner
     for _ in range(3):
