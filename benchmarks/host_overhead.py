@@ -1,6 +1,7 @@
 """Host overhead of the engine loop: how much of its own device step's rate the engine delivers.
 
     python benchmarks/host_overhead.py [--batches 1,64,256] [--output-len 64] [--profile]
+        [--no-stream]
 
 A tiny random-weight Llama (its device step is much cheaper than the host work around it)
 runs B requests of 32 prompt + `--output-len` output tokens. For each batch B it prints:
@@ -9,6 +10,8 @@ runs B requests of 32 prompt + `--output-len` output tokens. For each batch B it
 - end to end, serial and overlapped loops: decode tok/s of `LLMEngine.step` (steady state:
   steps where every request decodes), as a fraction of the runner-only rate;
 - host ms per step: wall time of a step minus the time it waited for the device.
+Requests are streamed (an output per request per step, as the server makes them) unless
+`--no-stream` (outputs only at the finish, as `LLM.generate` makes them).
 `--profile` prints the top functions of a cProfile of the overlapped run at the largest batch.
 This is the CPU proxy for the GPU issue (on an H200, a 5.9 ms device step ran at ~15 ms per
 step end to end, serial).
@@ -67,7 +70,7 @@ def runner_only_ms(engine: LLMEngine, batch: int, ctx: int, iters: int) -> float
     return 1e3 * statistics.median(times)
 
 
-def end_to_end(engine: LLMEngine, batch: int, output_len: int, overlap: bool,
+def end_to_end(engine: LLMEngine, batch: int, output_len: int, overlap: bool, stream: bool,
                profile: cProfile.Profile | None = None) -> tuple[float, float]:
     """(decode tok/s in the all-decoding steady state, median host ms per step)."""
     import dataclasses
@@ -76,7 +79,8 @@ def end_to_end(engine: LLMEngine, batch: int, output_len: int, overlap: bool,
     rng = np.random.default_rng(batch)
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
     for i in range(batch):
-        engine.add_request(rng.integers(3, 500, PROMPT_LEN).tolist(), params, f"r{i}")
+        engine.add_request(rng.integers(3, 500, PROMPT_LEN).tolist(), params, f"r{i}",
+                           stream=stream)
     steady_tokens, steady_time, host = 0, 0.0, []
     if profile:
         profile.enable()
@@ -102,6 +106,9 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--no-stream", action="store_true",
+                    help="requests as LLM.generate makes them (outputs only at the finish) "
+                         "instead of streamed (an output per step, as the server's)")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     with tempfile.TemporaryDirectory() as d:
@@ -117,8 +124,9 @@ def main() -> None:
     for b in batches:
         ms = runner_only_ms(engine, b, PROMPT_LEN + args.output_len // 2, args.iters)
         dev = b / (ms / 1e3)
-        serial, host_s = end_to_end(engine, b, args.output_len, overlap=False)
-        over, host_o = end_to_end(engine, b, args.output_len, overlap=True,
+        stream = not args.no_stream
+        serial, host_s = end_to_end(engine, b, args.output_len, overlap=False, stream=stream)
+        over, host_o = end_to_end(engine, b, args.output_len, overlap=True, stream=stream,
                                   profile=prof if b == max(batches) else None)
         print(f"| {b} | {ms:.2f} | {dev:.0f} | {serial:.0f} ({serial / dev:.2f}) | "
               f"{over:.0f} ({over / dev:.2f}) | {host_s:.2f} | {host_o:.2f} |")
