@@ -45,7 +45,10 @@ _SAMPLING = {"temperature": (np.float32, 1), "top_k": (np.int32, 1), "top_p": (n
              "greedy": (np.int32, 1), "key_data": (np.uint32, 2), "step": (np.int32, 1),
              "num_logprobs": (np.int32, 1), "output_counts": (np.int32, 2),
              "prompt_mask": (np.uint8, 2), "logit_bias": (np.float32, 2),
-             "allowed_mask": (np.int32, 2)}
+             "allowed_mask": (np.int32, 2), "masked_logprobs": (np.int32, 1),
+             "grammar_mask": (np.int32, 2)}
+if set(_SAMPLING) != set(SamplingTensors.__dataclass_fields__):  # every field must travel
+    raise AssertionError(f"_SAMPLING {sorted(_SAMPLING)} does not match SamplingTensors")
 STEP_SCHEMA: dict[str, tuple[Any, int]] = {
     "op": (np.int32, 1), "setup": (np.int32, 1), "rows": (np.int32, 1), "targets": (np.int32, 1),
     **{f"a.{k}": (np.int32, nd) for k, nd in _STEP_ARRAYS.items()},
@@ -84,8 +87,9 @@ def _message(op: int, *, setup: np.ndarray = _EMPTY, rows: np.ndarray = _EMPTY,
                          or np.any(host["repetition_penalty"] != 1))
     for k, (dt, nd) in _SAMPLING.items():
         if tensors is None or (k in ("output_counts", "prompt_mask") and not penalties) or (
-                k == "logit_bias" and not np.any(host[k])):
-            msg[f"s.{k}"] = _blank(nd, dt)  # follower uses zeros: no vocab-sized transfer
+                k == "logit_bias" and not np.any(host[k])) or (
+                k == "grammar_mask" and not np.any(host["masked_logprobs"])):
+            msg[f"s.{k}"] = _blank(nd, dt)  # follower fills neutral: no vocab-sized transfer
         else:
             msg[f"s.{k}"] = host[k].astype(dt)
     return msg
@@ -103,7 +107,10 @@ def _unpack_tensors(msg: dict[str, np.ndarray], vocab_size: int) -> SamplingTens
         s["prompt_mask"] = np.zeros((rows, vocab_size), bool)
     if s["logit_bias"].shape != (rows, vocab_size):
         s["logit_bias"] = np.zeros((rows, vocab_size), np.float32)
+    if not np.any(s["masked_logprobs"]):  # sent blank: all allowed (read by no row anyway)
+        s["grammar_mask"] = np.full(s["allowed_mask"].shape, -1, np.int32)
     s["greedy"] = s["greedy"].astype(bool)
+    s["masked_logprobs"] = s["masked_logprobs"].astype(bool)
     s["prompt_mask"] = s["prompt_mask"].astype(bool)
     return SamplingTensors(**{k: jnp.asarray(v) for k, v in s.items()})
 

@@ -7,7 +7,9 @@ device array per row count is reused, so the common case moves no vocab-sized da
 holds for the logit bias ([rows, vocab], only when some row has a logit_bias) and the packed
 allowed-token mask (only when some row is constrained: min_tokens not reached,
 allowed_token_ids, bad_words, a grammar). A grammar row's mask comes from its sequence's
-matcher (synced to the output first), ANDed with the row's other constraints.
+matcher (synced to the output first), ANDed with the row's other constraints; the grammar's
+bits alone also go in `grammar_mask`, what that row's logprobs are normalised over (the same
+device array as the allowed mask when no row has another constraint).
 Everything else goes to jit as host arrays, as the real steps and warm-up both do: jit keys
 its cache on where inputs live.
 """
@@ -50,28 +52,35 @@ class SamplingTensorBuilder:
         return self._neutral[rows]
 
     def _constraints(self, sched: SchedulerOutput, params: Sequence[SamplingParams],
-                     rows: int) -> tuple[jnp.ndarray, jnp.ndarray]:
-        """Bias and allowed mask of the step; the cached neutral pair when nobody needs them."""
+                     rows: int) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+        """Bias, allowed mask and grammar mask of the step; cached neutral arrays when nobody
+        needs them."""
         grammar_rows = [i for i, p in enumerate(params) if p.has_structured_output]
         needed = any(p.logit_bias or (p.has_token_constraints and _constrained(p, seq))
                      for p, seq in zip(params, sched.seqs, strict=False))
         if not needed and not grammar_rows:
-            return self._unconstrained(rows)
+            bias, allowed = self._unconstrained(rows)
+            return bias, allowed, allowed
         state = [(seq.output_index, seq.request.output_token_ids, seq.request.eos_token_ids)
                  for seq in sched.seqs]
         if needed:
             bias, allowed = constraint_arrays(params, state, rows, self.vocab_size)
             bias = jnp.asarray(bias)
         else:  # only grammars: the cached zero bias, a fresh all-ones mask to fill
-            bias, allowed = self._unconstrained(rows)[0], all_allowed(rows, self.vocab_size)
-        if grammar_rows:
-            self._fill_grammar_rows(sched, grammar_rows, allowed)
-        return bias, jnp.asarray(allowed)
+            bias, allowed = self._unconstrained(rows)[0], None
+        if not grammar_rows:
+            return bias, jnp.asarray(allowed), self._unconstrained(rows)[1]
+        grammar = all_allowed(rows, self.vocab_size)
+        self._fill_grammar_rows(sched, grammar_rows, grammar)
+        grammar_dev = jnp.asarray(grammar)
+        if allowed is None:
+            return bias, grammar_dev, grammar_dev
+        return bias, jnp.asarray(allowed & grammar), grammar_dev
 
     def _fill_grammar_rows(self, sched: SchedulerOutput, grammar_rows: list[int],
                            allowed: np.ndarray) -> None:
-        """AND each grammar row's matcher mask into `allowed`, the matcher first brought up to
-        the output before the token the row samples."""
+        """AND each grammar row's matcher mask into `allowed` (all ones: the grammar mask
+        alone), the matcher first brought up to the output before the token the row samples."""
         if self.grammars is None:
             raise ValueError("a request has a grammar but the engine has no grammar compiler")
         matchers = []
@@ -104,10 +113,10 @@ class SamplingTensorBuilder:
             state = (jnp.asarray(counts), jnp.asarray(mask))  # device, like the cached zeros
         else:
             state = self._zeros(rows)
-        bias, allowed = self._constraints(sched, params, rows)
+        bias, allowed, grammar = self._constraints(sched, params, rows)
         return SamplingTensors(**param_columns(params, rows, self.vocab_size), key_data=keys,
                                step=step, output_counts=state[0], prompt_mask=state[1],
-                               logit_bias=bias, allowed_mask=allowed)
+                               logit_bias=bias, allowed_mask=allowed, grammar_mask=grammar)
 
     def dummy(self, rows: int) -> SamplingTensors:
         """All-greedy padding tensors for warm-up."""
@@ -116,7 +125,7 @@ class SamplingTensorBuilder:
         return SamplingTensors(**param_columns([], rows, self.vocab_size),
                                key_data=np.zeros((rows, 2), np.uint32),
                                step=np.zeros(rows, np.int32), output_counts=k0, prompt_mask=m0,
-                               logit_bias=bias, allowed_mask=allowed)
+                               logit_bias=bias, allowed_mask=allowed, grammar_mask=allowed)
 
 
 def _constrained(params: SamplingParams, seq: ScheduledSeq) -> bool:

@@ -40,8 +40,8 @@ from jaxllm.sampling import (
     SamplingTensors,
     apply_bias_and_mask,
     apply_penalties,
-    compute_logprobs_topk,
     filtered_logprobs,
+    logprobs_if_asked,
 )
 
 _ACCEPT_STREAM = 1  # fold_in tag of the acceptance uniform under an output index's key
@@ -53,8 +53,9 @@ class VerifyOutput:
     """What one verification returns, per speculating row.
 
     token_ids[r, :num_accepted[r] + 1] are the emitted tokens (accepted drafts, then the
-    corrected or bonus token), -1 after. logprobs / ranks / top_* are the raw model's for each
-    emitted token (as the plain sampler reports them), zeros when no row asked.
+    corrected or bonus token), -1 after. logprobs / ranks / top_* are those the plain sampler
+    reports for each emitted token (raw; grammar rows, which never speculate, over their
+    grammar's tokens), zeros when no row asked.
     """
 
     num_accepted: jax.Array  # i32 [R]
@@ -173,7 +174,7 @@ def rejection_sample(target_logits: jax.Array, draft_token_ids: jax.Array,
     padded_drafts = jnp.pad(drafts, ((0, 0), (0, 1)))
     token_ids = jnp.where(index < num_accepted[:, None], padded_drafts,
                           jnp.where(index == num_accepted[:, None], last[:, None], -1))
-    lp = _emitted_logprobs(flat_logits, token_ids, tensors.num_logprobs, max_logprobs)
+    lp = _emitted_logprobs(flat_logits, token_ids, tensors, max_logprobs)
     return VerifyOutput(num_accepted=num_accepted,
                         token_ids=token_ids.astype(jnp.int32),
                         logprobs=lp[0].reshape(rows, positions),
@@ -222,19 +223,10 @@ def _last_positive(x: jax.Array) -> jax.Array:
     return jnp.max(jnp.where(x > 0, iota, 0), axis=1)
 
 
-def _emitted_logprobs(flat_logits: jax.Array, token_ids: jax.Array, num_logprobs: jax.Array,
+def _emitted_logprobs(flat_logits: jax.Array, token_ids: jax.Array, tensors: SamplingTensors,
                       k: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """Raw log-probabilities, ranks and top-k of every position's token (-1 slots read token
-    0 and are meaningless); skipped (zeros) unless some row asked for logprobs."""
-    n = flat_logits.shape[0]
-    tokens = jnp.maximum(token_ids.reshape(n), 0)
-
-    def compute() -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-        out = compute_logprobs_topk(flat_logits, k, tokens)
-        return out.token_logprobs, out.ranks, out.top_ids, out.top_logprobs
-
-    def skip() -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-        return (jnp.zeros(n, jnp.float32), jnp.zeros(n, jnp.int32),
-                jnp.zeros((n, k), jnp.int32), jnp.zeros((n, k), jnp.float32))
-
-    return lax.cond(jnp.any(num_logprobs >= 0), compute, skip)
+    """Log-probabilities, ranks and top-k of every position's token, as the plain sampler
+    computes them (-1 slots read token 0 and are meaningless); zeros unless some row asked."""
+    tokens = jnp.maximum(token_ids.reshape(flat_logits.shape[0]), 0)
+    out = logprobs_if_asked(flat_logits, tokens, tensors, k)
+    return out.token_logprobs, out.ranks, out.top_ids, out.top_logprobs

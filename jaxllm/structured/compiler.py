@@ -10,8 +10,10 @@ problem, raised before the request is queued.
 from __future__ import annotations
 
 import json
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import llguidance
@@ -60,16 +62,25 @@ class CacheStats:
 class GrammarCompiler:
     """Compiles specs for one tokenizer; `matcher(spec)` is what a new sequence gets.
 
-    `tokenizer_factory` builds the llguidance tokenizer on first use (it costs about a second,
-    so engines that never see a structured request never pay it).
+    `tokenizer_factory` builds the llguidance tokenizer (about a second). With
+    `build_in_background` (the default) that starts on a worker thread at construction, so the
+    engine's first structured request finds it ready instead of stalling the engine thread;
+    otherwise on first use. Either way a factory error is raised at first use.
     """
 
     def __init__(self, tokenizer_factory: Callable[[], llguidance.LLTokenizer],
-                 cache_size: int = DEFAULT_CACHE_SIZE) -> None:
+                 cache_size: int = DEFAULT_CACHE_SIZE, *,
+                 build_in_background: bool = True) -> None:
         if cache_size < 1:
             raise ValueError(f"cache_size must be at least 1, got {cache_size}")
         self._factory = tokenizer_factory
         self._tokenizer: llguidance.LLTokenizer | None = None
+        self._tokenizer_lock = threading.Lock()
+        self._pending: Future[llguidance.LLTokenizer] | None = None
+        if build_in_background:
+            pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llg-tokenizer")
+            self._pending = pool.submit(tokenizer_factory)
+            pool.shutdown(wait=False)  # the worker exits once the build is done
         self._cache: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
         self.cache_size = cache_size
         self.stats = CacheStats()
@@ -77,8 +88,15 @@ class GrammarCompiler:
 
     @property
     def tokenizer(self) -> llguidance.LLTokenizer:
+        """The llguidance tokenizer; waits for the background build if it is still running."""
         if self._tokenizer is None:
-            self._tokenizer = self._factory()
+            with self._tokenizer_lock:
+                if self._tokenizer is None:
+                    pending, self._pending = self._pending, None
+                    # a failed background build is retried here, so its error (if it fails
+                    # again) is raised with this caller's traceback, as without a background
+                    self._tokenizer = (pending.result() if pending is not None
+                                       and pending.exception() is None else self._factory())
         return self._tokenizer
 
     @property

@@ -138,3 +138,59 @@ def test_cache_is_bounded_lru(default_tokenizer):
     two = c.matchers(a, 2)
     two[0].sync(c.tokenizer.tokenize_str("aa"))
     assert two[1].num_consumed == 0 and not two[1].accepting  # independent copies
+
+
+def test_tokenizer_view_is_built_in_the_background(default_tokenizer):
+    """Constructing the compiler starts the build on another thread, without a compile call;
+    the first compile then uses that build (the factory runs once)."""
+    import threading
+
+    from jaxllm.structured.compiler import GrammarCompiler
+    from jaxllm.structured.tokenizer_view import build_llg_tokenizer
+
+    calls, built = [], threading.Event()
+
+    def factory():
+        calls.append(threading.get_ident())
+        tokenizer = build_llg_tokenizer(default_tokenizer, default_tokenizer.eos_token_ids)
+        built.set()
+        return tokenizer
+
+    c = GrammarCompiler(factory)
+    assert built.wait(60), "the background build did not run"
+    assert calls == [calls[0]] and calls[0] != threading.get_ident()
+    m = c.matchers(Spec(choice=["yes", "no"]), 1)[0]
+    m.sync(c.tokenizer.tokenize_str("yes"))
+    assert m.accepting and len(calls) == 1
+
+
+def test_first_use_waits_for_the_build_and_errors_surface_there():
+    import threading
+
+    from jaxllm.structured.compiler import GrammarCompiler
+
+    release, calls = threading.Event(), []
+    sentinel = object()
+
+    def slow():
+        calls.append(threading.get_ident())
+        release.wait(30)
+        return sentinel
+
+    c = GrammarCompiler(slow)
+    threading.Timer(0.2, release.set).start()
+    assert c.tokenizer is sentinel and c.tokenizer is sentinel and len(calls) == 1
+    assert calls[0] != threading.get_ident()
+
+    def broken():
+        calls.append("broken")
+        raise ValueError("structured output needs the model's EOS token id")
+
+    c = GrammarCompiler(broken)  # no error at construction
+    with pytest.raises(ValueError, match="EOS token id"):
+        c.compile(Spec(regex="a+"))
+    lazy_calls = len(calls)
+    lazy = GrammarCompiler(broken, build_in_background=False)
+    assert len(calls) == lazy_calls  # not built until first use
+    with pytest.raises(ValueError, match="EOS token id"):
+        _ = lazy.tokenizer

@@ -21,9 +21,11 @@ from jaxllm.structured.spec import StructuredOutputsParams as Spec
 from tests.structured.cases import REGEXES, SCHEMAS, satisfies
 
 SMALL = dict(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=256, page_size=8)
-# Bounded specs only (a random model would extend an unbounded number forever).
+# Bounded specs only (a random model would extend an unbounded number forever). \d is
+# spelled [0-9]: llguidance's \d takes every Unicode digit of its (newer) Unicode tables, which
+# a random model does emit (U+1CCF0, Unicode 16) and Python's re (Unicode 14) does not match.
 SPECS = ([Spec(json=SCHEMAS[i]) for i in (0, 3, 6, 9, 12, 13, 19, 20)]
-         + [Spec(regex=REGEXES[i]) for i in (0, 2, 4, 6)]
+         + [Spec(regex=REGEXES[i].replace(r"\d", "[0-9]")) for i in (0, 2, 4, 6)]
          + [Spec(choice=["left", "right", "up"]),
             Spec(grammar='root ::= "(" item ("," item)* ")"\nitem ::= [a-c] | "nil"')])
 GRAMMAR_AS_REGEX = r"\((?:[a-c]|nil)(?:,(?:[a-c]|nil))*\)"
@@ -89,10 +91,22 @@ def _check_valid(done: dict, where: str) -> None:
             assert satisfies(spec, c.text, GRAMMAR_AS_REGEX), f"{where} r{k} {spec.cache_key}: {c.text!r}"
             if params[f"r{k}"].logprobs is not None:
                 assert len(c.logprobs) == len(c.token_ids)
+            if params[f"r{k}"].temperature == 0.0:  # greedy over the grammar's tokens only
+                _check_masked_logprobs(c, f"{where} r{k}")
     stopped = done["stop"].outputs[0]
     assert stopped.finish_reason == "stop" and '"' not in stopped.text
     assert stopped.text == "{", f"{where} {stopped.text!r}"  # '{"' is forced, the stop cuts it
     assert done["ab"].outputs[0].finish_reason == "abort"
+
+
+def _check_masked_logprobs(c, where: str) -> None:
+    """A greedy grammar row (no other constraint) takes the argmax of the grammar-masked
+    logits: rank 1 of the masked distribution, whose reported mass is at most 1 (raw logprobs
+    of a random model would almost never rank the grammar's pick first)."""
+    for token, position in zip(c.token_ids, c.logprobs, strict=True):
+        assert position[token].rank == 1, f"{where}: {position}"
+        mass = sum(np.exp(lp.logprob) for lp in position.values())
+        assert mass <= 1 + 1e-4, f"{where}: {position}"
 
 
 @pytest.fixture(scope="module")
@@ -130,3 +144,41 @@ def test_bad_spec_is_rejected_before_queueing(engine):
         outs = engine.step()
     assert outs[0].outputs[0].text in ("a b", "c") and outs[0].outputs[0].finish_reason == "stop"
     assert engine.grammars.stats.misses >= 1
+
+
+def test_choice_logprobs_are_over_the_tokens_the_grammar_allows(engine):
+    """The first step of guided_choice=["yes", "no"] with logprobs=20: the finite top entries
+    are exactly the grammar's allowed tokens (all of them when at most 20), with the masked
+    distribution's values: raw logprobs (from prompt_logprobs of prompt + [token])
+    renormalised over those tokens."""
+    from jaxllm.token_masks import all_allowed, unpack_allowed_host
+
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    where = f"seed={seed}"
+    prompt = np.random.default_rng(seed).integers(3, 49152, 7).tolist()
+    spec = Spec(choice=["yes", "no"])
+    vocab = engine.grammars.vocab_size
+    words = all_allowed(1, vocab)
+    engine.grammars.fill_bitmasks(engine.grammars.matchers(spec, 1), [0], words)
+    allowed = np.flatnonzero(unpack_allowed_host(words[0], vocab)).tolist()
+    assert 2 <= len(allowed) <= 20, allowed
+    engine.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=8, logprobs=20,
+                                              structured_outputs=spec), "c")
+    for t in allowed:
+        engine.add_request(prompt + [t], SamplingParams(temperature=0.0, max_tokens=1,
+                                                        prompt_logprobs=0), f"p{t}")
+    done = {}
+    while engine.has_unfinished_requests():
+        done.update({out.request_id: out for out in engine.step()})
+    assert engine.runner.recompiles == 0
+    out = done["c"].outputs[0]
+    assert out.text in ("yes", "no") and out.finish_reason == "stop", where
+    first = out.logprobs[0]
+    finite = {t: lp.logprob for t, lp in first.items() if np.isfinite(lp.logprob)}
+    assert sorted(finite) == allowed, where
+    assert all(lp.logprob == -np.inf for t, lp in first.items() if t not in finite), where
+    raw = np.array([done[f"p{t}"].prompt_logprobs[len(prompt)][t].logprob for t in allowed])
+    expected = raw - np.log(np.sum(np.exp(raw - raw.max()))) - raw.max()
+    np.testing.assert_allclose([finite[t] for t in allowed], expected, atol=5e-3, err_msg=where)
+    assert abs(np.exp(list(finite.values())).sum() - 1) < 1e-4, where
+    assert first[out.token_ids[0]].rank == 1, where
