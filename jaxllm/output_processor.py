@@ -81,6 +81,7 @@ class OutputProcessor:
         self.max_model_len = max_model_len
         self._tracked: dict[str, _Tracked] = {}
         self._owner: dict[str, _Tracked] = {}  # sequence id -> its request
+        self._prompt_logprob_ids: set[str] = set()  # live requests asking for prompt logprobs
         self.generation_tokens_total = 0
 
     # -- requests -----------------------------------------------------------------------------
@@ -100,6 +101,8 @@ class OutputProcessor:
                            prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
                            stream=stream)
         self._tracked[request_id] = tracked
+        if tracked.prompt_logprobs is not None:
+            self._prompt_logprob_ids.add(request_id)
         for s in samples:
             self._owner[s.seq.request_id] = tracked
 
@@ -112,6 +115,7 @@ class OutputProcessor:
     def abort(self, request_id: str) -> RequestOutput | None:
         """End a request (all its samples) now; its final output, None if unknown."""
         tracked = self._tracked.pop(request_id, None)
+        self._prompt_logprob_ids.discard(request_id)
         if tracked is None:
             return None
         for s in tracked.samples:
@@ -200,6 +204,8 @@ class OutputProcessor:
         """Token rows of the step whose next-token logprob a request's prompt_logprobs still
         needs: (rows, target token ids, where each result goes)."""
         rows, targets, where = [], [], []
+        if not self._prompt_logprob_ids:
+            return rows, targets, where
         for i, s in enumerate(sched.seqs):
             tracked = self._owner.get(s.request.request_id)
             if tracked is None or tracked.prompt_logprobs is None or s.request.sample_index != 0:
@@ -237,6 +243,7 @@ class OutputProcessor:
                 tracked.finished = True
                 tracked.metrics.finished_time = time.time()
                 del self._tracked[rid]
+                self._prompt_logprob_ids.discard(rid)
                 for s in tracked.samples:
                     self._owner.pop(s.seq.request_id, None)
             elif not tracked.stream:
