@@ -1,6 +1,10 @@
 """Speculative decoding (n-gram prompt lookup) against plain decoding, same run, default model.
 
     python benchmarks/spec_bench.py [--max-tokens 128] [--num-speculative-tokens 4]
+    python benchmarks/spec_bench.py --speculative-mode draft --speculative-model PATH
+
+`--speculative-mode draft` proposes with a draft model (an HF directory of the default
+model's vocabulary, 49152 tokens) instead of the n-gram lookup; everything else is the same.
 
 Batch 1: each prompt of benchmarks/spec_prompts.py's COPY_HEAVY set (rewrite / extract /
 continue-a-list / edit code: the answer repeats the prompt) and NO_COPY set (nothing to copy),
@@ -39,11 +43,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--num-speculative-tokens", type=int, default=7)
+    ap.add_argument("--speculative-mode", choices=["ngram", "draft"], default="ngram")
+    ap.add_argument("--speculative-model", default=None,
+                    help="draft model (HF dir) for --speculative-mode draft")
     args = ap.parse_args()
+    if (args.speculative_mode == "draft") != (args.speculative_model is not None):
+        ap.error("--speculative-model goes with --speculative-mode draft (and only with it)")
     common = dict(max_model_len=1024)
     plain = LLM(**common)
-    spec = LLM(speculative_mode="ngram", num_speculative_tokens=args.num_speculative_tokens,
-               **common)
+    spec = LLM(speculative_mode=args.speculative_mode, speculative_model=args.speculative_model,
+               num_speculative_tokens=args.num_speculative_tokens, **common)
+    mode = args.speculative_mode
     tok = plain.get_tokenizer()
 
     def chat(text: str) -> list[int]:
@@ -55,8 +65,9 @@ def main() -> None:
     for llm in (plain, spec):  # warm both (first calls touch lazily built state)
         run(llm, sets["copy-heavy"][:1], SamplingParams(temperature=0.0, max_tokens=8), 1)
     print(f"default model, greedy, max_tokens {args.max_tokens}, "
-          f"k = {args.num_speculative_tokens}")
-    print("| set | batch | plain tok/s | ngram tok/s | ratio | accepted / proposed | "
+          f"k = {args.num_speculative_tokens}, {mode}"
+          + (f" ({args.speculative_model})" if args.speculative_model else ""))
+    print(f"| set | batch | plain tok/s | {mode} tok/s | ratio | accepted / proposed | "
           "tokens per verification |")
     print("|---|---|---|---|---|---|---|")
     for name, prompts in [*sets.items(), ("all x2", (sets["copy-heavy"] + sets["no-copy"]) * 2)]:

@@ -154,7 +154,9 @@ class LLMEngine:
                                  single_token_bucket=resolved.single_token_bucket)
         logger.info("step buckets: %s", self.buckets.describe())
         spec = config.speculative_config()
-        self.speculation = Speculation(spec, self.max_model_len) if spec.enabled else None
+        # (draft mode: loads the draft model, its KV cache on the same page ids, its programs)
+        self.speculation = (Speculation.for_engine(spec, config, parts, self.buckets, num_pages,
+                                                   self.attention) if spec.enabled else None)
         self._spec_k = spec.num_speculative_tokens if spec.enabled else 0
         # Verification rows: one for a lone sequence (the latency case speculation is for),
         # else the most sequences that speculate together (padding rows cost LM-head rows).
@@ -323,6 +325,8 @@ class LLMEngine:
         sched = self.scheduler.schedule(lookahead=in_flight is not None)
         if sched.is_empty:
             return None
+        if self.speculation is not None:
+            self.speculation.prepare(sched)  # a draft model proposes into the placeholders
         inputs = build_step_inputs(sched)
         forward = self.runner.forward(
             inputs, in_flight.sampled.next_input_ids if in_flight is not None else None)

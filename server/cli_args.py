@@ -75,9 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
       help="schedule step N+1 while step N runs (--no-overlap-scheduling: the serial loop)")
     a("--speculative-mode", default=d.speculative_mode,
       choices=["disable", "ngram", "draft", "eagle"],
-      help="propose tokens and verify them in one step (ngram: prompt lookup)")
+      help="propose tokens and verify them in one step (ngram: prompt lookup; draft: a "
+           "smaller model, --speculative-model)")
     a("--num-speculative-tokens", type=int, default=d.num_speculative_tokens)
-    a("--speculative-model", default=None, help="draft / EAGLE weights (HF format)")
+    a("--speculative-model", default=None,
+      help="draft model for --speculative-mode draft (HF dir, the target's vocabulary)")
     a("--ngram-prompt-lookup-min", type=int, default=d.ngram_prompt_lookup_min)
     a("--ngram-prompt-lookup-max", type=int, default=d.ngram_prompt_lookup_max)
     a("--speculative-disable-by-batch-size", type=int,

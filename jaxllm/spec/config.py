@@ -6,6 +6,7 @@ so the CLI flags, `LLM(...)` keywords and the engine all share one definition.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 SPECULATIVE_MODES = ("disable", "ngram", "draft", "eagle")
 MAX_SPECULATIVE_TOKENS = 16  # a verification chunk is k + 1 query tokens per sequence
@@ -83,3 +84,24 @@ class SpeculativeConfig:
         """Whether sequences propose at all in a step with `batch_size` running sequences."""
         return self.enabled and (self.disable_above_batch is None
                                  or batch_size <= self.disable_above_batch)
+
+
+def check_speculative_model_path(model: str | None) -> None:
+    """ValueError unless `model` names a checkpoint a draft can be loaded from: an existing HF
+    directory (config.json), converted jaxllm directory or .gguf file, or a hub id
+    `org/name[@revision]` (resolved when the engine loads it). Reads no weights."""
+    if not model:
+        raise ValueError("speculative mode 'draft' needs --speculative-model PATH")
+    path = Path(model).expanduser()
+    if not path.exists():
+        from jaxllm.hub import parse_hub_id
+
+        if parse_hub_id(model) is None:
+            raise ValueError(f"--speculative-model {model}: no such file or directory")
+        return
+    if path.is_dir():
+        if not ((path / "config.json").is_file() or (path / "jaxllm_config.json").is_file()):
+            raise ValueError(f"--speculative-model {model}: not a model directory (no "
+                             "config.json)")
+    elif path.suffix != ".gguf":
+        raise ValueError(f"--speculative-model {model}: not a model directory or a .gguf file")

@@ -7,13 +7,18 @@ and its room (max_tokens, max_model_len). A request does not speculate while its
 constraints change from position to position in ways the verifier's per-position tensors do
 not model: min_tokens not yet reached, bad words, a grammar. `record` feeds each verification's
 outcome to the back-off and the counters; `drop` forgets a finished request.
+
+A proposer marked `deferred` (the draft model, `jaxllm.spec.draft`) proposes after
+scheduling: `drafts_for` then reserves k placeholder drafts (budget and pages for k + 1
+tokens), and the engine calls `prepare(sched)` between `Scheduler.schedule()` and laying out
+the step, which has the proposer write its tokens over the placeholders.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -21,6 +26,9 @@ from jaxllm.request import Request
 from jaxllm.spec.backoff import SpeculationBackoff
 from jaxllm.spec.config import SpeculativeConfig
 from jaxllm.spec.ngram import NgramProposer
+
+if TYPE_CHECKING:
+    from jaxllm.scheduler_output import SchedulerOutput
 
 
 class Proposer(Protocol):
@@ -48,9 +56,35 @@ class Speculation:
             raise ValueError("speculation is disabled")
         self.config = config
         self.max_model_len = max_model_len
-        self.proposer = proposer or NgramProposer(config)
+        self.proposer = proposer if proposer is not None else NgramProposer(config)
         self._backoff: dict[str, SpeculationBackoff] = {}
         self.stats = SpeculationStats()
+
+    @classmethod
+    def for_engine(cls, config: SpeculativeConfig, engine_config: Any, parts: Any, buckets: Any,
+                   num_pages: int, attention: Any) -> Speculation:
+        """The engine's speculation: n-gram lookup, or a draft model loaded, given its KV
+        cache (`num_pages` pages, the target's page ids) and compiled here (ValueError for a
+        bad draft model: missing, or another vocabulary)."""
+        proposer = None
+        if config.mode == "draft":
+            from jaxllm.spec.draft import DraftProposer
+
+            proposer = DraftProposer.load(engine_config, parts, buckets, num_pages, attention)
+        elif config.mode != "ngram":
+            raise ValueError(f"speculative mode {config.mode!r} is not available yet")
+        return cls(config, parts.max_model_len, proposer)
+
+    @property
+    def deferred(self) -> bool:
+        """The proposer fills placeholder drafts after scheduling (`prepare`)."""
+        return bool(getattr(self.proposer, "deferred", False))
+
+    def prepare(self, sched: SchedulerOutput) -> None:
+        """Called once per scheduled step before its inputs are laid out: a deferred proposer
+        replaces the step's placeholder drafts by its proposals (a no-op otherwise)."""
+        if self.deferred and not sched.is_empty:
+            self.proposer.fill(sched)
 
     @property
     def num_speculative_tokens(self) -> int:
@@ -70,6 +104,8 @@ class Speculation:
         k = min(backoff.proposal_length(self.config.num_speculative_tokens), cap)
         if k <= 0:
             return []
+        if self.deferred:
+            return [0] * k  # placeholders: `prepare` writes the proposals
         return [int(t) for t in self.proposer.propose(req.request_id, req.all_token_ids, k)[:k]]
 
     def record(self, request_id: str, proposed: int, accepted: int) -> None:
