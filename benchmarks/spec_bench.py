@@ -1,4 +1,4 @@
-"""Speculative decoding (n-gram prompt lookup) against plain decoding, same run, default model.
+"""Speculative decoding (n-gram prompt lookup, or a draft model) against plain decoding, same run.
 
     python benchmarks/spec_bench.py [--max-tokens 128] [--num-speculative-tokens 4]
     python benchmarks/spec_bench.py --speculative-mode draft --speculative-model PATH

@@ -66,9 +66,10 @@ def _prompts(seed: int) -> list[list[int]]:
     return prompts
 
 
-def _run(engine: LLMEngine, prompts, params: SamplingParams, aborts=None) -> dict:
+def _run(engine: LLMEngine, prompts, params: SamplingParams | list[SamplingParams],
+         aborts=None) -> dict:
     for i, p in enumerate(prompts):
-        engine.add_request(p, params, f"r{i}")
+        engine.add_request(p, params[i] if isinstance(params, list) else params, f"r{i}")
     done, step = {}, 0
     while engine.has_unfinished_requests():
         if aborts and step in aborts:
@@ -141,6 +142,31 @@ def test_stop_inside_accepted_drafts_and_abort(spec_engine):
         toks = out[rid].outputs[0].token_ids
         cut = toks.index(stop_at) + 1 if stop_at in toks else len(toks)
         assert toks == want[rid][:cut], rid
+
+
+def test_requests_that_may_not_speculate_decode_normally(spec_engine, monkeypatch):
+    """min_tokens not reached, bad words: no drafts for that request (its constraints change
+    within the k + 1 positions), while the others in the same steps speculate."""
+    engine = spec_engine
+    prompts = _prompts(seed=13)[:3]
+    common = dict(temperature=0.0, max_tokens=12, ignore_eos=True)
+    params = [SamplingParams(**common, min_tokens=6),
+              SamplingParams(**common, bad_words_token_ids=[[31, 30]]), SamplingParams(**common)]
+    with _plain(engine):
+        want = {rid: o.outputs[0].token_ids for rid, o in _run(engine, prompts, params).items()}
+    proposer = engine.speculation.proposer
+    fill, seen = proposer.fill, []
+
+    def spy(sched):  # (request, output tokens so far) of each speculating row
+        seen.extend((s.request.request_id, s.request.num_output_tokens)
+                    for s in sched.seqs if s.drafts)
+        fill(sched)
+
+    monkeypatch.setattr(proposer, "fill", spy)
+    got = {rid: o.outputs[0].token_ids for rid, o in _run(engine, prompts, params).items()}
+    assert got == want
+    assert {rid for rid, _ in seen} == {"r0", "r2"}
+    assert min(n for rid, n in seen if rid == "r0") >= 6
 
 
 def test_configuration_errors(draft_dirs, tmp_path):
