@@ -10,7 +10,8 @@ from jaxllm.outputs import Logprob, PositionLogprobs
 _FLOOR = -9999.0  # JSON has no -inf; clients expect a very negative number
 
 
-def _finite(x: float) -> float:
+def finite_logprob(x: float) -> float:
+    """A logprob JSON can carry: -inf (a token a grammar excludes) and NaN become -9999.0."""
     return _FLOOR if (math.isinf(x) or math.isnan(x)) else max(float(x), _FLOOR)
 
 
@@ -47,7 +48,7 @@ def completion_logprobs(tokenizer: Any, token_ids: list[int],
             token_lps.append(None)
             tops.append(None)
             continue
-        token_lps.append(_finite(chosen.logprob) if chosen else _FLOOR)
+        token_lps.append(finite_logprob(chosen.logprob) if chosen else _FLOOR)
         tops.append(_completion_top(tokenizer, tid, pos, top_k))
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops,
             "text_offset": offsets}
@@ -61,7 +62,7 @@ def _completion_top(tokenizer: Any, token_id: int, position: PositionLogprobs,
     entries += [(i, lp) for i, lp in top_entries(position, top_k) if i != token_id]
     out: dict[str, float] = {}
     for i, lp in entries[:top_k + 1]:
-        out.setdefault(token_text(tokenizer, i, lp), _finite(lp.logprob))
+        out.setdefault(token_text(tokenizer, i, lp), finite_logprob(lp.logprob))
     return out
 
 
@@ -82,7 +83,7 @@ def prompt_logprobs_json(tokenizer: Any, token_ids: list[int],
             continue
         keep = [(tid, pos[tid])] if tid in pos else []
         keep += [(i, lp) for i, lp in top_entries(pos, top_k) if i != tid]
-        out.append({str(i): {"logprob": _finite(lp.logprob), "rank": lp.rank,
+        out.append({str(i): {"logprob": finite_logprob(lp.logprob), "rank": lp.rank,
                              "decoded_token": token_text(tokenizer, i, lp)} for i, lp in keep})
     return out
 
@@ -95,10 +96,10 @@ def chat_logprobs_content(tokenizer: Any, token_ids: list[int],
         chosen = pos.get(tid)
         out.append({
             "token": token_text(tokenizer, tid, chosen),
-            "logprob": _finite(chosen.logprob) if chosen else _FLOOR,
+            "logprob": finite_logprob(chosen.logprob) if chosen else _FLOOR,
             "bytes": list(tokenizer.token_bytes(tid)),
             "top_logprobs": [
-                {"token": token_text(tokenizer, i, lp), "logprob": _finite(lp.logprob),
+                {"token": token_text(tokenizer, i, lp), "logprob": finite_logprob(lp.logprob),
                  "bytes": list(tokenizer.token_bytes(i))}
                 for i, lp in top_entries(pos, top_k)
             ],

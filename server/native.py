@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from jaxllm.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 
 from .errors import bad_request, to_api_error
-from .logprobs_format import top_entries
+from .logprobs_format import finite_logprob, top_entries
 from .protocol_native import GenerateRequest, NativeSamplingParams
 from .serving import (
     ServingContext,
@@ -101,7 +101,7 @@ def _lp_triples(ctx: ServingContext, ids: list[int], positions: list[PositionLog
                 top_k: int, with_text: bool) -> tuple[list[Any], list[Any]]:
     def triple(tid: int, lp: Any) -> list[Any]:
         text = ctx.tokenizer.decode([tid], skip_special_tokens=False) if with_text else None
-        return [None if lp is None else float(lp), tid, text]
+        return [None if lp is None else finite_logprob(lp), tid, text]
 
     chosen, tops = [], []
     for tid, pos in zip(ids, positions, strict=False):

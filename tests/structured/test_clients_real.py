@@ -134,6 +134,15 @@ def test_extra_body_fields_and_native_generate(server):
     out = httpx.post(url + "/generate", json=body, headers={"Authorization": f"Bearer {KEY}"},
                      timeout=300).json()
     assert out["text"] in ("yes", "no", "maybe")
+    # More top logprobs than the grammar allows tokens: the excluded ones are -inf in the
+    # constrained distribution, sent as -9999.0 (JSON has no -inf)
+    body["return_logprob"], body["top_logprobs_num"] = True, 20
+    r = httpx.post(url + "/generate", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                   timeout=300)
+    assert r.status_code == 200, r.text
+    tops = r.json()["meta_info"]["output_top_logprobs"]
+    assert all(len(t) == 20 and -9999.0 < max(lp for lp, _, _ in t) <= 0.0 for t in tops)
+    assert any(min(lp for lp, _, _ in t) == -9999.0 for t in tops)  # e.g. after "ye": only "s"
 
 
 def test_forced_tool_calls_match_the_parameter_schema(server):
