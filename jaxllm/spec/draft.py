@@ -97,7 +97,7 @@ class DraftProposer:
         self.runner = runner
         self.buckets = buckets
         self.page_size = buckets.page_size
-        self.max_tokens = buckets.max_num_batched_tokens  # tokens one draft call may feed
+        self.token_budget = buckets.max_num_batched_tokens  # tokens one draft call may feed
         self._tensors = SamplingTensorBuilder(vocab_size)
         self._greedy: dict[int, Any] = {}  # all-greedy sampling tensors by row count
         self._state: dict[str, DraftState] = {}
@@ -168,7 +168,7 @@ class DraftProposer:
             feeds.append((valid, req.all_token_ids[valid:n]))
         null = sched.null_page
         # 1. catch-up beyond what the final call can take (the budget), fed beforehand
-        excess = sum(len(t) for _, t in feeds) - self.max_tokens
+        excess = sum(len(t) for _, t in feeds) - self.token_budget
         final: list[ScheduledSeq] = []
         early: list[ScheduledSeq] = []
         for s, (start, tokens) in zip(seqs, feeds, strict=True):
@@ -219,13 +219,13 @@ class DraftProposer:
         """Calls of at most the token budget, in order (a piece longer than the room left is
         split over consecutive calls)."""
         calls: list[list[ScheduledSeq]] = [[]]
-        room = self.max_tokens
+        room = self.token_budget
         for p in pieces:
             done = 0
             while done < p.num_new_tokens:
                 if room == 0:
                     calls.append([])
-                    room = self.max_tokens
+                    room = self.token_budget
                 take = min(room, p.num_new_tokens - done)
                 calls[-1].append(self._piece(p.request, p.start_pos + done,
                                              p.token_ids[done:done + take]))
