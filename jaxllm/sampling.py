@@ -30,16 +30,13 @@ Penalty state (`output_counts`, `prompt_mask`) is dense [R, V]: static shapes, 6
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
 from jax import lax
 
-from jaxllm.sampling_params import SamplingParams
-from jaxllm.token_masks import ALL_ALLOWED, all_allowed, constraint_arrays, unpack_allowed
+from jaxllm.token_masks import ALL_ALLOWED, unpack_allowed
 
 KEY_IMPL = "threefry2x32"  # key data is uint32 [2] per request whatever jax's default is
 DEFAULT_CANDIDATE_CAP = 128
@@ -166,84 +163,6 @@ def reset_rows(state: jax.Array, rows: jax.Array) -> jax.Array:
     """Zero whole rows of a count or mask array (a new request takes the row)."""
     rows = jnp.where((rows < 0) | (rows >= state.shape[0]), state.shape[0], rows)
     return state.at[rows].set(jnp.zeros((), state.dtype), mode="drop")
-
-
-# --- host-side builder --------------------------------------------------------------------
-
-def param_columns(params: Sequence[SamplingParams | None], rows: int,
-                  vocab_size: int) -> dict[str, np.ndarray]:
-    """The per-row parameter columns of `SamplingTensors` as host arrays; rows past the
-    given params (and None entries) are padding: greedy with neutral penalties."""
-    neutral = SamplingParams(temperature=0.0)
-    full = [p if p is not None else neutral for p in params] + [neutral] * (rows - len(params))
-
-    def col(fn, dtype):
-        return np.array([fn(p) for p in full], dtype=dtype)
-
-    return {
-        "temperature": col(lambda p: p.temperature, np.float32),
-        "top_k": col(lambda p: p.top_k_or_off if p.top_k_or_off < vocab_size else 0, np.int32),
-        "top_p": col(lambda p: p.top_p, np.float32),
-        "min_p": col(lambda p: p.min_p, np.float32),
-        "presence_penalty": col(lambda p: p.presence_penalty, np.float32),
-        "frequency_penalty": col(lambda p: p.frequency_penalty, np.float32),
-        "repetition_penalty": col(lambda p: p.repetition_penalty, np.float32),
-        "greedy": col(lambda p: p.greedy, bool),
-        "num_logprobs": col(lambda p: -1 if p.logprobs is None else p.logprobs, np.int32),
-        "masked_logprobs": col(lambda p: p.has_structured_output, bool),
-    }
-
-
-def build_sampling_tensors(
-    params: Sequence[SamplingParams | None],
-    *,
-    vocab_size: int,
-    key_data: np.ndarray | None = None,
-    steps: Sequence[int] | None = None,
-    num_rows: int | None = None,
-    prompt_token_ids: Sequence[Sequence[int]] | None = None,
-    output_token_ids: Sequence[Sequence[int]] | None = None,
-    eos_token_ids: Sequence[int] = (),
-) -> SamplingTensors:
-    """Pack per-request params (None = padding row) into device arrays of `num_rows` rows.
-
-    key_data: uint32 [len(params), 2] (default: from each request's seed, else zeros).
-    prompt_token_ids / output_token_ids fill the penalty state densely on the host; a runner
-    that samples every step keeps that state on device instead (`update_counts`).
-    The allowed-token mask and bias come from each request's params, its output so far and
-    step (default: the output length); eos_token_ids are what min_tokens hides. Grammars are
-    not filled here (the engine's `SamplingTensorBuilder` does): grammar_mask is all ones.
-    """
-    n = len(params)
-    rows = n if num_rows is None else num_rows
-    if rows < n:
-        raise ValueError(f"num_rows ({rows}) is smaller than the number of requests ({n})")
-    keys = np.zeros((rows, 2), np.uint32)
-    if key_data is not None:
-        keys[:n] = np.asarray(key_data, np.uint32).reshape(n, 2)
-    else:
-        for i, p in enumerate(params):
-            if p is not None and p.seed is not None:
-                keys[i] = request_key_data(p.seed)
-    step = np.zeros(rows, np.int32)
-    if steps is not None:
-        step[:n] = np.asarray(steps, np.int32)
-    counts = np.zeros((rows, vocab_size), np.int32)
-    mask = np.zeros((rows, vocab_size), bool)
-    for i, toks in enumerate(output_token_ids or []):
-        np.add.at(counts[i], np.asarray(toks, np.int64), 1)
-    for i, toks in enumerate(prompt_token_ids or []):
-        mask[i, np.asarray(toks, np.int64)] = True
-    outputs = list(output_token_ids or [])
-    outputs += [[]] * (n - len(outputs))
-    positions = [int(step[i]) if steps is not None else len(outputs[i]) for i in range(n)]
-    bias, allowed = constraint_arrays(
-        params, [(positions[i], outputs[i], eos_token_ids) for i in range(n)], rows, vocab_size)
-    columns = {k: jnp.asarray(v) for k, v in param_columns(params, rows, vocab_size).items()}
-    return SamplingTensors(**columns, key_data=jnp.asarray(keys), step=jnp.asarray(step),
-                           output_counts=jnp.asarray(counts), prompt_mask=jnp.asarray(mask),
-                           logit_bias=jnp.asarray(bias), allowed_mask=jnp.asarray(allowed),
-                           grammar_mask=jnp.asarray(all_allowed(rows, vocab_size)))
 
 
 # --- filtering ----------------------------------------------------------------------------

@@ -1,18 +1,18 @@
 """Per-step sampling tensors built from the scheduled rows' SamplingParams.
 
-The parameter columns come from `jaxllm.sampling.param_columns` (shared with
-`build_sampling_tensors`). The penalty state ([rows, vocab] counts and prompt mask) is only
-built on the host when some row of the step uses a penalty; otherwise one cached all-zero
-device array per row count is reused, so the common case moves no vocab-sized data. The same
-holds for the logit bias ([rows, vocab], only when some row has a logit_bias) and the packed
-allowed-token mask (only when some row is constrained: min_tokens not reached,
-allowed_token_ids, bad_words, a grammar). A grammar row's mask comes from its sequence's
-matcher (synced to the output first), ANDed with the row's other constraints; the grammar's
-bits alone also go in `grammar_mask`, what that row's logprobs are normalised over (the same
-device array as the allowed mask when no row has another constraint).
-Everything else goes to jit as host arrays, as the real steps and warm-up both do: jit keys
-its cache on where inputs live.
-"""
+The parameter columns come from `jaxllm.sampling_host.param_columns` (shared with
+`build_sampling_tensors`) and are reused while every row holds the same request as in the
+previous step (`ParamColumnCache`: host time per step in steady decoding). The penalty state
+([rows, vocab] counts and prompt mask) is only built on the host when some row of the step uses
+a penalty; otherwise one cached all-zero device array per row count is reused, so the common
+case moves no vocab-sized data. The same holds for the logit bias ([rows, vocab], only when
+some row has a logit_bias) and the packed allowed-token mask (only when some row is
+constrained: min_tokens not reached, allowed_token_ids, bad_words, a grammar). A grammar row's
+mask comes from its sequence's matcher (synced to the output first), ANDed with the row's other
+constraints; the grammar's bits alone also go in `grammar_mask`, what that row's logprobs are
+normalised over (the same device array as the allowed mask when no row has another constraint).
+Everything else goes to jit as host arrays, as the real steps and warm-up both do: jit keys its
+cache on where inputs live."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm.sampling import SamplingTensors, param_columns
+from jaxllm.sampling import SamplingTensors
+from jaxllm.sampling_host import ParamColumnCache, param_columns
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.scheduler import ScheduledSeq, SchedulerOutput
 from jaxllm.token_masks import all_allowed, constraint_arrays
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 class SamplingTensorBuilder:
     def __init__(self, vocab_size: int, grammars: GrammarCompiler | None = None) -> None:
         self.vocab_size = vocab_size
+        self._columns = ParamColumnCache(vocab_size)
         self.grammars = grammars  # fills grammar rows' masks (None: no structured output)
         self._zero_state: dict[int, tuple[jnp.ndarray, jnp.ndarray]] = {}
         self._neutral: dict[int, tuple[jnp.ndarray, jnp.ndarray]] = {}
@@ -114,7 +116,7 @@ class SamplingTensorBuilder:
         else:
             state = self._zeros(rows)
         bias, allowed, grammar = self._constraints(sched, params, rows)
-        return SamplingTensors(**param_columns(params, rows, self.vocab_size), key_data=keys,
+        return SamplingTensors(**self._columns.columns(params, rows), key_data=keys,
                                step=step, output_counts=state[0], prompt_mask=state[1],
                                logit_bias=bias, allowed_mask=allowed, grammar_mask=grammar)
 

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from jaxllm.sampling import (
-    build_sampling_tensors,
     compute_logprobs_topk,
     filtered_logprobs,
     mark_prompt_tokens,
@@ -18,6 +17,7 @@ from jaxllm.sampling import (
     unseeded_request_seed,
     update_counts,
 )
+from jaxllm.sampling_host import build_sampling_tensors
 from jaxllm.sampling_params import MAX_LOGPROBS, SamplingParams
 from tests.oracles.sampling_reference import (
     reference_filtered_logprobs,
@@ -330,3 +330,22 @@ def test_sampling_params_defaults_and_normalisation():
     d = SamplingParams.from_generation_config(gen, seed=5)
     assert (d.temperature, d.top_p, d.top_k, d.max_tokens, d.seed) == (0.6, 0.92, 40, 77, 5)
     assert SamplingParams.from_generation_config(None) == SamplingParams()
+
+
+def test_param_column_cache_reuses_only_the_same_rows():
+    from jaxllm.sampling_host import ParamColumnCache, param_columns
+
+    rng = np.random.default_rng(np.random.SeedSequence().entropy)
+    pool = [SamplingParams(temperature=float(rng.uniform(0.1, 2)), top_k=int(rng.integers(0, 50)),
+                           top_p=float(rng.uniform(0.2, 1)), logprobs=int(rng.integers(0, 5)))
+            for _ in range(6)]
+    cache = ParamColumnCache(512)
+    rows = [pool[int(i)] for i in rng.integers(0, 6, 5)]
+    first = cache.columns(rows, 8)
+    assert cache.columns(list(rows), 8) is first  # same params objects in the same rows
+    for changed in (rows[:4], rows[::-1], rows[:4] + [SamplingParams(**vars(rows[4]))]):
+        got = cache.columns(changed, 8)
+        assert got is not first  # a new composition (even an equal copy) is rebuilt
+        expected = param_columns(changed, 8, 512)
+        assert all(np.array_equal(got[k], expected[k]) for k in expected)
+    assert cache.columns(rows, 16) is not cache.columns(rows, 8)

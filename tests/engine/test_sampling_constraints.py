@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm.sampling import build_sampling_tensors
+from jaxllm.sampling_host import build_sampling_tensors
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.step_inputs import SamplingTensorBuilder
 from jaxllm.token_masks import (

@@ -13,7 +13,7 @@ import pytest
 from jaxllm.config import ModelConfig
 from jaxllm.models.params import expected_param_shapes
 from jaxllm.models.registry import build_model
-from jaxllm.sampling import build_sampling_tensors
+from jaxllm.sampling_host import build_sampling_tensors
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.spec.config import SpeculativeConfig
 from jaxllm.spec.ngram import NgramProposer

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm.sampling import build_sampling_tensors, sample
+from jaxllm.sampling import sample
+from jaxllm.sampling_host import build_sampling_tensors
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.spec.rejection import expand_sampling_tensors, rejection_sample
 from jaxllm.step_inputs import SamplingTensorBuilder
