@@ -108,11 +108,7 @@ class InFlightStep:
     started_at: float
     dispatched_at: float
     host_gap_s: float
-
-    @property
-    def speculative(self) -> bool:
-        """Some sequence proposed drafts: the step verifies instead of sampling."""
-        return any(s.drafts for s in self.sched.seqs)
+    speculative: bool  # some sequence proposed drafts: the step verifies instead of sampling
 
 
 class LLMEngine:
@@ -172,7 +168,8 @@ class LLMEngine:
         self.runner = make_runner(parts.model, kv, attention_impl=config.attention_impl,
                                   attention_wrapper=parts.attention_wrapper,
                                   max_rows=config.max_num_seqs, compute_dtype=self.dtype)
-        # Structured output: compiled grammars (LRU), llguidance's tokenizer built on first use.
+        # Structured output: compiled grammars (LRU), llguidance's tokenizer view built in the
+        # background from here.
         self.grammars = GrammarCompiler(partial(build_llg_tokenizer, self.tokenizer,
                                                 self.eos_token_ids))
         self.tensors = SamplingTensorBuilder(self.model_config.vocab_size, self.grammars)
@@ -335,7 +332,9 @@ class LLMEngine:
         dispatched = time.perf_counter()
         host_gap = (max(0.0, dispatched - self._last_result_time)
                     if self._last_result_time and in_flight is None else 0.0)
-        step = InFlightStep(sched, inputs, forward, None, start, dispatched, host_gap)
+        step = InFlightStep(sched, inputs, forward, None, start, dispatched, host_gap,
+                            speculative=self.speculation is not None
+                            and any(s.drafts for s in sched.seqs))
         if not any(s.prev_row is not None and reads_token_history(s.request.sampling_params)
                    for s in sched.seqs):
             self.sample(step)
