@@ -47,6 +47,7 @@ from jaxllm.sampling import request_key_data, unseeded_request_seed
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from jaxllm.spec import build_verify_layout
+from jaxllm.spec.draft import draft_model_config
 from jaxllm.spec.scheduling import Speculation
 from jaxllm.step_inputs import SamplingTensorBuilder
 from jaxllm.structured.compiler import GrammarCompiler
@@ -199,9 +200,15 @@ class LLMEngine:
             stats = jax.local_devices()[0].memory_stats() or {}
             free = stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0)
             budget = free if free > 0 else budget
-        return pages_for_budget(self.model_config, self.page_size, self.kv_dtype,
-                                int(budget * self.config.memory_fraction), self.attention,
-                                self._head_shards)
+        budget = int(budget * self.config.memory_fraction)
+        draft = draft_model_config(self.config)
+        if draft is not None:  # the draft's KV cache has as many pages: split the budget
+            own = bytes_per_page(self.model_config, self.page_size, self.kv_dtype,
+                                 self.attention, self._head_shards)
+            budget = budget * own // (own + bytes_per_page(draft, self.page_size, self.kv_dtype,
+                                                           self.attention, self._head_shards))
+        return pages_for_budget(self.model_config, self.page_size, self.kv_dtype, budget,
+                                self.attention, self._head_shards)
 
     # -- admission ----------------------------------------------------------------------------
     def default_sampling_params(self) -> SamplingParams:
@@ -404,6 +411,10 @@ class LLMEngine:
         s.prefix_cache_hits = cache_stats.hit_tokens
         s.compile_count = self.runner.compile_count
         s.recompile_count = self.runner.recompiles
+        draft = self.speculation.draft_runner if self.speculation is not None else None
+        if draft is not None:
+            s.compile_count += draft.compile_count
+            s.recompile_count += draft.recompiles
         s.num_preemptions = self.scheduler.num_preemptions
         if self.speculation is not None:
             spec = self.speculation.stats
@@ -424,12 +435,19 @@ class LLMEngine:
         self._drain()
         if self._sleeping_specs is None:
             self.scheduler.reset_prefix_cache()
-            self._sleeping_specs = self.runner.drop_kv_caches()
+            runners = self._kv_runners()
+            self._sleeping_specs = [r.drop_kv_caches() for r in runners]
 
     def wake_up(self) -> None:
         if self._sleeping_specs is not None:
-            self.runner.restore_kv_caches(self._sleeping_specs)
+            for runner, specs in zip(self._kv_runners(), self._sleeping_specs, strict=True):
+                runner.restore_kv_caches(specs)
             self._sleeping_specs = None
+
+    def _kv_runners(self) -> list:
+        """Runners owning a KV cache: the target's, and a draft model's (draft mode)."""
+        draft = self.speculation.draft_runner if self.speculation is not None else None
+        return [self.runner] + ([draft] if draft is not None else [])
 
     def start_profile(self, log_dir: str | None = None) -> None:
         if self._profiling:

@@ -283,6 +283,18 @@ def load_draft_parts(config: EngineConfig, target: EngineParts) -> EngineParts:
     return _parts_on(draft_config, host, target.mesh)
 
 
+def draft_model_config(config: EngineConfig):
+    """The draft's `ModelConfig` read from its config.json without loading weights (so the
+    KV budget can be split with the target before either cache exists); None when that is
+    not cheap (a .gguf file, a converted directory, a hub id not downloaded yet)."""
+    from jaxllm.config import ModelConfig
+
+    path = Path(config.speculative_model or "").expanduser()
+    if config.speculative_mode != "draft" or not (path / "config.json").is_file():
+        return None
+    return ModelConfig.from_file(path)
+
+
 def _check_vocab(draft, target, name: str) -> None:
     if draft.vocab_size != target.vocab_size:
         raise ValueError(f"--speculative-model {name}: its vocabulary has {draft.vocab_size} "

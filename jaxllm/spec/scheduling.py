@@ -76,6 +76,12 @@ class Speculation:
         return cls(config, parts.max_model_len, proposer)
 
     @property
+    def draft_runner(self):
+        """The draft model's runner (draft mode), else None: its KV cache sleeps with the
+        target's and its compile counts join the engine's."""
+        return getattr(self.proposer, "runner", None)
+
+    @property
     def deferred(self) -> bool:
         """The proposer fills placeholder drafts after scheduling (`prepare`)."""
         return bool(getattr(self.proposer, "deferred", False))

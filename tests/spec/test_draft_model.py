@@ -187,3 +187,29 @@ def test_configuration_errors(draft_dirs, tmp_path):
     with pytest.raises(ValueError, match="vocabulary has 8 tokens"):
         LLMEngine(EngineConfig(model=target, speculative_mode="draft",
                                speculative_model=str(draft_dirs["small_vocab"]), **ENGINE))
+
+
+def test_draft_cache_shares_the_budget_sleeps_and_counts(spec_engine):
+    """The KV budget pays for both caches (the draft has as many pages); sleep frees both and
+    wake_up restores both; the engine's compile counts include the draft's programs."""
+    from jaxllm.cache.kv_cache import bytes_per_page
+
+    engine = spec_engine
+    own = bytes_per_page(engine.model_config, engine.page_size, engine.kv_dtype,
+                         engine.attention)
+    budget = int(engine.config.kv_cache_memory_bytes * engine.config.memory_fraction)
+    assert engine._pages_from_budget() == (budget // 2) // own  # the draft is the target
+    draft = engine.speculation.draft_runner
+    stats = engine.get_stats()
+    assert stats.compile_count == engine.runner.compile_count + draft.compile_count
+    assert stats.recompile_count == 0
+    engine.sleep()
+    assert not draft.kv_caches and not engine.runner.kv_caches
+    engine.wake_up()
+    prompts = _prompts(seed=5)[:2]
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    with _plain(engine):
+        want = {r: o.outputs[0].token_ids for r, o in _run(engine, prompts, params).items()}
+    got = _run(engine, prompts, params)
+    assert {r: o.outputs[0].token_ids for r, o in got.items()} == want
+    assert engine.get_stats().recompile_count == 0
