@@ -239,9 +239,10 @@ class ModelRunner:
 
     def warm_up(self, buckets: Iterable[Bucket], dummy_tensors, *, compile_threads: int = 2,
                 store: ExecutableStore | None = None, num_speculative_tokens: int = 0,
-                verify_rows: Iterable[int] = ()) -> float:
-        """Compile every bucket's step, sampler and prompt-logprobs programs ahead of time;
-        returns seconds taken.
+                verify_rows: Iterable[int] = (), prompt_logprobs: bool = True) -> float:
+        """Compile every bucket's step, sampler and (unless `prompt_logprobs` is False: a
+        draft model never reports them) prompt-logprobs programs ahead of time; returns
+        seconds taken.
 
         Programs are traced and lowered here, then compiled on `compile_threads` threads (XLA
         releases the GIL while compiling), without running them: executing a dummy step of
@@ -298,8 +299,11 @@ class ModelRunner:
             want(self._samplers, b.num_seqs, "sampler", (logits, dummy_tensors(b.num_seqs)),
                  self._sample_fn.trace, derived=True)
             rows = jax.ShapeDtypeStruct((b.num_tokens,), jnp.int32)
-            want(self._prompt_programs, b.num_tokens, "prompt_logprobs", (hidden, rows, rows),
-                 lambda *a: self._prompt_logprobs_fn.trace(self.state_leaves, *a), derived=True)
+            if prompt_logprobs:
+                want(self._prompt_programs, b.num_tokens, "prompt_logprobs",
+                     (hidden, rows, rows),
+                     lambda *a: self._prompt_logprobs_fn.trace(self.state_leaves, *a),
+                     derived=True)
             k = num_speculative_tokens
             for r in verify_rows if k and b.num_tokens > 1 else ():  # a verification feeds >= 2
                 i32 = jnp.int32

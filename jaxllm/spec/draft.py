@@ -126,7 +126,8 @@ class DraftProposer:
                  if config.compilation_cache_dir else None)
         start = time.perf_counter()
         runner.warm_up(buckets.all(), proposer._tensors.dummy,
-                       compile_threads=config.compile_threads or 2, store=store)
+                       compile_threads=config.compile_threads or 2, store=store,
+                       prompt_logprobs=False)
         logger.info("draft model %s: %d layers, KV cache %d pages x %d tokens (%s); warm-up "
                     "prepared %d programs in %.1f s", config.speculative_model,
                     draft.model_config.num_layers, num_pages, parts.page_size,
