@@ -244,10 +244,12 @@ class LLMEngine:
             seed = unseeded_request_seed(self.config.seed, self._request_counter)
         self._request_counter += 1
         seq_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
+        history = reads_token_history(params)
         seqs = [Request(request_id=sid, prompt_token_ids=ids, sampling_params=params,
                         eos_token_ids=self.eos_token_ids, priority=priority, cache_salt=cache_salt,
                         parent_id=request_id if params.n > 1 else None, sample_index=i,
-                        key_data=request_key_data(seed, i), grammar=grammars[i])
+                        key_data=request_key_data(seed, i), grammar=grammars[i],
+                        reads_token_history=history)
                 for i, sid in enumerate(seq_ids)]
         if params.n == 1:
             self.scheduler.add_request(seqs[0])
@@ -342,8 +344,7 @@ class LLMEngine:
         step = InFlightStep(sched, inputs, forward, None, start, dispatched, host_gap,
                             speculative=self.speculation is not None
                             and any(s.drafts for s in sched.seqs))
-        if not any(s.prev_row is not None and reads_token_history(s.request.sampling_params)
-                   for s in sched.seqs):
+        if not any(s.prev_row is not None and s.request.reads_token_history for s in sched.seqs):
             self.sample(step)
         return step
 

@@ -80,6 +80,9 @@ class Request:
     sample_row: int = -1  # the row of the latest step that samples it (its output's index)
     num_draft_tokens: int = 0  # proposed tokens a dispatched step is verifying (computed ahead)
     max_tokens: int = 0  # effective limit, set by the scheduler at admission
+    # Its sampling tensors depend on its output so far (penalties, multi-token bad words, a
+    # grammar): set by the engine at admission, read per step by the overlapped loop.
+    reads_token_history: bool = False
     # The sample's PRNG identity (jaxllm.sampling.request_key_data): a seed reproduces it.
     key_data: np.ndarray | None = field(default=None, repr=False)
     # Structured output: this sequence's grammar position (fills its allowed-token mask).
