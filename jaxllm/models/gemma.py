@@ -25,6 +25,7 @@ from jaxllm.models.layers import (
     Embed,
     apply_rope,
     make_param,
+    rms_normalize,
     rope_inverse_frequencies,
     rope_tables,
 )
@@ -42,8 +43,7 @@ class OffsetRMSNorm(nnx.Module):
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        x32 = rms_normalize(x, self.eps)
         return (x32 * (1.0 + self.scale[...].astype(jnp.float32))).astype(x.dtype)
 
 
