@@ -46,9 +46,10 @@ from jaxllm.runner import DeviceSample, ForwardOutput, ModelRunner
 from jaxllm.sampling import request_key_data, unseeded_request_seed
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from jaxllm.spec import build_verify_layout
+from jaxllm.spec import VerifyLayout, build_verify_layout
 from jaxllm.spec.draft import draft_model_config
 from jaxllm.spec.scheduling import Speculation
+from jaxllm.spec.verify_layout import fits_in_logits, logits_indices_for
 from jaxllm.step_inputs import SamplingTensorBuilder
 from jaxllm.structured.compiler import GrammarCompiler
 from jaxllm.structured.tokenizer_view import build_llg_tokenizer
@@ -109,7 +110,12 @@ class InFlightStep:
     started_at: float
     dispatched_at: float
     host_gap_s: float
-    speculative: bool  # some sequence proposed drafts: the step verifies instead of sampling
+    verify: VerifyLayout | None  # some sequence proposed drafts: the step verifies them
+
+    @property
+    def speculative(self) -> bool:
+        """The step verifies proposals instead of sampling."""
+        return self.verify is not None
 
 
 class LLMEngine:
@@ -334,6 +340,9 @@ class LLMEngine:
         if self.speculation is not None:
             self.speculation.prepare(sched)  # a draft model proposes into the placeholders
         inputs = build_step_inputs(sched)
+        layout = self._verify_layout(sched, inputs)
+        if layout is not None and layout.in_logits:  # the forward's LM head on its positions
+            inputs = inputs.replace(logits_indices=logits_indices_for(layout, sched.bucket.num_seqs))
         forward = self.runner.forward(
             inputs, in_flight.sampled.next_input_ids if in_flight is not None else None)
         # Host work between the previous result and this dispatch (output processing, the
@@ -341,9 +350,7 @@ class LLMEngine:
         dispatched = time.perf_counter()
         host_gap = (max(0.0, dispatched - self._last_result_time)
                     if self._last_result_time and in_flight is None else 0.0)
-        step = InFlightStep(sched, inputs, forward, None, start, dispatched, host_gap,
-                            speculative=self.speculation is not None
-                            and any(s.drafts for s in sched.seqs))
+        step = InFlightStep(sched, inputs, forward, None, start, dispatched, host_gap, layout)
         if not any(s.prev_row is not None and s.request.reads_token_history for s in sched.seqs):
             self.sample(step)
         return step
@@ -359,14 +366,24 @@ class LLMEngine:
                                          sched.bucket.num_seqs)
             step.sampled = self.runner.sample(step.forward.logits, tensors)
             return
-        cu = step.inputs.attention.cu_q_lens
-        rows = next(r for r in self._verify_rows if r >= len(sched.seqs))
+        layout = step.verify
         tensors = self.tensors.build(sched, [s.request.sampling_params for s in sched.seqs],
-                                     [s.request.key_data for s in sched.seqs], rows)
+                                     [s.request.key_data for s in sched.seqs],
+                                     layout.hidden_rows.shape[0])
+        step.sampled = self.runner.verify(step.forward, layout, tensors)
+
+    def _verify_layout(self, sched: SchedulerOutput, inputs: StepInputs) -> VerifyLayout | None:
+        """Where the step's verification reads its positions (None: no sequence proposed);
+        in the forward's logits rows when they can hold them all (`fits_in_logits`)."""
+        if self.speculation is None or not any(s.drafts for s in sched.seqs):
+            return None
+        cu = inputs.attention.cu_q_lens
+        rows = next(r for r in self._verify_rows if r >= len(sched.seqs))
         layout = build_verify_layout(
             [int(cu[j + 1]) - 1 - len(s.drafts) for j, s in enumerate(sched.seqs)],
             [s.drafts for s in sched.seqs], range(len(sched.seqs)), self._spec_k, rows)
-        step.sampled = self.runner.verify(step.forward.hidden, layout, tensors)
+        layout.in_logits = fits_in_logits(rows, self._spec_k, sched.bucket.num_seqs)
+        return layout
 
     def complete(self, step: InFlightStep) -> list[RequestOutput]:
         """Wait for a dispatched step's tokens and turn them into outputs."""

@@ -40,6 +40,7 @@ from jaxllm.models.base import CausalLM
 from jaxllm.precision import with_matmul_precision
 from jaxllm.sampling import SamplerOutput, SamplingTensors, sample
 from jaxllm.spec import VerifyLayout, expand_sampling_tensors, rejection_sample
+from jaxllm.spec.verify_layout import fits_in_logits
 
 logger = logging.getLogger(__name__)
 
@@ -120,9 +121,11 @@ class ModelRunner:
         # The sampler is its own program, compiled once per row count rather than once per
         # (tokens, seqs, pages) bucket: compile time is what users wait for at start-up.
         self._jits = (jax.jit(self._step, donate_argnums=(1,)), jax.jit(self._sample),
-                      jax.jit(self._prompt_logprobs), jax.jit(self._verify))
-        self._step_fn, self._sample_fn, self._prompt_logprobs_fn, self._verify_fn = (
-            with_matmul_precision(f, self.compute_dtype) for f in self._jits)
+                      jax.jit(self._prompt_logprobs), jax.jit(self._verify),
+                      jax.jit(self._verify_logits))
+        (self._step_fn, self._sample_fn, self._prompt_logprobs_fn, self._verify_fn,
+         self._verify_logits_fn) = (with_matmul_precision(f, self.compute_dtype)
+                                    for f in self._jits)
         self.warm_compiles: int | None = None  # programs compiled (or loaded) by warm-up
         self.loaded_programs = 0  # of which loaded from an ExecutableStore
         self.recompiles = 0
@@ -130,6 +133,7 @@ class ModelRunner:
         self._steps: dict[tuple[int, int, int], jax.stages.Compiled] = {}  # (tokens, seqs, pages)
         self._samplers: dict[int, jax.stages.Compiled] = {}  # by rows
         self._verifiers: dict[tuple[int, int], jax.stages.Compiled] = {}  # (token rows, rows)
+        self._logit_verifiers: dict[tuple[int, int], jax.stages.Compiled] = {}  # (seqs, rows)
         self._prompt_programs: dict[int, jax.stages.Compiled] = {}  # by token rows
 
     # -- jitted bodies -------------------------------------------------------------------
@@ -163,6 +167,17 @@ class ModelRunner:
         model = self._model(state_leaves)
         rows, positions = hidden_rows.shape
         logits = model.compute_logits(hidden[hidden_rows.reshape(-1)]).reshape(rows, positions, -1)
+        return self._reject(logits, draft_ids, num_draft, tensors)
+
+    def _verify_logits(self, logits, draft_ids, num_draft, tensors: SamplingTensors) -> DeviceSample:
+        """Speculative verification reading the forward's logits, whose first R * (K+1) rows
+        are the verified positions row by row (the step's logits_indices were laid out so,
+        `jaxllm.spec.verify_layout.logits_indices_for`): no second LM head."""
+        rows, positions = draft_ids.shape[0], draft_ids.shape[1] + 1
+        return self._reject(logits[:rows * positions].reshape(rows, positions, -1), draft_ids,
+                            num_draft, tensors)
+
+    def _reject(self, logits, draft_ids, num_draft, tensors: SamplingTensors) -> DeviceSample:
         out = rejection_sample(logits.astype(jnp.float32), draft_ids, num_draft,
                                expand_sampling_tensors(tensors, draft_ids),
                                max_logprobs=self.max_logprobs)
@@ -197,14 +212,21 @@ class ModelRunner:
         sampler = self._samplers.get(rows) or self._counted(1, "sampler", rows)
         return sampler(logits, tensors)
 
-    def verify(self, hidden: jax.Array, layout: VerifyLayout,
+    def verify(self, forward: ForwardOutput, layout: VerifyLayout,
                tensors: SamplingTensors) -> DeviceSample:
         """Dispatch the verification of a step's proposals (asynchronously): one row per
         sequence of the step (num_draft 0: a plain sample); its output has [R, K+1] tokens,
-        -1 past each row's emitted ones. No look-ahead step reads it (next_input_ids zero)."""
-        key = (hidden.shape[0], layout.hidden_rows.shape[0])
+        -1 past each row's emitted ones. No look-ahead step reads it (next_input_ids zero).
+        With `layout.in_logits` the forward already computed the verified positions' logits;
+        otherwise the LM head runs here on their hidden states."""
+        rows = layout.hidden_rows.shape[0]
+        if layout.in_logits:
+            key = (forward.logits.shape[0], rows)
+            fn = self._logit_verifiers.get(key) or self._counted(4, "verify_logits", key)
+            return fn(forward.logits, layout.draft_token_ids, layout.num_draft, tensors)
+        key = (forward.hidden.shape[0], rows)
         fn = self._verifiers.get(key) or self._counted(3, "verify", key)
-        return fn(self.state_leaves, hidden, layout.hidden_rows, layout.draft_token_ids,
+        return fn(self.state_leaves, forward.hidden, layout.hidden_rows, layout.draft_token_ids,
                   layout.num_draft, tensors)
 
     def execute(self, inputs: StepInputs, tensors: SamplingTensors):
@@ -252,7 +274,8 @@ class ModelRunner:
         With a `store`, programs saved by an earlier start are loaded instead of traced (most
         of a warm start was tracing), and newly compiled ones are saved to it.
         `num_speculative_tokens` > 0 also prepares each bucket's verification programs, one per
-        row count in `verify_rows`.
+        row count in `verify_rows`: from the forward's logits where its rows hold every
+        verified position, else from the hidden states.
         """
         start = time.perf_counter()
         buckets = list(buckets)
@@ -307,14 +330,18 @@ class ModelRunner:
             k = num_speculative_tokens
             for r in verify_rows if k and b.num_tokens > 1 else ():  # a verification feeds >= 2
                 i32 = jnp.int32
-                layout = (jax.ShapeDtypeStruct((r, k + 1), i32), jax.ShapeDtypeStruct((r, k), i32),
-                          jax.ShapeDtypeStruct((r,), i32))
+                drafts = (jax.ShapeDtypeStruct((r, k), i32), jax.ShapeDtypeStruct((r,), i32))
+                if fits_in_logits(r, k, b.num_seqs):
+                    want(self._logit_verifiers, (b.num_seqs, r), "verify_logits",
+                         (logits, *drafts, dummy_tensors(r)), self._verify_logits_fn.trace,
+                         derived=True)
+                    continue
                 want(self._verifiers, (b.num_tokens, r), "verify",
-                     (hidden, *layout, dummy_tensors(r)),
+                     (hidden, jax.ShapeDtypeStruct((r, k + 1), i32), *drafts, dummy_tensors(r)),
                      lambda *a: self._verify_fn.trace(self.state_leaves, *a), derived=True)
         compile_pending("compiling samplers")
         self.warm_compiles = (len(self._steps) + len(self._samplers) + len(self._prompt_programs)
-                              + len(self._verifiers))
+                              + len(self._verifiers) + len(self._logit_verifiers))
         return time.perf_counter() - start
 
     def warm_up_by_running(self, buckets: Iterable[Bucket], dummy_tensors) -> float:
@@ -352,11 +379,13 @@ class ModelRunner:
         return sum(f._cache_size() for f in self._jits)
 
     def _counted(self, which: int, what: str, key):
-        """Program `which` (0 step, 1 sampler, 2 prompt logprobs, 3 verify), called through its jit
+        """Program `which` (0 step, 1 sampler, 2 prompt logprobs, 3 verify, 4 verify from logits),
+        called through its jit
         and counting and logging the compilations a call adds after warm-up: warm-up's
         programs are called directly, so any is a shape it missed."""
         raw = self._jits[which]
-        fn = (self._step_fn, self._sample_fn, self._prompt_logprobs_fn, self._verify_fn)[which]
+        fn = (self._step_fn, self._sample_fn, self._prompt_logprobs_fn, self._verify_fn,
+              self._verify_logits_fn)[which]
 
         def call(*args):
             before = raw._cache_size()

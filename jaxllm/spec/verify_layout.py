@@ -6,6 +6,12 @@ token i gives the target's distribution for position i (after the last token for
 after draft i - 1 otherwise). `build_verify_layout` lays the speculating sequences out as
 fixed-shape arrays of a verify-row bucket, so the verification program (LM head on those
 rows, then `rejection_sample`) compiles once per (token bucket, row bucket).
+
+When the step's logits rows (its bucket's S) can hold every verified position (R * (K+1) <=
+S: a lone sequence verifying K = 7 drafts in the 8-token bucket), the step's forward computes
+the LM head on exactly those positions instead of on each sequence's last token
+(`logits_indices_for`), and the verification reads them: the LM head, a large share of a
+small model's step, runs once per step instead of twice.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ class VerifyLayout:
     draft_token_ids: np.ndarray  # i32 [rows, K]: 0 past a row's drafts
     num_draft: np.ndarray  # i32 [rows]
     seq_index: np.ndarray  # i32 [R]: the step's sequence index of each real verify row
+    # The step's forward computed the logits of hidden_rows, row by row (logits_indices_for)
+    in_logits: bool = False
 
     @property
     def num_rows(self) -> int:
@@ -38,6 +46,23 @@ def verify_row_buckets(max_rows: int) -> list[int]:
     while buckets[-1] < max_rows:
         buckets.append(min(2 * buckets[-1], max_rows))
     return buckets
+
+
+def fits_in_logits(rows: int, num_speculative_tokens: int, logits_rows: int) -> bool:
+    """Whether a step whose forward computes `logits_rows` logits rows can compute all of a
+    `rows`-row verification's positions there."""
+    return rows * (num_speculative_tokens + 1) <= logits_rows
+
+
+def logits_indices_for(layout: VerifyLayout, logits_rows: int) -> np.ndarray:
+    """The step's logits_indices [logits_rows] computing `layout`'s verified positions, row
+    by row, first (padding: row 0)."""
+    flat = layout.hidden_rows.reshape(-1)
+    if flat.shape[0] > logits_rows:
+        raise ValueError(f"{flat.shape[0]} verified positions do not fit {logits_rows} logits rows")
+    indices = np.zeros(logits_rows, np.int32)
+    indices[:flat.shape[0]] = flat
+    return indices
 
 
 def build_verify_layout(query_starts: Sequence[int], drafts: Sequence[Sequence[int]],
