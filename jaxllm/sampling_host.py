@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import jax.numpy as jnp
 import numpy as np
@@ -90,23 +91,51 @@ def build_sampling_tensors(
                            grammar_mask=jnp.asarray(all_allowed(rows, vocab_size)))
 
 
+@dataclass(frozen=True)
+class RowKinds:
+    """Which rows of a step need more than the parameter columns (from their params alone)."""
+
+    penalties: bool  # some row has a presence / frequency / repetition penalty
+    logit_bias: bool  # some row has a logit_bias
+    constrained_rows: tuple[int, ...]  # rows with min_tokens, allowed_token_ids or bad words
+    grammar_rows: tuple[int, ...]  # rows with structured output
+
+    @classmethod
+    def of(cls, params: Sequence[SamplingParams]) -> RowKinds:
+        return cls(penalties=any(p.has_penalties for p in params),
+                   logit_bias=any(bool(p.logit_bias) for p in params),
+                   constrained_rows=tuple(i for i, p in enumerate(params)
+                                          if p.has_token_constraints),
+                   grammar_rows=tuple(i for i, p in enumerate(params)
+                                      if p.has_structured_output))
+
+
 class ParamColumnCache:
-    """The last step's parameter columns, reused while every row holds the same request's
-    params as then (most decode steps): building them is a Python pass over every row per
-    column, per step. Rows are compared by identity (the cache keeps the params alive, so an
-    id is never reused while cached); the columns are shared, never written."""
+    """The last step's parameter columns and row kinds, reused while every row holds the
+    same request's params as then (most decode steps): building them is a Python pass over
+    every row per column, per step. Rows are compared by identity (the cache keeps the params
+    alive, so an id is never reused while cached); the columns are shared, never written."""
 
     def __init__(self, vocab_size: int) -> None:
         self.vocab_size = vocab_size
         self._params: tuple[SamplingParams | None, ...] = ()
         self._rows = -1
         self._columns: dict[str, np.ndarray] = {}
+        self._kinds = RowKinds.of(())
+
+    def _refresh(self, params: Sequence[SamplingParams | None], rows: int) -> None:
+        if (rows == self._rows and len(params) == len(self._params)
+                and all(map(operator.is_, params, self._params))):
+            return
+        self._params, self._rows = tuple(params), rows
+        self._columns = param_columns(params, rows, self.vocab_size)
+        self._kinds = RowKinds.of(params)
 
     def columns(self, params: Sequence[SamplingParams | None], rows: int
                 ) -> dict[str, np.ndarray]:
-        if (rows == self._rows and len(params) == len(self._params)
-                and all(map(operator.is_, params, self._params))):
-            return self._columns
-        self._params, self._rows = tuple(params), rows
-        self._columns = param_columns(params, rows, self.vocab_size)
+        self._refresh(params, rows)
         return self._columns
+
+    def kinds(self, params: Sequence[SamplingParams], rows: int) -> RowKinds:
+        self._refresh(params, rows)
+        return self._kinds

@@ -174,37 +174,29 @@ class Scheduler:
         if not self._running_sorted:
             self.running.sort(key=self._key)
             self._running_sorted = True
-        for decode_pass in (True, False):
-            candidates = list(self.running)
-            if not decode_pass:
-                # (steady decoding: everyone was scheduled by the decode pass, nothing waits)
-                candidates = [r for r in candidates if r.request_id not in scheduled]
-                if (candidates or self.waiting) and self.config.align_prefill_to_buckets:
-                    aligned = self._aligned_prefill_budget(
-                        self.config.max_num_batched_tokens - budget, budget, scheduled)
-                    withheld, budget = budget - aligned, aligned
-            for req in candidates:
-                if budget == 0 or len(seqs) >= self.config.max_num_seqs:
-                    break
-                if req.status is not RequestStatus.RUNNING or req.request_id in scheduled:
-                    continue
-                if req.awaiting_sample:
-                    if not (lookahead and decode_pass and self._can_look_ahead(req)):
-                        continue
-                    remaining = 1  # the pending token, fed as a placeholder
-                else:
-                    remaining = req.num_tokens - req.num_computed_tokens
-                if (remaining == 1) != decode_pass:
-                    continue
-                drafts = (self.speculation.drafts_for(req, len(self.running))
-                          if decode_pass and self.speculation and not req.awaiting_sample else [])
-                n = min(remaining + len(drafts), budget, self.config.chunk_size)
-                drafts = drafts[:n - 1] if decode_pass else []
-                if not self._grow_or_preempt(req, n, scheduled, preempted):
-                    continue
-                seqs.append(self._take(req, n, len(seqs), drafts))
-                scheduled.add(req.request_id)
-                budget -= n
+        budget = self._decode_pass(seqs, scheduled, preempted, budget, lookahead)
+        # The prefill pass (steady decoding: everyone was scheduled by the decode pass).
+        candidates = [r for r in self.running if r.request_id not in scheduled]
+        if (candidates or self.waiting) and self.config.align_prefill_to_buckets:
+            aligned = self._aligned_prefill_budget(
+                self.config.max_num_batched_tokens - budget, budget, scheduled)
+            withheld, budget = budget - aligned, aligned
+        chunk = self.config.chunk_size
+        for req in candidates:
+            if budget == 0 or len(seqs) >= self.config.max_num_seqs:
+                break
+            if (req.status is not RequestStatus.RUNNING or req.request_id in scheduled
+                    or req.num_pending_samples):
+                continue
+            remaining = len(req.all_token_ids) - req.num_computed_tokens
+            if remaining == 1:
+                continue  # a decode the decode pass left (budget or preemption)
+            n = min(remaining, budget, chunk)
+            if not self._grow_or_preempt(req, n, scheduled, preempted):
+                continue
+            seqs.append(self._take(req, n, len(seqs)))
+            scheduled.add(req.request_id)
+            budget -= n
         if not preempted:
             budget = self._admit_waiting(seqs, scheduled, budget)
         num_tokens = self.config.max_num_batched_tokens - withheld - budget
@@ -215,6 +207,41 @@ class Scheduler:
         null = self.allocator.null_page
         return SchedulerOutput(seqs, bucket, num_tokens, self.page_size,
                                0 if null is None else null, preempted)
+
+    def _decode_pass(self, seqs: list[ScheduledSeq], scheduled: set[str],
+                     preempted: list[Request], budget: int, lookahead: bool) -> int:
+        """Schedule every running request that decodes (one known token, plus any drafts;
+        or, with `lookahead`, the placeholder of its in-flight token); returns the budget
+        left. The hottest loop of the host side (once per running request per step): it
+        reads request fields directly and skips the page check when its pages have room."""
+        max_seqs = self.config.max_num_seqs
+        chunk = self.config.chunk_size
+        page_size = self.page_size
+        speculation = self.speculation
+        running = RequestStatus.RUNNING
+        for req in list(self.running):
+            if budget == 0 or len(seqs) >= max_seqs:
+                break
+            if req.status is not running or req.request_id in scheduled:
+                continue
+            if req.num_pending_samples:
+                if not (lookahead and self._can_look_ahead(req)):
+                    continue
+                drafts: list[int] = []
+                n = 1  # the pending token, fed as a placeholder
+            else:
+                if len(req.all_token_ids) - req.num_computed_tokens != 1:
+                    continue  # a prompt (chunk): the prefill pass
+                drafts = speculation.drafts_for(req, len(self.running)) if speculation else []
+                n = min(1 + len(drafts), budget, chunk)
+                drafts = drafts[:n - 1]
+            if (req.num_computed_tokens + n > len(req.page_ids) * page_size
+                    and not self._grow_or_preempt(req, n, scheduled, preempted)):
+                continue
+            seqs.append(self._take(req, n, len(seqs), drafts))
+            scheduled.add(req.request_id)
+            budget -= n
+        return budget
 
     def _aligned_prefill_budget(self, used: int, budget: int, scheduled: set[str]) -> int:
         """Prompt-token budget after `used` decode tokens: all of `budget`, or less when the
@@ -315,23 +342,25 @@ class Scheduler:
         """Record that the step feeds req's next n tokens as its row `row` (the last
         len(drafts) of them proposed tokens)."""
         start = req.num_computed_tokens
-        placeholder = start == req.num_tokens  # look-ahead: the pending token is on the device
-        req.num_computed_tokens += n
+        num_tokens = len(req.all_token_ids)
+        placeholder = start == num_tokens  # look-ahead: the pending token is on the device
+        req.num_computed_tokens = computed = start + n
         req.num_draft_tokens = len(drafts)
-        samples = req.num_computed_tokens >= req.num_tokens
+        samples = computed >= num_tokens
         prev_row = req.sample_row if placeholder else None
         if samples:
             req.num_pending_samples += 1
             req.sample_row = row
-        known = n - len(drafts)
+        if placeholder:
+            token_ids = [0]
+        else:
+            token_ids = req.all_token_ids[start:start + n - len(drafts)]
+        if drafts:
+            token_ids += drafts
         return ScheduledSeq(
-            request=req, token_ids=([0] if placeholder else req.all_token_ids[start:start + known])
-            + list(drafts),
-            start_pos=start, num_new_tokens=n, samples=samples,
-            page_ids=req.page_ids[:cdiv(start + n, self.page_size)],
-            epoch=req.num_preemptions,
-            output_index=req.num_output_tokens + req.num_pending_samples - 1,
-            prev_row=prev_row, drafts=list(drafts))
+            req, token_ids, start, n, samples, req.page_ids[:-(-computed // self.page_size)],
+            req.num_preemptions, len(req.output_token_ids) + req.num_pending_samples - 1,
+            prev_row, list(drafts))
 
     def _preempt(self, req: Request) -> None:
         logger.debug("preempting %s (%d tokens)", req.request_id, req.num_tokens)
@@ -357,29 +386,42 @@ class Scheduler:
         sampled_array = np.asarray(sampled_token_ids)
         per_row = sampled_array.ndim == 2
         sampled = sampled_array.tolist()  # Python ints at once (not one numpy scalar per row)
+        running = RequestStatus.RUNNING
+        register = self.cache.register_computed if self.cache.enable_prefix_caching else None
         for i, seq in enumerate(output.seqs):
             req = seq.request
-            if req.status is not RequestStatus.RUNNING or seq.epoch != req.num_preemptions:
+            if req.status is not running or seq.epoch != req.num_preemptions:
                 continue  # aborted, finished or preempted since this step was scheduled
+            kv_len = seq.start_pos + seq.num_new_tokens
             if not seq.samples:
-                self.cache.register_computed(req, seq.kv_len)
-                self._maybe_fork(req, seq.kv_len)
+                self._computed(req, kv_len, register)
                 continue
-            tokens = [t for t in sampled[i] if t >= 0] if per_row else [sampled[i]]
+            req.num_draft_tokens = 0
+            req.num_pending_samples -= 1
+            if not per_row:  # one sampled token (the hot path: every decode step)
+                req.append_output(sampled[i])
+                self._computed(req, kv_len, register)
+                produced.append(i)
+                continue
+            tokens = [t for t in sampled[i] if t >= 0]
             if seq.drafts:
                 accepted = len(tokens) - 1
                 req.num_computed_tokens -= len(seq.drafts) - accepted  # rejected drafts' slots
                 if self.speculation is not None:
                     self.speculation.record(req.request_id, len(seq.drafts), accepted)
-            req.num_draft_tokens = 0
-            req.num_pending_samples -= 1
             for token in tokens:  # (accepted drafts first: their KV is verified)
                 req.append_output(token)
-            verified = seq.kv_len - len(seq.drafts) + len(tokens) - 1
-            self.cache.register_computed(req, verified)
-            self._maybe_fork(req, verified)
+            self._computed(req, kv_len - len(seq.drafts) + len(tokens) - 1, register)
             produced.append(i)
         return produced
+
+    def _computed(self, req: Request, num_tokens: int, register) -> None:
+        """req's first num_tokens tokens are in the KV cache: its full pages go in the prefix
+        cache (`register`, None without prefix caching), and siblings waiting for them fork."""
+        if register is not None:
+            register(req, num_tokens)
+        if self._fork_wait:
+            self._maybe_fork(req, num_tokens)
 
     def _maybe_fork(self, leader: Request, computed: int) -> None:
         need = self._fork_pages(leader) * self.page_size

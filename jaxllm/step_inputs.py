@@ -57,9 +57,10 @@ class SamplingTensorBuilder:
                      rows: int) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
         """Bias, allowed mask and grammar mask of the step; cached neutral arrays when nobody
         needs them."""
-        grammar_rows = [i for i, p in enumerate(params) if p.has_structured_output]
-        needed = any(p.logit_bias or (p.has_token_constraints and _constrained(p, seq))
-                     for p, seq in zip(params, sched.seqs, strict=False))
+        kinds = self._columns.kinds(params, rows)
+        grammar_rows = list(kinds.grammar_rows)
+        needed = kinds.logit_bias or any(_constrained(params[i], sched.seqs[i])
+                                         for i in kinds.constrained_rows)
         if not needed and not grammar_rows:
             bias, allowed = self._unconstrained(rows)
             return bias, allowed, allowed
@@ -99,12 +100,13 @@ class SamplingTensorBuilder:
     def build(self, sched: SchedulerOutput, params: Sequence[SamplingParams],
               key_data: Sequence[np.ndarray], rows: int) -> SamplingTensors:
         """Tensors for the step's rows (row i = sched.seqs[i]); padding rows are greedy."""
+        n = len(sched.seqs)
         keys = np.zeros((rows, 2), np.uint32)
-        step = np.zeros(rows, np.int32)
-        for i, seq in enumerate(sched.seqs):
-            keys[i] = key_data[i]
-            step[i] = seq.output_index  # its sampled token's output index (look-ahead aware)
-        if any(p.has_penalties for p in params):
+        if n:
+            keys[:n] = key_data
+        step = np.zeros(rows, np.int32)  # each row's sampled token's output index
+        step[:n] = [seq.output_index for seq in sched.seqs]  # (look-ahead aware)
+        if self._columns.kinds(params, rows).penalties:
             counts = np.zeros((rows, self.vocab_size), np.int32)
             mask = np.zeros((rows, self.vocab_size), bool)
             for i, seq in enumerate(sched.seqs):
