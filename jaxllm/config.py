@@ -147,9 +147,9 @@ class EngineConfig:
     # (jaxllm/engine.py); False runs the serial loop (debugging, equality tests).
     overlap_scheduling: bool = True
     # Speculative decoding (jaxllm/spec/): proposals verified in the ragged step.
-    speculative_mode: str = "disable"  # disable | ngram | draft | eagle (eagle: not yet)
+    speculative_mode: str = "disable"  # disable | ngram | draft | eagle
     num_speculative_tokens: int = 7  # CPU: a 1 + 7 token verification fills the 8-token bucket
-    speculative_model: str | None = None  # the draft model (HF dir, same vocabulary)
+    speculative_model: str | None = None  # draft model or EAGLE head (HF dir, same vocabulary)
     ngram_prompt_lookup_min: int = 2
     ngram_prompt_lookup_max: int = 4
     # No sequence speculates in a step with more running sequences than this: past a few
@@ -199,13 +199,10 @@ class EngineConfig:
         if self.memory_fraction is not None and not 0.0 < self.memory_fraction <= 1.0:
             raise ValueError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
         spec = self.speculative_config()  # validates the speculative settings
-        if spec.mode == "eagle":
-            raise ValueError("speculative mode 'eagle' is not available yet: use "
-                             "--speculative-mode ngram or draft")
-        if spec.mode == "draft":
+        if spec.mode in ("draft", "eagle"):
             from jaxllm.spec.config import check_speculative_model_path
 
-            check_speculative_model_path(spec.model)
+            check_speculative_model_path(spec.model, spec.mode)
         if spec.enabled and self.num_processes > 1:
             raise ValueError("speculative decoding is not supported across several processes")
 

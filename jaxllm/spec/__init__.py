@@ -1,5 +1,6 @@
-"""Speculative decoding: proposals (n-gram prompt lookup; a draft model in `jaxllm.spec.draft`,
-imported on demand), per-request back-off, and exact verification of the proposals against
+"""Speculative decoding: proposals (n-gram prompt lookup; a draft model in `jaxllm.spec.draft`
+and an EAGLE head drafting from the target's hidden states in `jaxllm.spec.eagle`, imported
+on demand), per-request back-off, and exact verification of the proposals against
 the target model (rejection sampling)."""
 
 from jaxllm.spec.backoff import SpeculationBackoff

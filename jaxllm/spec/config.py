@@ -86,18 +86,24 @@ class SpeculativeConfig:
                                  or batch_size <= self.disable_above_batch)
 
 
-def check_speculative_model_path(model: str | None) -> None:
-    """ValueError unless `model` names a checkpoint a draft can be loaded from: an existing HF
-    directory (config.json), converted jaxllm directory or .gguf file, or a hub id
-    `org/name[@revision]` (resolved when the engine loads it). Reads no weights."""
+def check_speculative_model_path(model: str | None, mode: str = "draft") -> None:
+    """ValueError unless `model` names a checkpoint the `mode`'s proposer can be loaded from.
+    Draft: an existing HF directory (config.json), converted jaxllm directory or .gguf file,
+    or a hub id `org/name[@revision]` (resolved when the engine loads it). EAGLE: an existing
+    directory with config.json (HF format). Reads no weights."""
     if not model:
-        raise ValueError("speculative mode 'draft' needs --speculative-model PATH")
+        raise ValueError(f"speculative mode {mode!r} needs --speculative-model PATH")
     path = Path(model).expanduser()
     if not path.exists():
         from jaxllm.hub import parse_hub_id
 
-        if parse_hub_id(model) is None:
+        if mode == "eagle" or parse_hub_id(model) is None:
             raise ValueError(f"--speculative-model {model}: no such file or directory")
+        return
+    if mode == "eagle":
+        if not (path.is_dir() and (path / "config.json").is_file()):
+            raise ValueError(f"--speculative-model {model}: an EAGLE head is a directory with "
+                             "config.json and safetensors weights (no config.json there)")
         return
     if path.is_dir():
         if not ((path / "config.json").is_file() or (path / "jaxllm_config.json").is_file()):

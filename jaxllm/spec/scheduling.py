@@ -8,10 +8,12 @@ constraints change from position to position in ways the verifier's per-position
 not model: min_tokens not yet reached, bad words, a grammar. `record` feeds each verification's
 outcome to the back-off and the counters; `drop` forgets a finished request.
 
-A proposer marked `deferred` (the draft model, `jaxllm.spec.draft`) proposes after
-scheduling: `drafts_for` then reserves k placeholder drafts (budget and pages for k + 1
-tokens), and the engine calls `prepare(sched)` between `Scheduler.schedule()` and laying out
-the step, which has the proposer write its tokens over the placeholders.
+A proposer marked `deferred` (the draft model, `jaxllm.spec.draft`; the EAGLE head,
+`jaxllm.spec.eagle`) proposes after scheduling: `drafts_for` then reserves k placeholder
+drafts (budget and pages for k + 1 tokens), and the engine calls `prepare(sched)` between
+`Scheduler.schedule()` and laying out the step, which has the proposer write its tokens over
+the placeholders. The engine calls `after_forward(inputs, forward)` after every target
+forward: the EAGLE proposer stores the target's hidden states there (a no-op otherwise).
 """
 
 from __future__ import annotations
@@ -63,22 +65,28 @@ class Speculation:
     @classmethod
     def for_engine(cls, config: SpeculativeConfig, engine_config: Any, parts: Any, buckets: Any,
                    num_pages: int, attention: Any) -> Speculation:
-        """The engine's speculation: n-gram lookup, or a draft model loaded, given its KV
-        cache (`num_pages` pages, the target's page ids) and compiled here (ValueError for a
-        bad draft model: missing, or another vocabulary)."""
+        """The engine's speculation: n-gram lookup, or a draft model or EAGLE head loaded,
+        given its KV cache (`num_pages` pages, the target's page ids) and compiled here
+        (ValueError for a bad draft model or head: missing, another vocabulary or hidden
+        size, not an EAGLE-1 checkpoint)."""
         proposer = None
         if config.mode == "draft":
             from jaxllm.spec.draft import DraftProposer
 
             proposer = DraftProposer.load(engine_config, parts, buckets, num_pages, attention)
+        elif config.mode == "eagle":
+            from jaxllm.spec.eagle import EagleProposer
+
+            proposer = EagleProposer.load(engine_config, parts, buckets, num_pages, attention)
         elif config.mode != "ngram":
             raise ValueError(f"speculative mode {config.mode!r} is not available yet")
         return cls(config, parts.max_model_len, proposer)
 
     @property
     def draft_runner(self):
-        """The draft model's runner (draft mode), else None: its KV cache sleeps with the
-        target's and its compile counts join the engine's."""
+        """The draft model's runner (draft mode) or the EAGLE head's (eagle mode: its KV
+        cache and the feature store), else None: its caches sleep with the target's and its
+        compile counts join the engine's."""
         return getattr(self.proposer, "runner", None)
 
     @property
@@ -91,6 +99,13 @@ class Speculation:
         replaces the step's placeholder drafts by its proposals (a no-op otherwise)."""
         if self.deferred and not sched.is_empty:
             self.proposer.fill(sched)
+
+    def after_forward(self, inputs: Any, forward: Any) -> None:
+        """Called after every target forward is dispatched (`StepInputs`, `ForwardOutput`):
+        the EAGLE proposer stores the step's hidden states (a no-op for the others)."""
+        hook = getattr(self.proposer, "after_forward", None)
+        if hook is not None:
+            hook(inputs, forward)
 
     @property
     def num_speculative_tokens(self) -> int:

@@ -182,8 +182,10 @@ def test_configuration_errors(draft_dirs, tmp_path):
                                speculative_model=str(tmp_path), **ENGINE))
     with pytest.raises(ValueError, match="needs"):
         EngineConfig(model=target, speculative_mode="draft")
-    with pytest.raises(ValueError, match="not available yet"):
-        EngineConfig(model=target, speculative_mode="eagle", speculative_model=target)
+    (tmp_path / "head.gguf").write_bytes(b"GGUF")  # a draft may be a .gguf, an EAGLE head not
+    with pytest.raises(ValueError, match="EAGLE head is a directory"):
+        EngineConfig(model=target, speculative_mode="eagle",
+                     speculative_model=str(tmp_path / "head.gguf"))
     with pytest.raises(ValueError, match="vocabulary has 8 tokens"):
         LLMEngine(EngineConfig(model=target, speculative_mode="draft",
                                speculative_model=str(draft_dirs["small_vocab"]), **ENGINE))
