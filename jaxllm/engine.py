@@ -48,6 +48,7 @@ from jaxllm.sampling_params import SamplingParams
 from jaxllm.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from jaxllm.spec import VerifyLayout, build_verify_layout
 from jaxllm.spec.draft import draft_model_config
+from jaxllm.spec.eagle import eagle_bytes_per_page
 from jaxllm.spec.scheduling import Speculation
 from jaxllm.spec.verify_layout import fits_in_logits, logits_indices_for
 from jaxllm.step_inputs import SamplingTensorBuilder
@@ -213,6 +214,13 @@ class LLMEngine:
                                  self.attention, self._head_shards)
             budget = budget * own // (own + bytes_per_page(draft, self.page_size, self.kv_dtype,
                                                            self.attention, self._head_shards))
+        # An EAGLE head's KV cache and the feature store have as many pages too
+        head = eagle_bytes_per_page(self.config, self.model_config, self.page_size,
+                                    self.kv_dtype, self.attention, self.dtype)
+        if head:
+            own = bytes_per_page(self.model_config, self.page_size, self.kv_dtype,
+                                 self.attention, self._head_shards)
+            budget = budget * own // (own + head)
         return pages_for_budget(self.model_config, self.page_size, self.kv_dtype, budget,
                                 self.attention, self._head_shards)
 
@@ -345,6 +353,8 @@ class LLMEngine:
             inputs = inputs.replace(logits_indices=logits_indices_for(layout, sched.bucket.num_seqs))
         forward = self.runner.forward(
             inputs, in_flight.sampled.next_input_ids if in_flight is not None else None)
+        if self.speculation is not None:
+            self.speculation.after_forward(inputs, forward)  # EAGLE: store the hidden states
         # Host work between the previous result and this dispatch (output processing, the
         # scheduler, input packing) is time the device sat idle (none when overlapped).
         dispatched = time.perf_counter()
@@ -463,7 +473,8 @@ class LLMEngine:
             self._sleeping_specs = None
 
     def _kv_runners(self) -> list:
-        """Runners owning a KV cache: the target's, and a draft model's (draft mode)."""
+        """Runners owning a KV cache: the target's, and a draft model's (draft mode) or an
+        EAGLE head's (eagle mode: its KV cache and the feature store)."""
         draft = self.speculation.draft_runner if self.speculation is not None else None
         return [self.runner] + ([draft] if draft is not None else [])
 
