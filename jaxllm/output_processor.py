@@ -34,12 +34,13 @@ def token_stop(req: Request, token: int, max_model_len: int
     """The finish a just-appended `token` causes by itself: EOS or a stop token id (once
     min_tokens is reached), then max_tokens / max_model_len; None if the request goes on."""
     sp = req.sampling_params
-    if req.num_output_tokens >= sp.min_tokens:
+    num_output = len(req.output_token_ids)
+    if num_output >= sp.min_tokens:
         if not sp.ignore_eos and token in req.eos_token_ids:
             return RequestStatus.FINISHED_STOPPED, None
         if sp.stop_token_ids and token in sp.stop_token_ids:
             return RequestStatus.FINISHED_STOPPED, token
-    if req.num_output_tokens >= req.max_tokens or req.num_tokens >= max_model_len:
+    if num_output >= req.max_tokens or len(req.all_token_ids) >= max_model_len:
         return RequestStatus.FINISHED_LENGTH, None
     return None
 
@@ -83,6 +84,16 @@ class OutputProcessor:
         self._owner: dict[str, _Tracked] = {}  # sequence id -> its request
         self._prompt_logprob_ids: set[str] = set()  # live requests asking for prompt logprobs
         self.generation_tokens_total = 0
+        # Counts that let a step skip whole passes (host time per step):
+        self._num_streamed = 0  # live requests added with stream=True
+        self._num_unscheduled = 0  # live requests never scheduled (first_scheduled_time unset)
+        self._num_touched = 0  # requests with something for the next collect
+
+    def _forget_counts(self, tracked: _Tracked) -> None:
+        """A request leaves: drop it from the counts above."""
+        self._num_streamed -= tracked.stream
+        if tracked.metrics.first_scheduled_time is None:
+            self._num_unscheduled -= 1
 
     # -- requests -----------------------------------------------------------------------------
     def add(self, request_id: str, prompt: str | None, prompt_ids: list[int],
@@ -101,6 +112,8 @@ class OutputProcessor:
                            prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
                            stream=stream)
         self._tracked[request_id] = tracked
+        self._num_streamed += stream
+        self._num_unscheduled += 1
         if tracked.prompt_logprobs is not None:
             self._prompt_logprob_ids.add(request_id)
         for s in samples:
@@ -124,8 +137,9 @@ class OutputProcessor:
             if not s.seq.is_finished:
                 s.seq.status = RequestStatus.FINISHED_ABORTED
             if s.detok.deferred:  # its text so far, as a streamed request's would be
-                s.text += s.detok.flush()  # ("" when its finish flushed it already)
+                s.text += self._flush(s)  # ("" when its finish flushed it already)
         tracked.finished = True
+        self._forget_counts(tracked)
         return self._output(tracked)
 
     # -- one step -----------------------------------------------------------------------------
@@ -135,15 +149,21 @@ class OutputProcessor:
         got a new token (already appended by `Scheduler.update`)."""
         now = time.time()
         owner = self._owner
-        for s in sched.seqs:
-            tracked = owner.get(s.request.request_id)
-            if tracked is not None and not tracked.touched:
-                tracked.touched = True
+        if self._num_streamed or self._num_unscheduled:
+            # A streamed request gets an output for every step it is in (tokens or not); an
+            # unstreamed one only at its finish, so steady steps of `LLM.generate` skip this.
+            for s in sched.seqs:
+                tracked = owner.get(s.request.request_id)
+                if tracked is None:
+                    continue
                 if tracked.metrics.first_scheduled_time is None:
                     tracked.metrics.first_scheduled_time = now
+                    self._num_unscheduled -= 1
+                if tracked.stream:
+                    self._touch(tracked)
         for row in produced:
             seq = sched.seqs[row].request
-            tracked = self._owner.get(seq.request_id)
+            tracked = owner.get(seq.request_id)
             if tracked is None:
                 continue
             sample = tracked.samples[seq.sample_index]
@@ -156,7 +176,20 @@ class OutputProcessor:
                         break  # tokens after one that ended the sequence are dropped
             else:
                 self._on_token(tracked, sample, result, row, 0, now)
-            sample.num_seen = seq.num_output_tokens
+            sample.num_seen = len(seq.output_token_ids)
+
+    def _touch(self, tracked: _Tracked) -> None:
+        """tracked has something for the next `collect` (progress if streamed, its finish)."""
+        if not tracked.touched:
+            tracked.touched = True
+            self._num_touched += 1
+
+    def _flush(self, sample: _Sample) -> str:
+        """The sample's held-back text; a deferred detokenizer is handed the sample's
+        tokens only now (it decodes them all at once anyway)."""
+        if sample.detok.deferred:
+            sample.detok.step(sample.seq.output_token_ids[len(sample.detok.token_ids):])
+        return sample.detok.flush()
 
     def _on_token(self, tracked: _Tracked, sample: _Sample, result: StepResult, row: int,
                   i: int, now: float) -> bool:
@@ -178,17 +211,19 @@ class OutputProcessor:
             seq.grammar.sync(seq.output_token_ids)
             if seq.grammar.finished:  # nothing but EOS may follow: the output is complete
                 stop = (RequestStatus.FINISHED_STOPPED, None)
-        sample.text += sample.detok.step([token])
+        if not sample.detok.deferred:
+            sample.text += sample.detok.step([token])
         if stop is not None and sample.detok.stop_hit is None:
             # Text held back (bytes of an unfinished character, a possible stop-string start)
             # is released now, and may itself complete a stop string.
-            sample.text += sample.detok.flush()
+            sample.text += self._flush(sample)
         if sample.detok.stop_hit is not None and (
                 stop is None or stop[0] is RequestStatus.FINISHED_LENGTH):
             # A stop string wins over length (as in vLLM); a stop token keeps its own reason.
             stop = (RequestStatus.FINISHED_STOPPED, sample.detok.stop_hit)
         if stop is not None:
             self.scheduler.finish(seq.request_id, *stop)
+            self._touch(tracked)
         return stop is not None
 
     def logprob_entry(self, token: int, logprob: float, rank: int, top_ids, top_vals
@@ -232,7 +267,10 @@ class OutputProcessor:
     def collect(self) -> list[RequestOutput]:
         """Outputs of every request that progressed since the last call (only finished ones
         for requests added with stream=False); finished ones are forgotten."""
-        outs = []
+        outs: list[RequestOutput] = []
+        if not self._num_touched:
+            return outs
+        self._num_touched = 0
         for rid, tracked in list(self._tracked.items()):
             if not tracked.touched:
                 continue
@@ -243,6 +281,7 @@ class OutputProcessor:
                 tracked.finished = True
                 tracked.metrics.finished_time = time.time()
                 del self._tracked[rid]
+                self._forget_counts(tracked)
                 self._prompt_logprob_ids.discard(rid)
                 for s in tracked.samples:
                     self._owner.pop(s.seq.request_id, None)

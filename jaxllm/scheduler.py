@@ -244,9 +244,10 @@ class Scheduler:
         cannot end it by length (that row would be wasted). (If its sampling reads the token
         history on the host, the engine dispatches that step's sampler once the pending
         token is known.)"""
-        return (req.num_pending_samples == 1 and req.num_computed_tokens == req.num_tokens
-                and req.num_output_tokens + 1 < req.max_tokens
-                and req.num_tokens + 1 < self.config.max_model_len)
+        num_tokens = len(req.all_token_ids)
+        return (req.num_pending_samples == 1 and req.num_computed_tokens == num_tokens
+                and len(req.output_token_ids) + 1 < req.max_tokens
+                and num_tokens + 1 < self.config.max_model_len)
 
     def _grow_or_preempt(self, req: Request, n: int, scheduled: set[str],
                          preempted: list[Request]) -> bool:

@@ -76,10 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--speculative-mode", default=d.speculative_mode,
       choices=["disable", "ngram", "draft", "eagle"],
       help="propose tokens and verify them in one step (ngram: prompt lookup; draft: a "
-           "smaller model, --speculative-model)")
+           "smaller model; eagle: an EAGLE-1 head on the target's hidden states; both "
+           "--speculative-model)")
     a("--num-speculative-tokens", type=int, default=d.num_speculative_tokens)
     a("--speculative-model", default=None,
-      help="draft model for --speculative-mode draft (HF dir, the target's vocabulary)")
+      help="draft model (HF dir, the target's vocabulary) for --speculative-mode draft; "
+           "EAGLE-1 head directory for --speculative-mode eagle")
     a("--ngram-prompt-lookup-min", type=int, default=d.ngram_prompt_lookup_min)
     a("--ngram-prompt-lookup-max", type=int, default=d.ngram_prompt_lookup_max)
     a("--speculative-disable-by-batch-size", type=int,

@@ -88,9 +88,11 @@ class KVCacheManager:
         into the prefix cache; no-op when prefix caching is disabled."""
         if not self.enable_prefix_caching:
             return
+        done = self._num_registered.get(req.request_id, 0)
+        if num_tokens // self.page_size <= done:
+            return  # no page filled since the last call (most decode steps)
         full = min(num_tokens, req.num_computed_tokens) // self.page_size
         full = min(full, len(req.page_ids))
-        done = self._num_registered.get(req.request_id, 0)
         if full <= done:
             return
         extend_page_hashes(req.page_hashes, req.all_token_ids, self.page_size, full,
