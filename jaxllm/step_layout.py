@@ -111,6 +111,17 @@ class PageTableRows:
         return slots, own
 
     def _write(self, slots: list[int], rows: list[list[int]]) -> None:
+        if len(rows) <= 4:  # a few pages filled this step: row by row is cheaper
+            width = self.table.shape[1]
+            for slot, row in zip(slots, rows, strict=True):
+                if len(row) > width:
+                    self._widen(len(row))
+                    width = self.table.shape[1]
+                line = self.table[slot]
+                line[:len(row)] = row
+                line[len(row):] = self.null_page
+                self._lens[slot] = len(row)
+            return
         widths = np.fromiter(map(len, rows), np.intp, len(rows))
         if widths.max() > self.table.shape[1]:
             self._widen(int(widths.max()))
@@ -183,9 +194,12 @@ class StepInputsBuilder:
         logits_indices[:n] = cu_q_lens[1:n + 1] - 1
         prev_sample_rows = np.full(b.num_tokens, -1, np.int32)
         prev = list(map(_prev_row, seqs))
-        looked_ahead = list(map(is_not, prev, repeat(None)))
-        at = list(compress(range(n), looked_ahead))
-        if at:
+        known = prev.count(None)  # all (no look-ahead) or none (overlapped decoding), mostly
+        if known == 0 and n:
+            prev_sample_rows[cu_q_lens[:n]] = prev
+        elif known < n:
+            looked_ahead = list(map(is_not, prev, repeat(None)))
+            at = list(compress(range(n), looked_ahead))
             prev_sample_rows[cu_q_lens[at]] = list(compress(prev, looked_ahead))
         return StepInputs(input_ids=input_ids, positions=positions,
                           attention=AttentionMetadata(kv_lens=kv_lens, page_indices=page_indices,
