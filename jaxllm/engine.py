@@ -36,7 +36,7 @@ from jaxllm.cache.manager import KVCacheManager
 from jaxllm.config import EngineConfig
 from jaxllm.kernels import get_backend
 from jaxllm.loading import EngineParts, load_engine_parts
-from jaxllm.model_inputs import StepInputs, build_step_inputs
+from jaxllm.model_inputs import StepInputs
 from jaxllm.output_processor import OutputProcessor
 from jaxllm.outputs import RequestOutput
 from jaxllm.platform_defaults import describe as describe_defaults
@@ -52,6 +52,7 @@ from jaxllm.spec.eagle import eagle_bytes_per_page
 from jaxllm.spec.scheduling import Speculation
 from jaxllm.spec.verify_layout import fits_in_logits, logits_indices_for
 from jaxllm.step_inputs import SamplingTensorBuilder
+from jaxllm.step_layout import StepInputsBuilder
 from jaxllm.structured.compiler import GrammarCompiler
 from jaxllm.structured.tokenizer_view import build_llg_tokenizer
 from jaxllm.tokenizer import Tokenizer
@@ -181,6 +182,7 @@ class LLMEngine:
         self.grammars = GrammarCompiler(partial(build_llg_tokenizer, self.tokenizer,
                                                 self.eos_token_ids))
         self.tensors = SamplingTensorBuilder(self.model_config.vocab_size, self.grammars)
+        self.step_layout = StepInputsBuilder()  # build_step_inputs, page-table rows kept per request
         self.outputs = OutputProcessor(self.tokenizer, self.scheduler, self.max_model_len)
         self._request_counter = 0
         self._stats = EngineStats()
@@ -347,7 +349,7 @@ class LLMEngine:
             return None
         if self.speculation is not None:
             self.speculation.prepare(sched)  # a draft model proposes into the placeholders
-        inputs = build_step_inputs(sched)
+        inputs = self.step_layout(sched)
         layout = self._verify_layout(sched, inputs)
         if layout is not None and layout.in_logits:  # the forward's LM head on its positions
             inputs = inputs.replace(logits_indices=logits_indices_for(layout, sched.bucket.num_seqs))
