@@ -82,6 +82,23 @@ class ForwardOutput:
     hidden: jax.Array  # [T, E] final hidden states of every token (prompt logprobs)
 
 
+def counted_call(owner, raw, fn, what: str, key):
+    """`fn` (the jitted `raw`, maybe wrapped), counting in `owner.recompiles` and logging
+    the compilations a call adds once `owner.warm_compiles` is set: warm-up's programs are
+    called directly, so a call through the jit after it is a shape warm-up missed."""
+
+    def call(*args):
+        before = raw._cache_size()
+        out = fn(*args)
+        added = raw._cache_size() - before
+        if added > 0 and owner.warm_compiles is not None:
+            owner.recompiles += added
+            logger.error("recompiled %s for shape %s after warm-up (%d so far)", what, key,
+                         owner.recompiles)
+        return out
+    return call
+
+
 def _widest_float(leaves) -> jnp.dtype:
     """The floating dtype holding the most parameter elements (a model's compute dtype)."""
     sizes: dict = {}
@@ -383,20 +400,9 @@ class ModelRunner:
         called through its jit
         and counting and logging the compilations a call adds after warm-up: warm-up's
         programs are called directly, so any is a shape it missed."""
-        raw = self._jits[which]
         fn = (self._step_fn, self._sample_fn, self._prompt_logprobs_fn, self._verify_fn,
               self._verify_logits_fn)[which]
-
-        def call(*args):
-            before = raw._cache_size()
-            out = fn(*args)
-            added = raw._cache_size() - before
-            if added > 0 and self.warm_compiles is not None:
-                self.recompiles += added
-                logger.error("recompiled %s for shape %s after warm-up (%d so far)", what, key,
-                             self.recompiles)
-            return out
-        return call
+        return counted_call(self, self._jits[which], fn, what, key)
 
     def drop_kv_caches(self) -> list[tuple[tuple[int, ...], jnp.dtype, object]]:
         """Free the KV cache arrays (sleep); returns what is needed to re-create them."""

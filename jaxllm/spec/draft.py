@@ -44,13 +44,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import jax
 import numpy as np
 
 from jaxllm.buckets import BucketSet
-from jaxllm.cache.manager import cdiv
 from jaxllm.model_inputs import build_step_inputs
 from jaxllm.scheduler_output import ScheduledSeq, SchedulerOutput
+from jaxllm.spec.chained import propose_chained
 from jaxllm.spec.config import check_speculative_model_path
 
 if TYPE_CHECKING:
@@ -168,71 +167,16 @@ class DraftProposer:
             valid = min(self.valid_length(req), n - 1)
             feeds.append((valid, req.all_token_ids[valid:n]))
         null = sched.null_page
-        # 1. catch-up beyond what the final call can take (the budget), fed beforehand
-        excess = sum(len(t) for _, t in feeds) - self.token_budget
-        final: list[ScheduledSeq] = []
-        early: list[ScheduledSeq] = []
-        for s, (start, tokens) in zip(seqs, feeds, strict=True):
-            ahead = max(0, min(len(tokens) - 1, excess))
-            excess -= ahead
-            if ahead:
-                early.append(self._piece(s.request, start, tokens[:ahead]))
-            final.append(self._piece(s.request, start + ahead, tokens[ahead:]))
-        for call in self._pack(early):
-            self._run(call, null, None, sample=False)
-        # 2. the final chunk of every sequence: its last token's logits give d1
-        samples = [self._run(final, null, None, sample=True)]
-        rows = [list(range(len(seqs)))]  # rows[i][j]: sequence j's row in call i (-1: absent)
-        # 3. one token per call for d2..dk, read from the previous call's sampler output
-        want = [len(s.drafts) for s in seqs]
-        for i in range(1, max(want)):
-            active = [j for j in range(len(seqs)) if want[j] > i]
-            pieces = []
-            for j in active:
-                req = seqs[j].request
-                pos = req.num_tokens - 1 + i  # where d_i goes
-                pieces.append(ScheduledSeq(
-                    request=req, token_ids=[0], start_pos=pos, num_new_tokens=1, samples=True,
-                    page_ids=req.page_ids[:cdiv(pos + 1, self.page_size)],
-                    epoch=req.num_preemptions, prev_row=rows[-1][j]))
-            samples.append(self._run(pieces, null, samples[-1], sample=True))
-            row = [-1] * len(seqs)
-            for r, j in enumerate(active):
-                row[j] = r
-            rows.append(row)
-        tokens = jax.device_get([s.next_input_ids for s in samples])  # the one wait
-        for j, s in enumerate(seqs):
+        proposals = propose_chained(
+            seqs, feeds, token_budget=self.token_budget, page_size=self.page_size,
+            first_offset=-1,  # d_i is fed at position n - 1 + i
+            run=lambda pieces, prev, sample: self._run(pieces, null, prev, sample=sample),
+            tokens_of=lambda out: out.next_input_ids)
+        for s, drafts in zip(seqs, proposals, strict=True):
             req = s.request
-            drafts = [int(tokens[i][rows[i][j]]) for i in range(want[j])]
-            s.drafts[:] = drafts
-            s.token_ids[len(s.token_ids) - len(drafts):] = drafts
             # fed: the last token at n - 1, then d1..d_{k-1}
             self._state[req.request_id] = DraftState(req.num_preemptions, req.num_tokens,
                                                      drafts[:-1])
-
-    def _piece(self, req: Request, start: int, tokens: list[int]) -> ScheduledSeq:
-        return ScheduledSeq(request=req, token_ids=list(tokens), start_pos=start,
-                            num_new_tokens=len(tokens), samples=False,
-                            page_ids=req.page_ids[:cdiv(start + len(tokens), self.page_size)],
-                            epoch=req.num_preemptions)
-
-    def _pack(self, pieces: list[ScheduledSeq]) -> list[list[ScheduledSeq]]:
-        """Calls of at most the token budget, in order (a piece longer than the room left is
-        split over consecutive calls)."""
-        calls: list[list[ScheduledSeq]] = [[]]
-        room = self.token_budget
-        for p in pieces:
-            done = 0
-            while done < p.num_new_tokens:
-                if room == 0:
-                    calls.append([])
-                    room = self.token_budget
-                take = min(room, p.num_new_tokens - done)
-                calls[-1].append(self._piece(p.request, p.start_pos + done,
-                                             p.token_ids[done:done + take]))
-                done += take
-                room -= take
-        return [c for c in calls if c]
 
     def _run(self, pieces: list[ScheduledSeq], null_page: int, prev: DeviceSample | None,
              *, sample: bool) -> DeviceSample | None:

@@ -51,10 +51,11 @@ import numpy as np
 from flax import nnx
 
 from jaxllm.buckets import BucketSet
-from jaxllm.cache.manager import cdiv
 from jaxllm.model_inputs import StepInputs, build_step_inputs
 from jaxllm.precision import with_matmul_precision
+from jaxllm.runner import counted_call
 from jaxllm.scheduler_output import ScheduledSeq, SchedulerOutput
+from jaxllm.spec.chained import propose_chained
 
 if TYPE_CHECKING:
     from jaxllm.config import EngineConfig, ModelConfig
@@ -185,18 +186,8 @@ class EagleRunner:
     def _counted(self, which: int, what: str, key):
         """A program warm-up did not prepare, called through its jit: counts and logs the
         compilations it adds after warm-up."""
-        raw, fn = self._jits[which], (self._step_fn, self._write_fn)[which]
-
-        def call(*args):
-            before = raw._cache_size()
-            out = fn(*args)
-            added = raw._cache_size() - before
-            if added > 0 and self.warm_compiles is not None:
-                self.recompiles += added
-                logger.error("recompiled %s for shape %s after warm-up (%d so far)", what, key,
-                             self.recompiles)
-            return out
-        return call
+        return counted_call(self, self._jits[which], (self._step_fn, self._write_fn)[which],
+                            what, key)
 
     # -- sleep ---------------------------------------------------------------------------
     def drop_kv_caches(self) -> list:
@@ -304,69 +295,14 @@ class EagleProposer:
             valid = min(self.valid_length(req), n - 2)
             feeds.append((valid, req.all_token_ids[valid + 1:n]))
         null = sched.null_page
-        # 1. catch-up beyond what the final call can take (the budget), fed beforehand
-        excess = sum(len(t) for _, t in feeds) - self.token_budget
-        final: list[ScheduledSeq] = []
-        early: list[ScheduledSeq] = []
-        for s, (start, tokens) in zip(seqs, feeds, strict=True):
-            ahead = max(0, min(len(tokens) - 1, excess))
-            excess -= ahead
-            if ahead:
-                early.append(self._piece(s.request, start, tokens[:ahead]))
-            final.append(self._piece(s.request, start + ahead, tokens[ahead:]))
-        for call in self._pack(early):
-            self._run(call, null, None)
-        # 2. every sequence's final chunk, ending at position n - 2: d1
-        outs = [self._run(final, null, None)]
-        rows = [list(range(len(seqs)))]  # rows[i][j]: sequence j's row in call i (-1: absent)
-        # 3. one token per call: d_{i+1} from position n - 2 + i fed (d_i, g_{n-3+i})
-        want = [len(s.drafts) for s in seqs]
-        for i in range(1, max(want)):
-            active = [j for j in range(len(seqs)) if want[j] > i]
-            pieces = []
-            for j in active:
-                req = seqs[j].request
-                pos = req.num_tokens - 2 + i
-                pieces.append(ScheduledSeq(
-                    request=req, token_ids=[0], start_pos=pos, num_new_tokens=1, samples=True,
-                    page_ids=req.page_ids[:cdiv(pos + 1, self.page_size)],
-                    epoch=req.num_preemptions, prev_row=rows[-1][j]))
-            outs.append(self._run(pieces, null, outs[-1]))
-            row = [-1] * len(seqs)
-            for r, j in enumerate(active):
-                row[j] = r
-            rows.append(row)
-        tokens = jax.device_get([o[0] for o in outs])  # the one wait
-        for j, s in enumerate(seqs):
+        propose_chained(
+            seqs, feeds, token_budget=self.token_budget, page_size=self.page_size,
+            first_offset=-2,  # d_{i+1} comes from position n - 2 + i fed (d_i, g_{n-3+i})
+            run=lambda pieces, prev, sample: self._run(pieces, null, prev),
+            tokens_of=lambda out: out[0])
+        for s in seqs:
             req = s.request
-            drafts = [int(tokens[i][rows[i][j]]) for i in range(want[j])]
-            s.drafts[:] = drafts
-            s.token_ids[len(s.token_ids) - len(drafts):] = drafts
             self._state[req.request_id] = EagleState(req.num_preemptions, req.num_tokens - 1)
-
-    def _piece(self, req: Request, start: int, tokens: list[int]) -> ScheduledSeq:
-        return ScheduledSeq(request=req, token_ids=list(tokens), start_pos=start,
-                            num_new_tokens=len(tokens), samples=False,
-                            page_ids=req.page_ids[:cdiv(start + len(tokens), self.page_size)],
-                            epoch=req.num_preemptions)
-
-    def _pack(self, pieces: list[ScheduledSeq]) -> list[list[ScheduledSeq]]:
-        """Calls of at most the token budget, in order (a piece longer than the room left is
-        split over consecutive calls)."""
-        calls: list[list[ScheduledSeq]] = [[]]
-        room = self.token_budget
-        for p in pieces:
-            done = 0
-            while done < p.num_new_tokens:
-                if room == 0:
-                    calls.append([])
-                    room = self.token_budget
-                take = min(room, p.num_new_tokens - done)
-                calls[-1].append(self._piece(p.request, p.start_pos + done,
-                                             p.token_ids[done:done + take]))
-                done += take
-                room -= take
-        return [c for c in calls if c]
 
     def _run(self, pieces: list[ScheduledSeq], null_page: int, prev):
         """One head step over `pieces` (dispatched, not waited for)."""
