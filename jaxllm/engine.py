@@ -159,7 +159,7 @@ class LLMEngine:
                                  single_token_bucket=resolved.single_token_bucket)
         logger.info("step buckets: %s", self.buckets.describe())
         spec = config.speculative_config()
-        # (draft mode: loads the draft model, its KV cache on the same page ids, its programs)
+        # (draft / eagle mode: loads the proposer, its caches on the same page ids, its programs)
         self.speculation = (Speculation.for_engine(spec, config, parts, self.buckets, num_pages,
                                                    self.attention) if spec.enabled else None)
         self._spec_k = spec.num_speculative_tokens if spec.enabled else 0
@@ -210,21 +210,24 @@ class LLMEngine:
             free = stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0)
             budget = free if free > 0 else budget
         budget = int(budget * self.config.memory_fraction)
-        draft = draft_model_config(self.config)
-        if draft is not None:  # the draft's KV cache has as many pages: split the budget
+        extra = self._proposer_bytes_per_page()
+        if extra:  # the proposer's caches have as many pages as the target's: split the budget
             own = bytes_per_page(self.model_config, self.page_size, self.kv_dtype,
                                  self.attention, self._head_shards)
-            budget = budget * own // (own + bytes_per_page(draft, self.page_size, self.kv_dtype,
-                                                           self.attention, self._head_shards))
-        # An EAGLE head's KV cache and the feature store have as many pages too
-        head = eagle_bytes_per_page(self.config, self.model_config, self.page_size,
-                                    self.kv_dtype, self.attention, self.dtype)
-        if head:
-            own = bytes_per_page(self.model_config, self.page_size, self.kv_dtype,
-                                 self.attention, self._head_shards)
-            budget = budget * own // (own + head)
+            budget = budget * own // (own + extra)
         return pages_for_budget(self.model_config, self.page_size, self.kv_dtype, budget,
                                 self.attention, self._head_shards)
+
+    def _proposer_bytes_per_page(self) -> int:
+        """Bytes per page a speculative proposer's caches add (a draft model's KV cache; an
+        EAGLE head's KV cache and the feature store); 0 without one, or when its config is
+        not cheap to read before loading."""
+        draft = draft_model_config(self.config)
+        if draft is not None:
+            return bytes_per_page(draft, self.page_size, self.kv_dtype, self.attention,
+                                  self._head_shards)
+        return eagle_bytes_per_page(self.config, self.model_config, self.page_size,
+                                    self.kv_dtype, self.attention, self.dtype)
 
     # -- admission ----------------------------------------------------------------------------
     def default_sampling_params(self) -> SamplingParams:
