@@ -87,19 +87,17 @@ class Request:
     key_data: np.ndarray | None = field(default=None, repr=False)
     # Structured output: this sequence's grammar position (fills its allowed-token mask).
     grammar: GrammarMatcher | None = field(default=None, repr=False)
+    # prompt + output, one list kept in sync by `append_output`; do not mutate. (A plain
+    # attribute, not a property: the scheduler reads it for every running request per step.)
+    all_token_ids: list[int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.prompt_token_ids = list(self.prompt_token_ids)
-        self._all: list[int] = self.prompt_token_ids + list(self.output_token_ids)
-
-    @property
-    def all_token_ids(self) -> list[int]:
-        """prompt + output, one list kept in sync by `append_output`; do not mutate."""
-        return self._all
+        self.all_token_ids = self.prompt_token_ids + list(self.output_token_ids)
 
     @property
     def num_tokens(self) -> int:
-        return len(self._all)
+        return len(self.all_token_ids)
 
     @property
     def awaiting_sample(self) -> bool:
@@ -120,10 +118,10 @@ class Request:
 
     def append_output(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
-        self._all.append(token_id)
+        self.all_token_ids.append(token_id)
 
     def truncate_output(self, num_output_tokens: int) -> None:
         """Drop output tokens past `num_output_tokens` (a verification emitted tokens after
         one that ended the sequence)."""
         del self.output_token_ids[num_output_tokens:]
-        del self._all[self.num_prompt_tokens + num_output_tokens:]
+        del self.all_token_ids[self.num_prompt_tokens + num_output_tokens:]

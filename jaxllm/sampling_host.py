@@ -114,28 +114,47 @@ class ParamColumnCache:
     """The last step's parameter columns and row kinds, reused while every row holds the
     same request's params as then (most decode steps): building them is a Python pass over
     every row per column, per step. Rows are compared by identity (the cache keeps the params
-    alive, so an id is never reused while cached); the columns are shared, never written."""
+    alive, so an id is never reused while cached); the columns are shared, never written.
+    They are kept as device arrays: a step then hands the sampler no per-row host column to
+    copy (each host array is a transfer per call)."""
 
     def __init__(self, vocab_size: int) -> None:
         self.vocab_size = vocab_size
         self._params: tuple[SamplingParams | None, ...] = ()
         self._rows = -1
-        self._columns: dict[str, np.ndarray] = {}
+        self._columns: dict[str, jnp.ndarray] = {}
         self._kinds = RowKinds.of(())
+        self._keys: tuple[np.ndarray, ...] = ()
+        self._keys_rows = -1
+        self._key_data: jnp.ndarray | None = None
 
     def _refresh(self, params: Sequence[SamplingParams | None], rows: int) -> None:
         if (rows == self._rows and len(params) == len(self._params)
                 and all(map(operator.is_, params, self._params))):
             return
         self._params, self._rows = tuple(params), rows
-        self._columns = param_columns(params, rows, self.vocab_size)
+        self._columns = {k: jnp.asarray(v)
+                         for k, v in param_columns(params, rows, self.vocab_size).items()}
         self._kinds = RowKinds.of(params)
 
     def columns(self, params: Sequence[SamplingParams | None], rows: int
-                ) -> dict[str, np.ndarray]:
+                ) -> dict[str, jnp.ndarray]:
         self._refresh(params, rows)
         return self._columns
 
     def kinds(self, params: Sequence[SamplingParams], rows: int) -> RowKinds:
         self._refresh(params, rows)
         return self._kinds
+
+    def key_data(self, keys: Sequence[np.ndarray], rows: int) -> jnp.ndarray:
+        """uint32 [rows, 2]: the rows' PRNG key data (padding rows zero), reused while every
+        row holds the same key array as in the last call (compared by identity, kept alive
+        here); the arrays are never written after a request is made."""
+        if not (rows == self._keys_rows and len(keys) == len(self._keys)
+                and all(map(operator.is_, keys, self._keys))):
+            host = np.zeros((rows, 2), np.uint32)
+            if keys:
+                host[:len(keys)] = keys
+            self._keys, self._keys_rows = tuple(keys), rows
+            self._key_data = jnp.asarray(host)
+        return self._key_data

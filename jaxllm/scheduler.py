@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import operator
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -33,6 +34,7 @@ from jaxllm.scheduler_output import ScheduledSeq, SchedulerOutput
 from jaxllm.spec.scheduling import Speculation
 
 logger = logging.getLogger(__name__)
+_page_ids = operator.attrgetter("page_ids")
 
 
 class Scheduler:
@@ -146,7 +148,8 @@ class Scheduler:
             self._running_sorted = True
         budget = self._decode_pass(seqs, scheduled, preempted, budget, lookahead)
         # The prefill pass (steady decoding: everyone was scheduled by the decode pass).
-        candidates = [r for r in self.running if r.request_id not in scheduled]
+        candidates = ([] if len(scheduled) == len(self.running)  # (steady decoding)
+                      else [r for r in self.running if r.request_id not in scheduled])
         if (candidates or self.waiting) and self.config.align_prefill_to_buckets:
             aligned = self._aligned_prefill_budget(
                 self.config.max_num_batched_tokens - budget, budget, scheduled)
@@ -172,7 +175,8 @@ class Scheduler:
         num_tokens = self.config.max_num_batched_tokens - withheld - budget
         bucket = None
         if seqs:
-            bucket = self.buckets.pick(num_tokens, len(seqs), max(len(s.page_ids) for s in seqs))
+            widest = max(map(len, map(_page_ids, seqs)))
+            bucket = self.buckets.pick(num_tokens, len(seqs), widest)
             self.num_steps += 1
         null = self.allocator.null_page
         return SchedulerOutput(seqs, bucket, num_tokens, self.page_size,
@@ -182,35 +186,73 @@ class Scheduler:
                      preempted: list[Request], budget: int, lookahead: bool) -> int:
         """Schedule every running request that decodes (one known token, plus any drafts;
         or, with `lookahead`, the placeholder of its in-flight token); returns the budget
-        left. The hottest loop of the host side (once per running request per step): it
-        reads request fields directly and skips the page check when its pages have room."""
+        left. The hottest loop of the host side (once per running request per step): the
+        one-token cases are inlined (`_take` for them), reading request fields directly,
+        and the page check is skipped when a request's pages have room."""
         max_seqs = self.config.max_num_seqs
+        max_model_len = self.config.max_model_len
         chunk = self.config.chunk_size
         page_size = self.page_size
         speculation = self.speculation
         running = RequestStatus.RUNNING
+        # (running holds each request once and the decode pass runs first: a request is in
+        # `scheduled` only after its turn here, or preempted, no longer RUNNING.)
         for req in list(self.running):
             if budget == 0 or len(seqs) >= max_seqs:
                 break
-            if req.status is not running or req.request_id in scheduled:
+            if req.status is not running:
                 continue
+            all_ids = req.all_token_ids
+            num_tokens = len(all_ids)
+            start = req.num_computed_tokens
             if req.num_pending_samples:
-                if not (lookahead and self._can_look_ahead(req)):
+                # Look-ahead: only a plain decode whose pending token cannot end it by length
+                # (that row would be wasted). (If its sampling reads the token history on the
+                # host, the engine dispatches that step's sampler once the token is known.)
+                if not (lookahead and req.num_pending_samples == 1 and start == num_tokens
+                        and len(req.output_token_ids) + 1 < req.max_tokens
+                        and num_tokens + 1 < max_model_len):
                     continue
-                drafts: list[int] = []
-                n = 1  # the pending token, fed as a placeholder
-            else:
-                if len(req.all_token_ids) - req.num_computed_tokens != 1:
-                    continue  # a prompt (chunk): the prefill pass
-                drafts = speculation.drafts_for(req, len(self.running)) if speculation else []
-                n = min(1 + len(drafts), budget, chunk)
-                drafts = drafts[:n - 1]
-            if (req.num_computed_tokens + n > len(req.page_ids) * page_size
-                    and not self._grow_or_preempt(req, n, scheduled, preempted)):
+                if (start + 1 > len(req.page_ids) * page_size
+                        and not self._grow_or_preempt(req, 1, scheduled, preempted)):
+                    continue
+                row = len(seqs)
+                req.num_computed_tokens = start + 1
+                req.num_draft_tokens = 0
+                req.num_pending_samples = 2
+                prev_row, req.sample_row = req.sample_row, row
+                seqs.append(ScheduledSeq(
+                    req, [0], start, 1, True, req.page_ids[:(start + page_size) // page_size],
+                    req.num_preemptions, len(req.output_token_ids) + 1, prev_row))
+                scheduled.add(req.request_id)
+                budget -= 1
                 continue
-            seqs.append(self._take(req, n, len(seqs), drafts))
+            if num_tokens - start != 1:
+                continue  # a prompt (chunk): the prefill pass
+            drafts = speculation.drafts_for(req, len(self.running)) if speculation else []
+            if drafts:
+                n = min(1 + len(drafts), budget, chunk)
+                if (start + n > len(req.page_ids) * page_size
+                        and not self._grow_or_preempt(req, n, scheduled, preempted)):
+                    continue
+                seqs.append(self._take(req, n, len(seqs), drafts[:n - 1]))
+                scheduled.add(req.request_id)
+                budget -= n
+                continue
+            if (start + 1 > len(req.page_ids) * page_size
+                    and not self._grow_or_preempt(req, 1, scheduled, preempted)):
+                continue
+            row = len(seqs)
+            req.num_computed_tokens = start + 1
+            req.num_draft_tokens = 0
+            req.num_pending_samples = 1
+            req.sample_row = row
+            seqs.append(ScheduledSeq(
+                req, [all_ids[start]], start, 1, True,
+                req.page_ids[:(start + page_size) // page_size], req.num_preemptions,
+                len(req.output_token_ids)))
             scheduled.add(req.request_id)
-            budget -= n
+            budget -= 1
         return budget
 
     def _aligned_prefill_budget(self, used: int, budget: int, scheduled: set[str]) -> int:
@@ -238,16 +280,6 @@ class Scheduler:
         if down > used and want - down < up - want:
             return down - used
         return budget
-
-    def _can_look_ahead(self, req: Request) -> bool:
-        """Schedule req past its in-flight token? Only a plain decode whose pending token
-        cannot end it by length (that row would be wasted). (If its sampling reads the token
-        history on the host, the engine dispatches that step's sampler once the pending
-        token is known.)"""
-        num_tokens = len(req.all_token_ids)
-        return (req.num_pending_samples == 1 and req.num_computed_tokens == num_tokens
-                and len(req.output_token_ids) + 1 < req.max_tokens
-                and num_tokens + 1 < self.config.max_model_len)
 
     def _grow_or_preempt(self, req: Request, n: int, scheduled: set[str],
                          preempted: list[Request]) -> bool:
@@ -354,24 +386,24 @@ class Scheduler:
         Returns the rows whose sequence got new tokens. Whether a token ends the sequence is
         the output processor's call (`jaxllm.output_processor`), which then calls `finish`."""
         produced: list[int] = []
+        computed: list[tuple[Request, int]] = []  # (sequence, tokens now in the KV cache)
         sampled_array = np.asarray(sampled_token_ids)
         per_row = sampled_array.ndim == 2
         sampled = sampled_array.tolist()  # Python ints at once (not one numpy scalar per row)
         running = RequestStatus.RUNNING
-        register = self.cache.register_computed if self.cache.enable_prefix_caching else None
         for i, seq in enumerate(output.seqs):
             req = seq.request
             if req.status is not running or seq.epoch != req.num_preemptions:
                 continue  # aborted, finished or preempted since this step was scheduled
             kv_len = seq.start_pos + seq.num_new_tokens
             if not seq.samples:
-                self._computed(req, kv_len, register)
+                computed.append((req, kv_len))
                 continue
             req.num_draft_tokens = 0
             req.num_pending_samples -= 1
             if not per_row:  # one sampled token (the hot path: every decode step)
                 req.append_output(sampled[i])
-                self._computed(req, kv_len, register)
+                computed.append((req, kv_len))
                 produced.append(i)
                 continue
             tokens = [t for t in sampled[i] if t >= 0]
@@ -382,17 +414,13 @@ class Scheduler:
                     self.speculation.record(req.request_id, len(seq.drafts), accepted)
             for token in tokens:  # (accepted drafts first: their KV is verified)
                 req.append_output(token)
-            self._computed(req, kv_len - len(seq.drafts) + len(tokens) - 1, register)
+            computed.append((req, kv_len - len(seq.drafts) + len(tokens) - 1))
             produced.append(i)
-        return produced
-
-    def _computed(self, req: Request, num_tokens: int, register) -> None:
-        """req's first num_tokens tokens are in the KV cache: its full pages go in the prefix
-        cache (`register`, None without prefix caching), and siblings waiting for them fork."""
-        if register is not None:
-            register(req, num_tokens)
+        self.cache.register_computed_rows(computed)
         if self._fork_wait:
-            self._maybe_fork(req, num_tokens)
+            for req, num_tokens in computed:
+                self._maybe_fork(req, num_tokens)
+        return produced
 
     def _maybe_fork(self, leader: Request, computed: int) -> None:
         need = self._fork_pages(leader) * self.page_size

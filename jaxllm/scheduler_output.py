@@ -10,7 +10,7 @@ from jaxllm.buckets import Bucket
 from jaxllm.request import Request
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledSeq:
     """One sequence's share of a step: feed token_ids at positions start_pos.. ."""
 

@@ -11,8 +11,8 @@ constrained: min_tokens not reached, allowed_token_ids, bad_words, a grammar). A
 mask comes from its sequence's matcher (synced to the output first), ANDed with the row's other
 constraints; the grammar's bits alone also go in `grammar_mask`, what that row's logprobs are
 normalised over (the same device array as the allowed mask when no row has another constraint).
-Everything else goes to jit as host arrays, as the real steps and warm-up both do: jit keys its
-cache on where inputs live."""
+The parameter columns and key data are cached device arrays; the step column goes to jit as a
+host array."""
 
 from __future__ import annotations
 
@@ -101,9 +101,7 @@ class SamplingTensorBuilder:
               key_data: Sequence[np.ndarray], rows: int) -> SamplingTensors:
         """Tensors for the step's rows (row i = sched.seqs[i]); padding rows are greedy."""
         n = len(sched.seqs)
-        keys = np.zeros((rows, 2), np.uint32)
-        if n:
-            keys[:n] = key_data
+        keys = self._columns.key_data(key_data, rows)
         step = np.zeros(rows, np.int32)  # each row's sampled token's output index
         step[:n] = [seq.output_index for seq in sched.seqs]  # (look-ahead aware)
         if self._columns.kinds(params, rows).penalties:

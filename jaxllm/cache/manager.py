@@ -6,7 +6,7 @@ The scheduler calls these; `PageAllocator` below keeps the per-page truth.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from jaxllm.cache.allocator import PageAllocator
 from jaxllm.cache.prefix_cache import PrefixCacheStats, extend_page_hashes
@@ -100,6 +100,17 @@ class KVCacheManager:
         for i in range(done, full):
             self.allocator.register(req.page_ids[i], req.page_hashes[i])
         self._num_registered[req.request_id] = full
+
+    def register_computed_rows(self, rows: Iterable[tuple[Request, int]]) -> None:
+        """`register_computed(req, num_tokens)` for each pair (a step's rows), the common
+        case (no page filled since the request's last registration: most decode rows)
+        decided here without the call."""
+        if not self.enable_prefix_caching:
+            return
+        registered, page_size = self._num_registered, self.page_size
+        for req, num_tokens in rows:
+            if num_tokens // page_size > registered.get(req.request_id, 0):
+                self.register_computed(req, num_tokens)
 
     def free(self, req: Request) -> None:
         """Release all of req's pages (tail first, so the LRU evicts a chain's end first)."""

@@ -349,3 +349,27 @@ def test_param_column_cache_reuses_only_the_same_rows():
         expected = param_columns(changed, 8, 512)
         assert all(np.array_equal(got[k], expected[k]) for k in expected)
     assert cache.columns(rows, 16) is not cache.columns(rows, 8)
+
+
+def test_key_data_cache_reuses_only_the_same_key_arrays():
+    from jaxllm.sampling import request_key_data
+    from jaxllm.sampling_host import ParamColumnCache
+
+    rng = np.random.default_rng(np.random.SeedSequence().entropy)
+    keys = [request_key_data(int(rng.integers(0, 2**31)), i) for i in range(5)]
+
+    def expected(rows_keys, rows):
+        host = np.zeros((rows, 2), np.uint32)
+        host[:len(rows_keys)] = np.stack(rows_keys)
+        return host
+
+    cache = ParamColumnCache(512)
+    first = cache.key_data(keys, 8)
+    np.testing.assert_array_equal(np.asarray(first), expected(keys, 8))
+    assert cache.key_data(list(keys), 8) is first  # the same requests' keys in the same rows
+    for changed in (keys[:4], keys[::-1], keys[:4] + [keys[4].copy()]):
+        got = cache.key_data(changed, 8)
+        assert got is not first  # a new composition (even an equal copy) is rebuilt
+        np.testing.assert_array_equal(np.asarray(got), expected(changed, 8))
+    assert cache.key_data(keys, 16) is not cache.key_data(keys, 8)
+    assert np.asarray(cache.key_data([], 4)).tolist() == [[0, 0]] * 4

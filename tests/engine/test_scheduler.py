@@ -394,7 +394,7 @@ def test_step_arrays_layout():
 
 # ---- randomized property test --------------------------------------------------------------
 
-def _random_run(seed: int, overlap: bool = False) -> None:
+def _random_run(seed: int, overlap: bool = False, audit_registration: bool = False) -> None:
     rng = np.random.default_rng(seed)
     page_size = int(rng.choice([2, 4, 8]))
     max_model_len = 48
@@ -402,7 +402,11 @@ def _random_run(seed: int, overlap: bool = False) -> None:
     s = make(num_pages=num_pages, page_size=page_size, max_num_seqs=int(rng.integers(1, 6)),
              max_num_batched_tokens=int(rng.choice([8, 16, 24])), max_model_len=max_model_len,
              chunk=int(rng.integers(1, 10)) if rng.random() < 0.5 else None,
-             prefix_caching=bool(rng.random() < 0.7), align=bool(rng.random() < 0.7))
+             prefix_caching=bool(rng.random() < 0.7) and not audit_registration,
+             align=bool(rng.random() < 0.7))
+    if audit_registration:
+        s.sched.cache.enable_prefix_caching = True
+        _audit_registration(s)
     stems = prompts(rng, [12, 20])
     live: list[Request] = []
     done: list[Request] = []
@@ -439,6 +443,39 @@ def _random_run(seed: int, overlap: bool = False) -> None:
     s.sched.check_invariants()
     assert s.alloc.num_used_pages == 0
     assert_matches_reference(s, [r for r in done if r.request_id not in aborted])
+
+
+def _audit_registration(s) -> None:
+    """After every `update`, give each sampling row's sequence a `register_computed` call
+    of its own (update decides most rows without one): it must find nothing left to
+    register (the prefix cache and the registered counts stay as they are)."""
+    sched, cache = s.sched, s.sched.cache
+    update = sched.update
+
+    def audited(output, sampled):
+        produced = update(output, sampled)
+        before = (dict(cache.allocator._hash_to_page), dict(cache._num_registered))
+        for seq in output.seqs:
+            req = seq.request
+            if (seq.samples and not seq.drafts and req.status is RequestStatus.RUNNING
+                    and seq.epoch == req.num_preemptions):
+                cache.register_computed(req, seq.kv_len)
+        assert (dict(cache.allocator._hash_to_page), dict(cache._num_registered)) == before, \
+            "update left a filled page unregistered"
+        return produced
+
+    sched.update = audited
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_update_fast_path_registers_every_filled_page(overlap):
+    base = secrets.randbits(32)
+    for k in range(4):
+        seed = base + k
+        try:
+            _random_run(seed, overlap, audit_registration=True)
+        except Exception as e:
+            raise AssertionError(f"registration audit failed with seed {seed}: {e}") from e
 
 
 @pytest.mark.parametrize("overlap", [False, True])
