@@ -6,6 +6,7 @@ from __future__ import annotations
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import compress
 
 import jax.numpy as jnp
 import numpy as np
@@ -14,29 +15,39 @@ from jaxllm.sampling import SamplingTensors, request_key_data
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.token_masks import all_allowed, constraint_arrays
 
+# The per-row parameter columns of `SamplingTensors`, in the order of `_row_record`'s values.
+_COLUMNS = (("temperature", np.float32), ("top_k", np.int32), ("top_p", np.float32),
+            ("min_p", np.float32), ("presence_penalty", np.float32),
+            ("frequency_penalty", np.float32), ("repetition_penalty", np.float32),
+            ("greedy", bool), ("num_logprobs", np.int32), ("masked_logprobs", bool))
+_NEUTRAL = SamplingParams(temperature=0.0)  # padding rows: greedy, neutral penalties
+
+
+def _row_record(p: SamplingParams, vocab_size: int) -> tuple:
+    """One row's column values (`_COLUMNS`' order), then its `RowKinds` flags (penalties,
+    logit bias, token constraints, structured output)."""
+    top_k = p.top_k_or_off
+    return (p.temperature, top_k if top_k < vocab_size else 0, p.top_p, p.min_p,
+            p.presence_penalty, p.frequency_penalty, p.repetition_penalty, p.greedy,
+            -1 if p.logprobs is None else p.logprobs, p.has_structured_output,
+            p.has_penalties, bool(p.logit_bias), p.has_token_constraints,
+            p.has_structured_output)
+
+
+def _columns_of(records: list[tuple]) -> dict[str, np.ndarray]:
+    """Records -> the columns (transposed in C: one array per column)."""
+    values = zip(*records, strict=True) if records else ((),) * len(_COLUMNS)
+    return {name: np.array(column, dtype)
+            for (name, dtype), column in zip(_COLUMNS, values, strict=False)}
+
 
 def param_columns(params: Sequence[SamplingParams | None], rows: int,
                   vocab_size: int) -> dict[str, np.ndarray]:
     """The per-row parameter columns of `SamplingTensors` as host arrays; rows past the
     given params (and None entries) are padding: greedy with neutral penalties."""
-    neutral = SamplingParams(temperature=0.0)
-    full = [p if p is not None else neutral for p in params] + [neutral] * (rows - len(params))
-
-    def col(fn, dtype):
-        return np.array([fn(p) for p in full], dtype=dtype)
-
-    return {
-        "temperature": col(lambda p: p.temperature, np.float32),
-        "top_k": col(lambda p: p.top_k_or_off if p.top_k_or_off < vocab_size else 0, np.int32),
-        "top_p": col(lambda p: p.top_p, np.float32),
-        "min_p": col(lambda p: p.min_p, np.float32),
-        "presence_penalty": col(lambda p: p.presence_penalty, np.float32),
-        "frequency_penalty": col(lambda p: p.frequency_penalty, np.float32),
-        "repetition_penalty": col(lambda p: p.repetition_penalty, np.float32),
-        "greedy": col(lambda p: p.greedy, bool),
-        "num_logprobs": col(lambda p: -1 if p.logprobs is None else p.logprobs, np.int32),
-        "masked_logprobs": col(lambda p: p.has_structured_output, bool),
-    }
+    neutral = _row_record(_NEUTRAL, vocab_size)
+    return _columns_of([_row_record(p, vocab_size) if p is not None else neutral
+                        for p in params] + [neutral] * (rows - len(params)))
 
 
 def build_sampling_tensors(
@@ -111,34 +122,50 @@ class RowKinds:
 
 
 class ParamColumnCache:
-    """The last step's parameter columns and row kinds, reused while every row holds the
-    same request's params as then (most decode steps): building them is a Python pass over
-    every row per column, per step. Rows are compared by identity (the cache keeps the params
-    alive, so an id is never reused while cached); the columns are shared, never written.
-    They are kept as device arrays: a step then hands the sampler no per-row host column to
-    copy (each host array is a transfer per call)."""
+    """The last step's parameter columns, row kinds and key data, reused while every row
+    holds the same request as then (most decode steps); rows are compared by identity (the
+    cache keeps them alive, so an id is never reused while cached), and what it returns is
+    shared, never written. When the batch changes (an admission, a finish: in serving,
+    most steps at high concurrency), each row's values come from the previous batch's
+    record of its params when it has one: only new requests' params are read."""
 
     def __init__(self, vocab_size: int) -> None:
         self.vocab_size = vocab_size
         self._params: tuple[SamplingParams | None, ...] = ()
         self._rows = -1
-        self._columns: dict[str, jnp.ndarray] = {}
+        self._columns: dict[str, np.ndarray] = {}
         self._kinds = RowKinds.of(())
+        self._records: dict[int, tuple] = {}  # id of a params in _params -> its record
         self._keys: tuple[np.ndarray, ...] = ()
-        self._keys_rows = -1
-        self._key_data: jnp.ndarray | None = None
+        self._key_data = np.zeros((0, 2), np.uint32)
 
     def _refresh(self, params: Sequence[SamplingParams | None], rows: int) -> None:
         if (rows == self._rows and len(params) == len(self._params)
                 and all(map(operator.is_, params, self._params))):
             return
+        # Records of this batch's params, by id (self._params keeps them alive, so no id is
+        # reused while it is a key here); those of the last batch are looked up first.
+        ids = list(map(id, params))
+        old, records = self._records, {}
+        for key, p in zip(ids, params, strict=True):
+            if key not in records:
+                record = old.get(key)
+                records[key] = record if record is not None else _row_record(
+                    p if p is not None else _NEUTRAL, self.vocab_size)
+        self._records = records
+        rows_records = list(map(records.__getitem__, ids))
+        neutral = _row_record(_NEUTRAL, self.vocab_size)
         self._params, self._rows = tuple(params), rows
-        self._columns = {k: jnp.asarray(v)
-                         for k, v in param_columns(params, rows, self.vocab_size).items()}
-        self._kinds = RowKinds.of(params)
+        self._columns = _columns_of(rows_records + [neutral] * (rows - len(params)))
+        penalties, bias, constrained, grammar = (
+            zip(*(r[len(_COLUMNS):] for r in rows_records), strict=True) if rows_records
+            else ((),) * 4)
+        self._kinds = RowKinds(penalties=any(penalties), logit_bias=any(bias),
+                               constrained_rows=tuple(compress(range(len(params)), constrained)),
+                               grammar_rows=tuple(compress(range(len(params)), grammar)))
 
     def columns(self, params: Sequence[SamplingParams | None], rows: int
-                ) -> dict[str, jnp.ndarray]:
+                ) -> dict[str, np.ndarray]:
         self._refresh(params, rows)
         return self._columns
 
@@ -146,15 +173,14 @@ class ParamColumnCache:
         self._refresh(params, rows)
         return self._kinds
 
-    def key_data(self, keys: Sequence[np.ndarray], rows: int) -> jnp.ndarray:
+    def key_data(self, keys: Sequence[np.ndarray], rows: int) -> np.ndarray:
         """uint32 [rows, 2]: the rows' PRNG key data (padding rows zero), reused while every
         row holds the same key array as in the last call (compared by identity, kept alive
-        here); the arrays are never written after a request is made."""
-        if not (rows == self._keys_rows and len(keys) == len(self._keys)
+        here; a request's key array is never written)."""
+        if not (rows == self._key_data.shape[0] and len(keys) == len(self._keys)
                 and all(map(operator.is_, keys, self._keys))):
             host = np.zeros((rows, 2), np.uint32)
             if keys:
                 host[:len(keys)] = keys
-            self._keys, self._keys_rows = tuple(keys), rows
-            self._key_data = jnp.asarray(host)
+            self._keys, self._key_data = tuple(keys), host
         return self._key_data

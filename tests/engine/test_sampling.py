@@ -19,6 +19,7 @@ from jaxllm.sampling import (
 )
 from jaxllm.sampling_host import build_sampling_tensors
 from jaxllm.sampling_params import MAX_LOGPROBS, SamplingParams
+from jaxllm.structured.spec import StructuredOutputsParams
 from tests.oracles.sampling_reference import (
     reference_filtered_logprobs,
     reference_logprobs,
@@ -332,22 +333,66 @@ def test_sampling_params_defaults_and_normalisation():
     assert SamplingParams.from_generation_config(None) == SamplingParams()
 
 
-def test_param_column_cache_reuses_only_the_same_rows():
-    from jaxllm.sampling_host import ParamColumnCache, param_columns
+def _random_params_pool(rng, size: int) -> list[SamplingParams]:
+    pool = []
+    for _ in range(size):
+        kw = dict(temperature=float(rng.choice([0.0, rng.uniform(0.1, 2)])),
+                  top_k=int(rng.choice([-1, 0, 1, rng.integers(2, 50), 600])),
+                  top_p=float(rng.uniform(0.2, 1)), min_p=float(rng.choice([0, rng.uniform(0, .3)])),
+                  logprobs=None if rng.random() < 0.5 else int(rng.integers(0, 5)))
+        if rng.random() < 0.3:
+            kw.update(presence_penalty=float(rng.uniform(-1, 1)),
+                      repetition_penalty=float(rng.uniform(0.8, 1.3)))
+        if rng.random() < 0.2:
+            kw.update(logit_bias={int(rng.integers(0, 512)): float(rng.uniform(-5, 5))})
+        if rng.random() < 0.2:
+            kw.update(min_tokens=int(rng.integers(1, 4)), max_tokens=8)
+        if rng.random() < 0.2:
+            kw.update(structured_outputs=StructuredOutputsParams(regex="[ab]+"))
+        pool.append(SamplingParams(**kw))
+    return pool
+
+
+def test_param_columns_read_each_rows_params():
+    from jaxllm.sampling_host import param_columns
 
     rng = np.random.default_rng(np.random.SeedSequence().entropy)
-    pool = [SamplingParams(temperature=float(rng.uniform(0.1, 2)), top_k=int(rng.integers(0, 50)),
-                           top_p=float(rng.uniform(0.2, 1)), logprobs=int(rng.integers(0, 5)))
-            for _ in range(6)]
+    params = _random_params_pool(rng, 7) + [None]
+    cols = param_columns(params, 11, 512)
+    full = params[:-1] + [SamplingParams(temperature=0.0)] * 4  # None and padding: neutral
+    expect = {
+        "temperature": [p.temperature for p in full], "top_p": [p.top_p for p in full],
+        "min_p": [p.min_p for p in full],
+        "top_k": [max(p.top_k, 0) if max(p.top_k, 0) < 512 else 0 for p in full],
+        "presence_penalty": [p.presence_penalty for p in full],
+        "frequency_penalty": [p.frequency_penalty for p in full],
+        "repetition_penalty": [p.repetition_penalty for p in full],
+        "greedy": [p.temperature < 1e-5 or p.top_k == 1 for p in full],
+        "num_logprobs": [-1 if p.logprobs is None else p.logprobs for p in full],
+        "masked_logprobs": [p.structured_outputs is not None for p in full]}
+    for name, values in expect.items():
+        np.testing.assert_array_equal(cols[name], np.array(values, cols[name].dtype), name)
+
+
+def test_param_column_cache_reuses_only_the_same_rows():
+    from jaxllm.sampling_host import ParamColumnCache, RowKinds, param_columns
+
+    rng = np.random.default_rng(np.random.SeedSequence().entropy)
+    pool = _random_params_pool(rng, 6)
     cache = ParamColumnCache(512)
     rows = [pool[int(i)] for i in rng.integers(0, 6, 5)]
     first = cache.columns(rows, 8)
     assert cache.columns(list(rows), 8) is first  # same params objects in the same rows
-    for changed in (rows[:4], rows[::-1], rows[:4] + [SamplingParams(**vars(rows[4]))]):
+    for changed in (rows[:4], rows[::-1], rows[:4] + [SamplingParams(**vars(rows[4]))],
+                    *([pool[int(i)] for i in rng.integers(0, 6, int(rng.integers(1, 9)))]
+                      for _ in range(6))):
         got = cache.columns(changed, 8)
         assert got is not first  # a new composition (even an equal copy) is rebuilt
         expected = param_columns(changed, 8, 512)
         assert all(np.array_equal(got[k], expected[k]) for k in expected)
+        assert all(got[k].dtype == expected[k].dtype for k in expected)
+        assert cache.kinds(changed, 8) == RowKinds.of(changed)
+        first = got
     assert cache.columns(rows, 16) is not cache.columns(rows, 8)
 
 
