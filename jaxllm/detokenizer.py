@@ -47,10 +47,14 @@ class IncrementalDetokenizer:
         include_stop_str_in_output: bool = False,
         min_tokens: int = 0,
         defer: bool = False,
+        rust_stream: bool = True,
     ):
         """`defer`: the caller reads the text only after `flush` (a request that is not
         streamed and has no stop strings): `step` only collects ids and `flush` decodes them
-        at once, the same text for one decode instead of two per token."""
+        at once, the same text for one decode instead of two per token.
+        `rust_stream`: one token at a time, decode through the tokenizer's Rust incremental
+        decoder while it yields exactly what `_decode_new` would (False: `_decode_new` only,
+        its reference twin)."""
         stops = list(stop or [])
         for s in stops:
             if not isinstance(s, str) or not s:
@@ -71,6 +75,11 @@ class IncrementalDetokenizer:
         self._ids: list[int] = context  # context + generated ids, the decode window's source
         self._prefix = 0  # start of the decode window (tokens giving context)
         self._read = len(context)  # tokens before this are already text
+
+        # The Rust decoder mirrors (_prefix, _read) while nothing is held back; None after it
+        # declined a token, until the Python path has caught up (see `step`).
+        self._rust_stream = rust_stream and not defer
+        self._stream = self._new_stream()
 
         self.token_ids: list[int] = []  # generated ids seen
         self.text = ""  # everything emitted so far
@@ -96,7 +105,20 @@ class IncrementalDetokenizer:
             token = int(new_token_ids[0])
             self.token_ids.append(token)
             self._ids.append(token)
+            if self._stream is not None:
+                # Same window, same offsets as _decode_new: where the Rust decoder yields
+                # text, it is the text _decode_new would emit (both take the window's decode
+                # minus its decode before the token), and the offsets move as there.
+                try:
+                    chunk = self._stream(token)
+                except Exception:  # (it refuses a decode that rewrote the window's text)
+                    chunk = None
+                if chunk is not None:
+                    self._prefix, self._read = self._read, len(self._ids)
+                    return self._emit(chunk, final=False)
+                self._stream = None  # held or empty: _decode_new decides, and catches up
         else:
+            self._stream = None
             new = [int(i) for i in new_token_ids]
             if not new:
                 return ""
@@ -104,7 +126,10 @@ class IncrementalDetokenizer:
             self._ids.extend(new)
         if self._defer:
             return ""
-        return self._emit(self._decode_new(final=False), final=False)
+        text = self._decode_new(final=False)
+        if self._read == len(self._ids):  # nothing held back: the Rust decoder can take over
+            self._stream = self._new_stream()
+        return self._emit(text, final=False)
 
     def flush(self) -> str:
         """At finish: emit what was held back (an incomplete character, a false stop alarm)."""
@@ -115,6 +140,18 @@ class IncrementalDetokenizer:
         return delta
 
     # ---- bytes -> text ----------------------------------------------------------------------
+
+    def _new_stream(self):
+        """A Rust incremental decoder in the state (_prefix, _read) describes when no token
+        is held back; None if the tokenizer has none, this detokenizer does not use it, or
+        the window's text ends in U+FFFD (emitted invalid bytes: primed with such a window,
+        the Rust decoder would repeat its text)."""
+        if not self._rust_stream:
+            return None
+        window = self._ids[self._prefix:self._read]
+        if window and self._decode(window).endswith(_REPLACEMENT):
+            return None
+        return self._tokenizer.decode_stream(window, self._skip_special)
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self._tokenizer.decode_unchecked(ids, skip_special_tokens=self._skip_special)
@@ -146,6 +183,9 @@ class IncrementalDetokenizer:
     # ---- text -> emitted text (stop strings) ------------------------------------------------
 
     def _emit(self, new_text: str, final: bool) -> str:
+        if not self._stops:  # nothing to look for or hold back
+            self.text += new_text
+            return new_text
         buf = self._pending + new_text
         if len(self.token_ids) <= self._min_tokens:
             # Before min_tokens no stop string ends the output (as vLLM): nothing is held back.

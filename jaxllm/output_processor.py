@@ -167,8 +167,9 @@ class OutputProcessor:
             if tracked is None:
                 continue
             sample = tracked.samples[seq.sample_index]
-            new = seq.output_token_ids[sample.num_seen:]
-            if len(new) > 1:  # a verification emitted several: replay them one by one
+            output = seq.output_token_ids
+            if len(output) - sample.num_seen > 1:  # a verification emitted several: replay
+                new = output[sample.num_seen:]    # them one by one
                 seq.truncate_output(sample.num_seen)
                 for i, token in enumerate(new):
                     seq.append_output(token)
@@ -176,7 +177,7 @@ class OutputProcessor:
                         break  # tokens after one that ended the sequence are dropped
             else:
                 self._on_token(tracked, sample, result, row, 0, now)
-            sample.num_seen = len(seq.output_token_ids)
+            sample.num_seen = len(output)
 
     def _touch(self, tracked: _Tracked) -> None:
         """tracked has something for the next `collect` (progress if streamed, its finish)."""
@@ -291,16 +292,17 @@ class OutputProcessor:
         return outs
 
     def _output(self, tracked: _Tracked) -> RequestOutput:
+        """The request's cumulative output now; nothing in it aliases live state. (Built with
+        positional arguments: a streamed request gets one per step, and keywords cost ~40 %
+        more per object.)"""
         tracked.metrics.num_cached_tokens = tracked.samples[0].seq.num_cached_tokens
         outputs = [CompletionOutput(
-            index=i, text=s.text, token_ids=list(s.seq.output_token_ids),
-            cumulative_logprob=s.cumulative_logprob,
-            logprobs=list(s.logprobs) if s.logprobs is not None else None,
-            finish_reason=s.seq.status.finish_reason, stop_reason=s.seq.stop_reason)
+            i, s.text, list(s.seq.output_token_ids), s.cumulative_logprob,
+            list(s.logprobs) if s.logprobs is not None else None,
+            s.seq.status.finish_reason, s.seq.stop_reason)
             for i, s in enumerate(tracked.samples)]
         return RequestOutput(
-            request_id=tracked.request_id, prompt=tracked.prompt,
-            prompt_token_ids=tracked.prompt_token_ids, outputs=outputs,
-            finished=tracked.finished,
-            prompt_logprobs=list(tracked.prompt_logprobs) if tracked.prompt_logprobs else None,
-            metrics=tracked.metrics.snapshot())
+            tracked.request_id, tracked.prompt, tracked.prompt_token_ids, outputs,
+            tracked.finished,
+            list(tracked.prompt_logprobs) if tracked.prompt_logprobs else None,
+            tracked.metrics.snapshot())

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
-@dataclass
+@dataclass(slots=True)
 class Logprob:
     """One token's log-probability, its rank in the distribution (1 = most likely) and text."""
 
@@ -18,7 +18,7 @@ class Logprob:
 PositionLogprobs = dict[int, Logprob]
 
 
-@dataclass
+@dataclass(slots=True)
 class CompletionOutput:
     """One sample (of n) for a request. Cumulative: text and token_ids hold everything so far."""
 
@@ -35,7 +35,7 @@ class CompletionOutput:
         return self.finish_reason is not None
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestMetrics:
     arrival_time: float
     first_scheduled_time: float | None = None
@@ -50,7 +50,7 @@ class RequestMetrics:
                               self.first_token_time, self.finished_time, self.num_cached_tokens)
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestOutput:
     """A request's state as seen by a caller; yielded repeatedly while streaming."""
 

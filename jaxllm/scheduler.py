@@ -213,44 +213,33 @@ class Scheduler:
                         and len(req.output_token_ids) + 1 < req.max_tokens
                         and num_tokens + 1 < max_model_len):
                     continue
-                if (start + 1 > len(req.page_ids) * page_size
-                        and not self._grow_or_preempt(req, 1, scheduled, preempted)):
+                token, prev_row = 0, req.sample_row  # a placeholder for the pending token
+            else:
+                if num_tokens - start != 1:
+                    continue  # a prompt (chunk): the prefill pass
+                drafts = speculation.drafts_for(req, len(self.running)) if speculation else []
+                if drafts:
+                    n = min(1 + len(drafts), budget, chunk)
+                    if (start + n > len(req.page_ids) * page_size
+                            and not self._grow_or_preempt(req, n, scheduled, preempted)):
+                        continue
+                    seqs.append(self._take(req, n, len(seqs), drafts[:n - 1]))
+                    scheduled.add(req.request_id)
+                    budget -= n
                     continue
-                row = len(seqs)
-                req.num_computed_tokens = start + 1
-                req.num_draft_tokens = 0
-                req.num_pending_samples = 2
-                prev_row, req.sample_row = req.sample_row, row
-                seqs.append(ScheduledSeq(
-                    req, [0], start, 1, True, req.page_ids[:(start + page_size) // page_size],
-                    req.num_preemptions, len(req.output_token_ids) + 1, prev_row))
-                scheduled.add(req.request_id)
-                budget -= 1
-                continue
-            if num_tokens - start != 1:
-                continue  # a prompt (chunk): the prefill pass
-            drafts = speculation.drafts_for(req, len(self.running)) if speculation else []
-            if drafts:
-                n = min(1 + len(drafts), budget, chunk)
-                if (start + n > len(req.page_ids) * page_size
-                        and not self._grow_or_preempt(req, n, scheduled, preempted)):
-                    continue
-                seqs.append(self._take(req, n, len(seqs), drafts[:n - 1]))
-                scheduled.add(req.request_id)
-                budget -= n
-                continue
+                token, prev_row = all_ids[start], None
+            # One token (what `_take` does for it, inlined).
             if (start + 1 > len(req.page_ids) * page_size
                     and not self._grow_or_preempt(req, 1, scheduled, preempted)):
                 continue
-            row = len(seqs)
+            pending = req.num_pending_samples + 1
             req.num_computed_tokens = start + 1
             req.num_draft_tokens = 0
-            req.num_pending_samples = 1
-            req.sample_row = row
+            req.num_pending_samples = pending
+            req.sample_row = len(seqs)
             seqs.append(ScheduledSeq(
-                req, [all_ids[start]], start, 1, True,
-                req.page_ids[:(start + page_size) // page_size], req.num_preemptions,
-                len(req.output_token_ids)))
+                req, [token], start, 1, True, req.page_ids[:(start + page_size) // page_size],
+                req.num_preemptions, len(req.output_token_ids) + pending - 1, prev_row))
             scheduled.add(req.request_id)
             budget -= 1
         return budget

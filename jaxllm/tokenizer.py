@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Sequence
-from functools import cached_property
+from collections.abc import Callable, Iterable, Sequence
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
+from tokenizers.decoders import DecodeStream
 from transformers import PreTrainedTokenizerFast
 
 from jaxllm.gguf_tokenizer import GGUFTokenizerSpec, build_gguf_tokenizer, byte_decoder
@@ -93,6 +94,20 @@ class Tokenizer:
         decode, cleanup = self._rust_decoder
         text = decode(ids, skip_special_tokens=skip_special_tokens)
         return cleanup(text) if cleanup is not None else text
+
+    def decode_stream(self, context_ids: Sequence[int], skip_special_tokens: bool
+                      ) -> Callable[[int], str | None] | None:
+        """The Rust tokenizer's incremental decoder (`tokenizers.decoders.DecodeStream`),
+        primed with `context_ids`: each call takes the next id and returns the text it added
+        (the decode of a window of recent ids, minus the window's decode before it), or None
+        while that decode ends in an unfinished character or adds nothing. One call per token
+        instead of two decodes. None where its text could differ from `decode_unchecked`'s
+        (transformers cleans this tokenizer's decodes up afterwards)."""
+        if self._rust_decoder[1] is not None:
+            return None
+        stream = DecodeStream(ids=[int(i) for i in context_ids],
+                              skip_special_tokens=skip_special_tokens)
+        return partial(stream.step, self.hf.backend_tokenizer)
 
     def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
         return list(self.hf.convert_ids_to_tokens(self._checked_ids(ids)))

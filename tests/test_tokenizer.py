@@ -471,3 +471,64 @@ def test_byte_level_gguf_with_llama3_split_matches_transformers(tmp_path):
         ids = tok.encode(text)
         assert ids == ref.encode(text, add_special_tokens=False).ids, text
         assert tok.decode(ids) == text
+
+
+# ---- the Rust incremental decoder against its Python twin ------------------------------------
+
+
+def _twin_streams(tok: Tokenizer, ids: list[int], prompt: list[int], rng: random.Random,
+                  **kwargs) -> None:
+    """The detokenizer with the Rust decoder and without it (`_decode_new` alone) give the same
+    delta at every step (one token per step as the engine feeds them, now and then several),
+    the same stop and the same text."""
+    fast = IncrementalDetokenizer(tok, prompt, **kwargs)
+    twin = IncrementalDetokenizer(tok, prompt, rust_stream=False, **kwargs)
+    assert fast._stream is not None and twin._stream is None
+    i = 0
+    while i < len(ids) and not twin.finished:
+        n = 1 if rng.random() < 0.9 else rng.randint(2, 4)
+        chunk = ids[i:i + n]
+        assert fast.step(chunk) == twin.step(chunk), (ids[:i + n], kwargs)
+        i += n
+    assert fast.flush() == twin.flush()
+    assert (fast.text, fast.stop_hit, fast.finished) == (twin.text, twin.stop_hit, twin.finished)
+
+
+def test_rust_stream_decoder_equals_its_python_twin(ours, tmp_path):
+    rng = random.Random(random.randrange(1 << 30))
+    fragments = _fragment_ids(ours)
+    rust_steps = 0
+    for k in range(60):
+        if k % 3 == 0:
+            ids = ours.encode(_random_text(rng, rng.randint(5, 100)), add_special_tokens=False)
+        else:  # random ids, often runs of stray UTF-8 bytes and special tokens
+            p = rng.choice([0.2, 0.6, 0.95])
+            ids = [rng.choice(fragments) if rng.random() < p else rng.randrange(ours.vocab_size)
+                   for _ in range(rng.randint(1, 80))]
+        prompt = [rng.randrange(ours.vocab_size) for _ in range(rng.randint(0, 6))]
+        kwargs = dict(skip_special_tokens=rng.random() < 0.5, min_tokens=rng.choice([0, 0, 3]))
+        if rng.random() < 0.4:
+            text = ours.decode(ids)
+            at = rng.randrange(len(text) + 1)
+            kwargs.update(stop=[text[at:at + rng.randint(1, 4)] or "zz", "\ufffd\ufffd"],
+                          include_stop_str_in_output=rng.random() < 0.5)
+        _twin_streams(ours, ids, prompt, rng, **kwargs)
+        detok = IncrementalDetokenizer(ours, prompt, **kwargs)
+        for t in ids[:5]:
+            before = detok._read
+            detok.step([t])
+            rust_steps += detok._stream is not None and detok._read == before + 1
+    assert rust_steps > 50  # the Rust decoder did decode most of these steps
+    # A sentencepiece vocabulary with byte fallback (leading spaces depend on the context).
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + _SP_PIECES
+    types = [2, 3, 3] + [6] * 256 + [1] * (len(_SP_PIECES) - 1) + [4]
+    scores = [0.0] * 259 + [-float(i) for i in range(len(_SP_PIECES))]
+    sp = load_tokenizer(_write_gguf(tmp_path / "sp.gguf", "llama", tokens, types, scores=scores))
+    for _ in range(40):
+        if rng.random() < 0.5:
+            ids = sp.encode(_tiny_text(rng, "abcde é€世🤗", rng.randint(1, 25)),
+                            add_special_tokens=False)
+        else:
+            ids = [rng.randrange(sp.vocab_size) for _ in range(rng.randint(1, 40))]
+        prompt = sp.encode(_tiny_text(rng, "abcd é", rng.randint(0, 5)), add_special_tokens=False)
+        _twin_streams(sp, ids, prompt, rng, skip_special_tokens=rng.random() < 0.5)
