@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -44,6 +45,9 @@ def build_app(config: EngineConfig, engine: EngineClient | None = None,
             eng = await create_async_engine(config)
             app.state.ctx = ServingContext(eng, config, server_config, ServerMetrics(eng))
             app.state.metrics_holder["metrics"] = app.state.ctx.metrics
+            if server_config.freeze_gc:
+                gc.collect()
+                gc.freeze()  # (ServerConfig.freeze_gc)
         try:
             yield
         finally:

@@ -13,13 +13,15 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from jaxllm.config import EngineConfig  # noqa: E402
 from jaxllm.server.app import build_app  # noqa: E402
+from jaxllm.server.server_config import ServerConfig  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def client(random_model_dir):
     config = EngineConfig(model=str(random_model_dir), served_model_name="random",
                           max_num_seqs=8, max_model_len=256, max_num_batched_tokens=128)
-    with TestClient(build_app(config)) as c:
+    # (not frozen: this is a test process, not a server's)
+    with TestClient(build_app(config, server_config=ServerConfig(freeze_gc=False))) as c:
         yield c
 
 

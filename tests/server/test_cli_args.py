@@ -33,6 +33,7 @@ def test_flags() -> None:
     assert engine.quantization == "none" and engine.quantized_activations == "bfloat16"
     assert engine.kv_cache_dtype == "bfloat16"
     assert server.reasoning_parser == "think" and server.tool_call_parser is None
+    assert server.freeze_gc is True and parse_args(["--no-freeze-gc"])[1].freeze_gc is False
 
 
 @pytest.mark.parametrize("argv", [["--max-num-seqs", "0"], ["--dtype", "float8"], ["--quantization", "awq"],
