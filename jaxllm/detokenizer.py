@@ -10,6 +10,9 @@ Two problems make "decode each new token and append" wrong:
 
 Cost per step is O(new tokens): only a small window of recent tokens is decoded (a prefix
 offset giving the decoder context, a read offset marking what was already turned into text).
+One token at a time, tokenizers' Rust incremental decoder does both decodes of that window in
+one call; `_decode_new`, the Python algorithm and its reference twin, decides every step the
+Rust decoder holds back, and the Rust decoder stays in use wherever both keep the same window.
 """
 
 from __future__ import annotations
@@ -73,15 +76,15 @@ class IncrementalDetokenizer:
         if context and self._decode(context).endswith(_REPLACEMENT):
             context = []  # prompt ends mid-character: its bytes would garble the first delta
         self._ids: list[int] = context  # context + generated ids, the decode window's source
+        self._num_context = len(context)
         self._prefix = 0  # start of the decode window (tokens giving context)
         self._read = len(context)  # tokens before this are already text
 
-        # The Rust decoder mirrors (_prefix, _read) while nothing is held back; None after it
-        # declined a token, until the Python path has caught up (see `step`).
+        # The Rust decoder mirrors the window (_prefix, _read, the ids after it); None once
+        # the Python path moved the window where it did not, until that path has caught up.
         self._rust_stream = rust_stream and not defer
         self._stream = self._new_stream()
 
-        self.token_ids: list[int] = []  # generated ids seen
         self.text = ""  # everything emitted so far
         self.stop_hit: str | None = None
         self._pending = ""  # decoded text held back: it may be the start of a stop string
@@ -97,37 +100,57 @@ class IncrementalDetokenizer:
         """True once a stop string was found or `flush` was called; later tokens are ignored."""
         return self._finished
 
+    @property
+    def token_ids(self) -> list[int]:
+        """The generated ids seen so far (a copy)."""
+        return self._ids[self._num_context:]
+
     def step(self, new_token_ids: Sequence[int]) -> str:
         """Add generated ids; return the text that became safe to emit."""
+        if len(new_token_ids) == 1:
+            return self.add_token(int(new_token_ids[0]))
+        if self._finished or not new_token_ids:
+            return ""
+        self._ids.extend(int(i) for i in new_token_ids)
+        if self._defer:
+            return ""
+        self._stream = None  # it takes one id at a time: the Python path decides and catches up
+        return self._step_python(None)
+
+    def add_token(self, token: int) -> str:
+        """`step([token])` for one Python int: the engine's per-step call, kept short."""
         if self._finished:
             return ""
-        if len(new_token_ids) == 1:  # the per-step case
-            token = int(new_token_ids[0])
-            self.token_ids.append(token)
-            self._ids.append(token)
-            if self._stream is not None:
+        self._ids.append(token)
+        stream = self._stream  # (None when deferred)
+        if stream is not None:
+            try:
+                chunk = stream(token)
+            except Exception:  # (it refuses a decode that rewrote the window's text)
+                chunk = stream = self._stream = None
+            if chunk is not None:
                 # Same window, same offsets as _decode_new: where the Rust decoder yields
                 # text, it is the text _decode_new would emit (both take the window's decode
                 # minus its decode before the token), and the offsets move as there.
-                try:
-                    chunk = self._stream(token)
-                except Exception:  # (it refuses a decode that rewrote the window's text)
-                    chunk = None
-                if chunk is not None:
-                    self._prefix, self._read = self._read, len(self._ids)
+                self._prefix, self._read = self._read, len(self._ids)
+                if self._stops:
                     return self._emit(chunk, final=False)
-                self._stream = None  # held or empty: _decode_new decides, and catches up
-        else:
-            self._stream = None
-            new = [int(i) for i in new_token_ids]
-            if not new:
-                return ""
-            self.token_ids.extend(new)
-            self._ids.extend(new)
+                self.text += chunk
+                return chunk
         if self._defer:
             return ""
+        return self._step_python(stream)
+
+    def _step_python(self, stream) -> str:
+        """The Python algorithm decides the step (the Rust decoder held the token back, or
+        there is none). Where it holds the token too, the window stays put and `stream`
+        (the Rust decoder, which took the token) still mirrors it; where it moves the window,
+        the Rust decoder is dropped and a new one starts once nothing is held back."""
+        read = self._read
         text = self._decode_new(final=False)
-        if self._read == len(self._ids):  # nothing held back: the Rust decoder can take over
+        if stream is not None and self._read != read:
+            stream = self._stream = None
+        if stream is None and self._read == len(self._ids):
             self._stream = self._new_stream()
         return self._emit(text, final=False)
 
@@ -161,13 +184,12 @@ class IncrementalDetokenizer:
         ids, prefix, read = self._ids, self._prefix, self._read
         if read == len(ids):
             return ""
-        prefix_text = self._decode(ids[prefix:read])
         full_text = self._decode(ids[prefix:])
         cut, text = len(ids), full_text
         if not final and full_text.endswith(_REPLACEMENT):
             # The tail may be a character in progress: emit up to the latest token boundary
             # that decodes cleanly, hold the rest.
-            cut, text = read, prefix_text
+            cut = read
             for j in range(len(ids) - 1, max(read, len(ids) - _MAX_HELD_TOKENS - 1), -1):
                 candidate = self._decode(ids[prefix:j])
                 if full_text.startswith(candidate) and _is_settled(candidate, full_text):
@@ -177,6 +199,7 @@ class IncrementalDetokenizer:
                 cut, text = len(ids), full_text  # invalid bytes, not a character in progress
         if cut == read:
             return ""
+        prefix_text = self._decode(ids[prefix:read])
         self._prefix, self._read = read, cut
         return text[len(prefix_text):]
 
@@ -187,7 +210,7 @@ class IncrementalDetokenizer:
             self.text += new_text
             return new_text
         buf = self._pending + new_text
-        if len(self.token_ids) <= self._min_tokens:
+        if len(self._ids) - self._num_context <= self._min_tokens:
             # Before min_tokens no stop string ends the output (as vLLM): nothing is held back.
             self._pending = ""
             self.text += buf

@@ -7,6 +7,10 @@ ids, max_tokens and max_model_len (`token_stop`), a grammar that can only end (s
 output: "stop" even if the model would go on), stop strings (the detokenizer finds them),
 aborts. It tells the scheduler (`Scheduler.finish`), which frees the pages; the scheduler
 never decides a finish itself.
+
+Per step, a row of a plain sample (no logprobs, grammar or stop strings) whose token cannot end
+it takes a quick path (its text extended, nothing else); every other token goes through
+`_on_token`, the full per-token path and the quick path's reference.
 """
 
 from __future__ import annotations
@@ -45,19 +49,10 @@ def token_stop(req: Request, token: int, max_model_len: int
     return None
 
 
-@dataclass
-class _Sample:
-    """Output state of one sequence (one of n samples)."""
-
-    seq: Request
-    detok: IncrementalDetokenizer
-    text: str = ""
-    num_seen: int = 0  # output tokens already processed
-    logprobs: list[dict[int, Logprob]] | None = None
-    cumulative_logprob: float | None = None
+_RUNNING = RequestStatus.RUNNING  # (an enum member read from the class costs ~70 ns)
 
 
-@dataclass
+@dataclass(slots=True, eq=False)
 class _Tracked:
     """Output state of one user request."""
 
@@ -71,6 +66,29 @@ class _Tracked:
     finished: bool = False
     stream: bool = True  # False: the caller wants only the final output (LLM.generate)
     touched: bool = field(default=False, repr=False)
+    # The metrics copy the last output carried, None once they changed: outputs share it
+    # while nothing changes (the engine never writes to a copy it handed out).
+    metrics_copy: RequestMetrics | None = field(default=None, repr=False)
+
+
+@dataclass(slots=True, eq=False)
+class _Sample:
+    """Output state of one sequence (one of n samples); its text is `detok.text`."""
+
+    tracked: _Tracked
+    seq: Request
+    detok: IncrementalDetokenizer
+    logprobs: list[dict[int, Logprob]] | None = None
+    cumulative_logprob: float | None = None
+    # The quick path of `process`. A plain sample (no logprobs, grammar or stop strings) can
+    # only end by `token_stop`: a token at output length n < quick_until (max_tokens and
+    # max_model_len; 0 until its first token is processed) ends it only if it is in stop_ids
+    # and n >= min_tokens.
+    plain: bool = False
+    quick_until: int = 0
+    stop_ids: frozenset[int] = frozenset()
+    min_tokens: int = 0
+    decodes: bool = True  # False: a deferred detokenizer, handed the ids at the finish
 
 
 class OutputProcessor:
@@ -81,7 +99,7 @@ class OutputProcessor:
         self.scheduler = scheduler
         self.max_model_len = max_model_len
         self._tracked: dict[str, _Tracked] = {}
-        self._owner: dict[str, _Tracked] = {}  # sequence id -> its request
+        self._samples: dict[str, _Sample] = {}  # sequence id -> its output state
         self._prompt_logprob_ids: set[str] = set()  # live requests asking for prompt logprobs
         self.generation_tokens_total = 0
         # Counts that let a step skip whole passes (host time per step):
@@ -100,24 +118,32 @@ class OutputProcessor:
             params: SamplingParams, seqs: Sequence[Request], stream: bool = True) -> None:
         # Text nobody reads before the finish (not streamed, no stop strings): decoded once then.
         defer = not stream and not params.stop
-        samples = [_Sample(seq=s, detok=IncrementalDetokenizer(
-                               self.tokenizer, prompt_ids, params.skip_special_tokens,
-                               params.stop, params.include_stop_str_in_output,
-                               min_tokens=params.min_tokens, defer=defer),
-                           logprobs=[] if params.logprobs is not None else None,
-                           cumulative_logprob=0.0 if params.logprobs is not None else None)
-                   for s in seqs]
-        tracked = _Tracked(request_id, prompt, prompt_ids, params, samples,
+        tracked = _Tracked(request_id, prompt, prompt_ids, params, [],
                            RequestMetrics(arrival_time=time.time()),
                            prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
                            stream=stream)
+        with_logprobs = params.logprobs is not None
+        for s in seqs:
+            stop_ids = set(params.stop_token_ids or ())
+            if not params.ignore_eos:
+                stop_ids.update(s.eos_token_ids)
+            tracked.samples.append(_Sample(
+                tracked, s, IncrementalDetokenizer(
+                    self.tokenizer, prompt_ids, params.skip_special_tokens, params.stop,
+                    params.include_stop_str_in_output, min_tokens=params.min_tokens,
+                    defer=defer),
+                logprobs=[] if with_logprobs else None,
+                cumulative_logprob=0.0 if with_logprobs else None,
+                plain=not with_logprobs and s.grammar is None and not params.stop,
+                stop_ids=frozenset(stop_ids), min_tokens=params.min_tokens,
+                decodes=not defer))
         self._tracked[request_id] = tracked
         self._num_streamed += stream
         self._num_unscheduled += 1
         if tracked.prompt_logprobs is not None:
             self._prompt_logprob_ids.add(request_id)
-        for s in samples:
-            self._owner[s.seq.request_id] = tracked
+        for s in tracked.samples:
+            self._samples[s.seq.request_id] = s
 
     def __contains__(self, request_id: str) -> bool:
         return request_id in self._tracked
@@ -133,11 +159,11 @@ class OutputProcessor:
             return None
         for s in tracked.samples:
             self.scheduler.abort(s.seq.request_id)
-            self._owner.pop(s.seq.request_id, None)
+            self._samples.pop(s.seq.request_id, None)
             if not s.seq.is_finished:
                 s.seq.status = RequestStatus.FINISHED_ABORTED
             if s.detok.deferred:  # its text so far, as a streamed request's would be
-                s.text += self._flush(s)  # ("" when its finish flushed it already)
+                self._flush(s)  # (nothing when its finish flushed it already)
         tracked.finished = True
         self._forget_counts(tracked)
         return self._output(tracked)
@@ -146,38 +172,60 @@ class OutputProcessor:
     def process(self, sched: SchedulerOutput, result: StepResult,
                 produced: Sequence[int]) -> None:
         """Apply a completed step: `produced` are the rows of `sched.seqs` whose sequence
-        got a new token (already appended by `Scheduler.update`)."""
+        got new tokens, already appended by `Scheduler.update`: one per row, or (a
+        verification step, `result.token_ids` [S, K+1]) the row's non-negative entries."""
         now = time.time()
-        owner = self._owner
+        seqs, samples = sched.seqs, self._samples
         if self._num_streamed or self._num_unscheduled:
             # A streamed request gets an output for every step it is in (tokens or not); an
             # unstreamed one only at its finish, so steady steps of `LLM.generate` skip this.
-            for s in sched.seqs:
-                tracked = owner.get(s.request.request_id)
-                if tracked is None:
+            for s in seqs:
+                sample = samples.get(s.request.request_id)
+                if sample is None:
                     continue
+                tracked = sample.tracked
                 if tracked.metrics.first_scheduled_time is None:
                     tracked.metrics.first_scheduled_time = now
+                    tracked.metrics_copy = None
                     self._num_unscheduled -= 1
-                if tracked.stream:
-                    self._touch(tracked)
+                if tracked.stream and not tracked.touched:
+                    tracked.touched = True
+                    self._num_touched += 1
+        counts = None
+        if result.token_ids.ndim == 2:
+            counts = (result.token_ids >= 0).sum(axis=1).tolist()
+        quick = 0
         for row in produced:
-            seq = sched.seqs[row].request
-            tracked = owner.get(seq.request_id)
-            if tracked is None:
+            seq = seqs[row].request
+            sample = samples.get(seq.request_id)
+            if sample is None:
                 continue
-            sample = tracked.samples[seq.sample_index]
+            if counts is not None and counts[row] > 1:
+                self._replay(sample, result, row, counts[row], now)
+                continue
             output = seq.output_token_ids
-            if len(output) - sample.num_seen > 1:  # a verification emitted several: replay
-                new = output[sample.num_seen:]    # them one by one
-                seq.truncate_output(sample.num_seen)
-                for i, token in enumerate(new):
-                    seq.append_output(token)
-                    if self._on_token(tracked, sample, result, row, i, now):
-                        break  # tokens after one that ended the sequence are dropped
+            n = len(output)
+            if n < sample.quick_until and (n < sample.min_tokens
+                                           or output[-1] not in sample.stop_ids):
+                quick += 1  # a plain sample that goes on: only its text to extend
+                if sample.decodes:
+                    sample.detok.add_token(output[-1])
             else:
-                self._on_token(tracked, sample, result, row, 0, now)
-            sample.num_seen = len(output)
+                self._on_token(sample, result, row, 0, now)
+        self.generation_tokens_total += quick
+
+    def _replay(self, sample: _Sample, result: StepResult, row: int, count: int,
+                now: float) -> None:
+        """A verification emitted `count` tokens for the sequence: process them one by one;
+        tokens after one that ended the sequence are dropped."""
+        seq = sample.seq
+        start = len(seq.output_token_ids) - count
+        new = seq.output_token_ids[start:]
+        seq.truncate_output(start)
+        for i, token in enumerate(new):
+            seq.append_output(token)
+            if self._on_token(sample, result, row, i, now):
+                break
 
     def _touch(self, tracked: _Tracked) -> None:
         """tracked has something for the next `collect` (progress if streamed, its finish)."""
@@ -192,15 +240,19 @@ class OutputProcessor:
             sample.detok.step(sample.seq.output_token_ids[len(sample.detok.token_ids):])
         return sample.detok.flush()
 
-    def _on_token(self, tracked: _Tracked, sample: _Sample, result: StepResult, row: int,
-                  i: int, now: float) -> bool:
+    def _on_token(self, sample: _Sample, result: StepResult, row: int, i: int,
+                  now: float) -> bool:
         """Process the sequence's last output token (row's i-th emitted one this step);
-        True if it ended the sequence."""
-        seq, params = sample.seq, tracked.params
+        True if it ended the sequence. The reference the quick path of `process` follows."""
+        tracked, seq, detok = sample.tracked, sample.seq, sample.detok
+        params = tracked.params
         token = seq.output_token_ids[-1]
         self.generation_tokens_total += 1
         if tracked.metrics.first_token_time is None:
             tracked.metrics.first_token_time = now
+            tracked.metrics_copy = None
+        if sample.plain:
+            sample.quick_until = min(seq.max_tokens, self.max_model_len - seq.num_prompt_tokens)
         if sample.logprobs is not None:
             logprob, rank, top_ids, top_vals = result.position(row, i)
             sample.logprobs.append(self.logprob_entry(
@@ -212,16 +264,16 @@ class OutputProcessor:
             seq.grammar.sync(seq.output_token_ids)
             if seq.grammar.finished:  # nothing but EOS may follow: the output is complete
                 stop = (RequestStatus.FINISHED_STOPPED, None)
-        if not sample.detok.deferred:
-            sample.text += sample.detok.step([token])
-        if stop is not None and sample.detok.stop_hit is None:
+        if sample.decodes:
+            detok.add_token(token)
+        if stop is not None and detok.stop_hit is None:
             # Text held back (bytes of an unfinished character, a possible stop-string start)
             # is released now, and may itself complete a stop string.
-            sample.text += self._flush(sample)
-        if sample.detok.stop_hit is not None and (
+            self._flush(sample)
+        if detok.stop_hit is not None and (
                 stop is None or stop[0] is RequestStatus.FINISHED_LENGTH):
             # A stop string wins over length (as in vLLM); a stop token keeps its own reason.
-            stop = (RequestStatus.FINISHED_STOPPED, sample.detok.stop_hit)
+            stop = (RequestStatus.FINISHED_STOPPED, detok.stop_hit)
         if stop is not None:
             self.scheduler.finish(seq.request_id, *stop)
             self._touch(tracked)
@@ -243,8 +295,11 @@ class OutputProcessor:
         if not self._prompt_logprob_ids:
             return rows, targets, where
         for i, s in enumerate(sched.seqs):
-            tracked = self._owner.get(s.request.request_id)
-            if tracked is None or tracked.prompt_logprobs is None or s.request.sample_index != 0:
+            sample = self._samples.get(s.request.request_id)
+            if sample is None or s.request.sample_index != 0:
+                continue
+            tracked = sample.tracked
+            if tracked.prompt_logprobs is None:
                 continue
             n_prompt = len(tracked.prompt_token_ids)
             base = int(cu_q_lens[i])
@@ -272,20 +327,20 @@ class OutputProcessor:
         if not self._num_touched:
             return outs
         self._num_touched = 0
-        for rid, tracked in list(self._tracked.items()):
+        for tracked in list(self._tracked.values()):
             if not tracked.touched:
                 continue
             tracked.touched = False
-            samples = tracked.samples
-            if (samples[0].seq.is_finished if len(samples) == 1
-                    else all(s.seq.is_finished for s in samples)):
+            if _all_finished(tracked.samples):
+                rid = tracked.request_id
                 tracked.finished = True
                 tracked.metrics.finished_time = time.time()
+                tracked.metrics_copy = None
                 del self._tracked[rid]
                 self._forget_counts(tracked)
                 self._prompt_logprob_ids.discard(rid)
                 for s in tracked.samples:
-                    self._owner.pop(s.seq.request_id, None)
+                    self._samples.pop(s.seq.request_id, None)
             elif not tracked.stream:
                 continue
             outs.append(self._output(tracked))
@@ -295,14 +350,33 @@ class OutputProcessor:
         """The request's cumulative output now; nothing in it aliases live state. (Built with
         positional arguments: a streamed request gets one per step, and keywords cost ~40 %
         more per object.)"""
-        tracked.metrics.num_cached_tokens = tracked.samples[0].seq.num_cached_tokens
-        outputs = [CompletionOutput(
-            i, s.text, list(s.seq.output_token_ids), s.cumulative_logprob,
-            list(s.logprobs) if s.logprobs is not None else None,
-            s.seq.status.finish_reason, s.seq.stop_reason)
-            for i, s in enumerate(tracked.samples)]
+        samples = tracked.samples
+        cached = samples[0].seq.num_cached_tokens
+        metrics = tracked.metrics_copy
+        if metrics is None or metrics.num_cached_tokens != cached:
+            tracked.metrics.num_cached_tokens = cached
+            metrics = tracked.metrics_copy = tracked.metrics.snapshot()
+        outputs = ([_completion(0, samples[0])] if len(samples) == 1
+                   else [_completion(i, s) for i, s in enumerate(samples)])
         return RequestOutput(
             tracked.request_id, tracked.prompt, tracked.prompt_token_ids, outputs,
             tracked.finished,
-            list(tracked.prompt_logprobs) if tracked.prompt_logprobs else None,
-            tracked.metrics.snapshot())
+            list(tracked.prompt_logprobs) if tracked.prompt_logprobs else None, metrics)
+
+
+def _all_finished(samples: list[_Sample]) -> bool:
+    for s in samples:
+        status = s.seq.status
+        if status is _RUNNING or not status.is_finished:
+            return False
+    return True
+
+
+def _completion(index: int, sample: _Sample) -> CompletionOutput:
+    """One sample's cumulative output (copies of its growing lists)."""
+    seq = sample.seq
+    status = seq.status
+    return CompletionOutput(
+        index, sample.detok.text, seq.output_token_ids[:], sample.cumulative_logprob,
+        sample.logprobs[:] if sample.logprobs is not None else None,
+        None if status is _RUNNING else status.finish_reason, seq.stop_reason)
