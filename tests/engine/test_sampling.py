@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -383,16 +385,22 @@ def test_param_column_cache_reuses_only_the_same_rows():
     rows = [pool[int(i)] for i in rng.integers(0, 6, 5)]
     first = cache.columns(rows, 8)
     assert cache.columns(list(rows), 8) is first  # same params objects in the same rows
+    # Then random compositions: rows of the last batch shifted, dropped, repeated, new
+    # params and None (a padding row) among them.
+    choices = [*pool, None]
+    last = rows
     for changed in (rows[:4], rows[::-1], rows[:4] + [SamplingParams(**vars(rows[4]))],
-                    *([pool[int(i)] for i in rng.integers(0, 6, int(rng.integers(1, 9)))]
-                      for _ in range(6))):
+                    *([choices[int(i)] for i in rng.integers(0, 7, int(rng.integers(0, 9)))]
+                      for _ in range(12))):
         got = cache.columns(changed, 8)
-        assert got is not first  # a new composition (even an equal copy) is rebuilt
+        same = len(changed) == len(last) and all(map(operator.is_, changed, last))
+        assert (got is first) == same  # a new composition (even an equal copy) is rebuilt
         expected = param_columns(changed, 8, 512)
         assert all(np.array_equal(got[k], expected[k]) for k in expected)
         assert all(got[k].dtype == expected[k].dtype for k in expected)
-        assert cache.kinds(changed, 8) == RowKinds.of(changed)
-        first = got
+        assert cache.kinds(changed, 8) == RowKinds.of(
+            [p if p is not None else SamplingParams(temperature=0.0) for p in changed])
+        first, last = got, changed
     assert cache.columns(rows, 16) is not cache.columns(rows, 8)
 
 
