@@ -126,7 +126,8 @@ class IncrementalDetokenizer:
         if stream is not None:
             try:
                 chunk = stream(token)
-            except Exception:  # (it refuses a decode that rewrote the window's text)
+            except Exception:  # noqa: BLE001 (tokenizers raises its Rust errors as a bare
+                # Exception; here: it refuses a decode that rewrote the window's text)
                 chunk = stream = self._stream = None
             if chunk is not None:
                 # Same window, same offsets as _decode_new: where the Rust decoder yields
