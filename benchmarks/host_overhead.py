@@ -1,7 +1,7 @@
 """Host overhead of the engine loop: how much of its own device step's rate the engine delivers.
 
     python benchmarks/host_overhead.py [--batches 1,64,256] [--output-len 64] [--profile]
-        [--no-stream]
+        [--no-stream] [--stub-device]
 
 A tiny random-weight Llama (its device step is much cheaper than the host work around it)
 runs B requests of 32 prompt + `--output-len` output tokens. For each batch B it prints:
@@ -15,6 +15,12 @@ Requests are streamed (an output per request per step, as the server makes them)
 The heap is frozen after warm-up (`gc.freeze()`, as the server does): a full garbage
 collection of the ~700k objects of torch, transformers and jax would otherwise stall a step for
 ~0.3 s now and then. `--profile` prints the top functions of a cProfile of the overlapped run at the largest batch.
+`--stub-device` measures the host work alone: the runner's programs run once per shape and
+are then skipped (each call returns that shape's first result), so a step is the scheduler,
+input layout, sampling columns, `update` and output processing, with no dispatch and no device
+beside the host thread on the two cores (on this machine the device's threads share the
+host's cores and caches; an accelerator's do not). It prints the median host ms per step of
+the serial loop.
 This is the CPU proxy for the GPU issue (on an H200, a 5.9 ms device step ran at ~15 ms per
 step end to end, serial).
 """
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import dataclasses
 import gc
 import pstats
 import statistics
@@ -76,7 +83,6 @@ def runner_only_ms(engine: LLMEngine, batch: int, ctx: int, iters: int) -> float
 def end_to_end(engine: LLMEngine, batch: int, output_len: int, overlap: bool, stream: bool,
                profile: cProfile.Profile | None = None) -> tuple[float, float]:
     """(decode tok/s in the all-decoding steady state, median host ms per step)."""
-    import dataclasses
 
     engine.config = dataclasses.replace(engine.config, overlap_scheduling=overlap)
     rng = np.random.default_rng(batch)
@@ -103,6 +109,42 @@ def end_to_end(engine: LLMEngine, batch: int, output_len: int, overlap: bool, st
     return steady_tokens / steady_time, 1e3 * statistics.median(host)
 
 
+def stub_device(engine: LLMEngine) -> None:
+    """Make the engine's runner return each shape's first forward and sample result again
+    instead of running (host work alone). Fetched tokens cycle through ids that decode to
+    plain text (what a real model mostly emits), so streamed rows detokenize as they would."""
+    runner = engine.runner
+    forward, sample, fetch = runner.forward, runner.sample, runner.fetch
+    forwards, samples, results = {}, {}, {}
+    decode = engine.tokenizer.decode
+    text_ids = np.array([i for i in range(engine.tokenizer.vocab_size)
+                         if (t := decode([i])).isprintable() and t.strip()], np.int32)
+    steps = iter(range(1 << 62))
+
+    def stub_forward(inputs, prev_tokens=None):
+        key = inputs.shape_key
+        if key not in forwards:
+            forwards[key] = forward(inputs, prev_tokens)
+        return forwards[key]
+
+    def stub_sample(logits, tensors):
+        key = logits.shape[0]
+        if key not in samples:
+            samples[key] = sample(logits, tensors)
+        return samples[key]
+
+    def stub_fetch(sampled):
+        key = sampled.next_input_ids.shape, sampled.output.token_ids.shape
+        if key not in results:
+            results[key] = fetch(sampled)
+        result = results[key]
+        shift = next(steps)
+        ids = text_ids[(np.arange(result.token_ids.size) + shift) % text_ids.size]
+        return dataclasses.replace(result, token_ids=ids.reshape(result.token_ids.shape))
+
+    runner.forward, runner.sample, runner.fetch = stub_forward, stub_sample, stub_fetch
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batches", default="1,64,256")
@@ -112,6 +154,8 @@ def main() -> None:
     ap.add_argument("--no-stream", action="store_true",
                     help="requests as LLM.generate makes them (outputs only at the finish) "
                          "instead of streamed (an output per step, as the server's)")
+    ap.add_argument("--stub-device", action="store_true",
+                    help="host work alone: the runner's programs are not run (see above)")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     with tempfile.TemporaryDirectory() as d:
@@ -122,6 +166,15 @@ def main() -> None:
     gc.collect()
     gc.freeze()  # as the server does (ServerConfig.freeze_gc): no 0.3 s full collections
     print(f"jax {jax.__version__} on {jax.default_backend()}; tiny Llama (2 layers, hidden 64)")
+    stream = not args.no_stream
+    if args.stub_device:
+        stub_device(engine)
+        print("| batch | host ms/step, device stubbed (serial loop) |\n|---|---|")
+        for b in batches:
+            end_to_end(engine, b, args.output_len, overlap=False, stream=stream)  # warm
+            _, host = end_to_end(engine, b, args.output_len, overlap=False, stream=stream)
+            print(f"| {b} | {host:.2f} |")
+        return
     print("| batch | runner-only ms/step | runner-only tok/s | serial tok/s (frac) | "
           "overlapped tok/s (frac) | host ms/step serial | overlapped |")
     print("|---|---|---|---|---|---|---|")
@@ -129,7 +182,6 @@ def main() -> None:
     for b in batches:
         ms = runner_only_ms(engine, b, PROMPT_LEN + args.output_len // 2, args.iters)
         dev = b / (ms / 1e3)
-        stream = not args.no_stream
         serial, host_s = end_to_end(engine, b, args.output_len, overlap=False, stream=stream)
         over, host_o = end_to_end(engine, b, args.output_len, overlap=True, stream=stream,
                                   profile=prof if b == max(batches) else None)

@@ -391,7 +391,9 @@ class Scheduler:
             req.num_draft_tokens = 0
             req.num_pending_samples -= 1
             if not per_row:  # one sampled token (the hot path: every decode step)
-                req.append_output(sampled[i])
+                token = sampled[i]  # (`append_output`, inlined)
+                req.output_token_ids.append(token)
+                req.all_token_ids.append(token)
                 computed.append((req, kv_len))
                 produced.append(i)
                 continue
