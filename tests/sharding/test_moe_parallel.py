@@ -23,7 +23,11 @@ def results(tmp_path_factory):
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_sharded_moe_matches_single_device(results, name):
     r = worker_case(results, name)
-    assert r["logits_err"] < 1e-5, (results["seed"], r["logits_err"])
+    # Relative to the largest logit. Float32 summation order (partial sums per shard, then an
+    # all-reduce) gives 7e-7 to 7e-6 over random seeds and a tail beyond: seed 969320541 gives
+    # 2.0e-5 on mixtral_6_experts_tp4, on the code before this bound too. A misplaced shard or
+    # a missing reduction is off by 1e-2 or more; the greedy tokens below must match as well.
+    assert r["logits_err"] < 1e-4, (results["seed"], r["logits_err"])
     assert r["tokens_equal"], (results["seed"], r["tokens"], r["ref_tokens"])
     spec, shard = CASES[name]
     assert r["specs"]["gate_w"] == [spec, shard]
