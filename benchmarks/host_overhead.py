@@ -1,7 +1,7 @@
 """Host overhead of the engine loop: how much of its own device step's rate the engine delivers.
 
     python benchmarks/host_overhead.py [--batches 1,64,256] [--output-len 64] [--profile]
-        [--no-stream] [--stub-device]
+        [--output-kind delta|cumulative|final_only] [--stub-device]
 
 A tiny random-weight Llama (its device step is much cheaper than the host work around it)
 runs B requests of 32 prompt + `--output-len` output tokens. For each batch B it prints:
@@ -10,8 +10,10 @@ runs B requests of 32 prompt + `--output-len` output tokens. For each batch B it
 - end to end, serial and overlapped loops: decode tok/s of `LLMEngine.step` (steady state:
   steps where every request decodes), as a fraction of the runner-only rate;
 - host ms per step: wall time of a step minus the time it waited for the device.
-Requests are streamed (an output per request per step, as the server makes them) unless
-`--no-stream` (outputs only at the finish, as `LLM.generate` makes them).
+Requests are streamed with `--output-kind` (`SamplingParams.output_kind`): delta (the default:
+an output per request per step carrying its new token, as the server's streams), cumulative
+(each output copies everything so far) or final_only (one output at the finish, as
+`LLM.generate` and non-streaming HTTP requests).
 The heap is frozen after warm-up (`gc.freeze()`, as the server does): a full garbage
 collection of the ~700k objects of torch, transformers and jax would otherwise stall a step for
 ~0.3 s now and then. `--profile` prints the top functions of a cProfile of the overlapped run at the largest batch.
@@ -43,7 +45,7 @@ from step_fixtures import decode_step_inputs
 
 from jaxllm.config import EngineConfig
 from jaxllm.engine import LLMEngine
-from jaxllm.sampling_params import SamplingParams
+from jaxllm.sampling_params import RequestOutputKind, SamplingParams
 
 PROMPT_LEN = 32
 
@@ -80,16 +82,17 @@ def runner_only_ms(engine: LLMEngine, batch: int, ctx: int, iters: int) -> float
     return 1e3 * statistics.median(times)
 
 
-def end_to_end(engine: LLMEngine, batch: int, output_len: int, overlap: bool, stream: bool,
+def end_to_end(engine: LLMEngine, batch: int, output_len: int, overlap: bool,
+               output_kind: RequestOutputKind,
                profile: cProfile.Profile | None = None) -> tuple[float, float]:
     """(decode tok/s in the all-decoding steady state, median host ms per step)."""
 
     engine.config = dataclasses.replace(engine.config, overlap_scheduling=overlap)
     rng = np.random.default_rng(batch)
-    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True,
+                            output_kind=output_kind)
     for i in range(batch):
-        engine.add_request(rng.integers(3, 500, PROMPT_LEN).tolist(), params, f"r{i}",
-                           stream=stream)
+        engine.add_request(rng.integers(3, 500, PROMPT_LEN).tolist(), params, f"r{i}")
     steady_tokens, steady_time, host = 0, 0.0, []
     if profile:
         profile.enable()
@@ -117,8 +120,11 @@ def stub_device(engine: LLMEngine) -> None:
     forward, sample, fetch = runner.forward, runner.sample, runner.fetch
     forwards, samples, results = {}, {}, {}
     decode = engine.tokenizer.decode
+    # (U+FFFD: a lone byte of a multi-byte character; random ones never complete, and the
+    # detokenizer would hold them back and re-decode, which real text does not make it do)
     text_ids = np.array([i for i in range(engine.tokenizer.vocab_size)
-                         if (t := decode([i])).isprintable() and t.strip()], np.int32)
+                         if (t := decode([i])).isprintable() and t.strip()
+                         and "\ufffd" not in t], np.int32)
     steps = iter(range(1 << 62))
 
     def stub_forward(inputs, prev_tokens=None):
@@ -151,9 +157,9 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--profile", action="store_true")
-    ap.add_argument("--no-stream", action="store_true",
-                    help="requests as LLM.generate makes them (outputs only at the finish) "
-                         "instead of streamed (an output per step, as the server's)")
+    ap.add_argument("--output-kind", default="delta",
+                    choices=[k.name.lower() for k in RequestOutputKind],
+                    help="what each output carries (see above)")
     ap.add_argument("--stub-device", action="store_true",
                     help="host work alone: the runner's programs are not run (see above)")
     args = ap.parse_args()
@@ -166,13 +172,13 @@ def main() -> None:
     gc.collect()
     gc.freeze()  # as the server does (ServerConfig.freeze_gc): no 0.3 s full collections
     print(f"jax {jax.__version__} on {jax.default_backend()}; tiny Llama (2 layers, hidden 64)")
-    stream = not args.no_stream
+    kind = RequestOutputKind[args.output_kind.upper()]
     if args.stub_device:
         stub_device(engine)
         print("| batch | host ms/step, device stubbed (serial loop) |\n|---|---|")
         for b in batches:
-            end_to_end(engine, b, args.output_len, overlap=False, stream=stream)  # warm
-            _, host = end_to_end(engine, b, args.output_len, overlap=False, stream=stream)
+            end_to_end(engine, b, args.output_len, overlap=False, output_kind=kind)  # warm
+            _, host = end_to_end(engine, b, args.output_len, overlap=False, output_kind=kind)
             print(f"| {b} | {host:.2f} |")
         return
     print("| batch | runner-only ms/step | runner-only tok/s | serial tok/s (frac) | "
@@ -182,8 +188,8 @@ def main() -> None:
     for b in batches:
         ms = runner_only_ms(engine, b, PROMPT_LEN + args.output_len // 2, args.iters)
         dev = b / (ms / 1e3)
-        serial, host_s = end_to_end(engine, b, args.output_len, overlap=False, stream=stream)
-        over, host_o = end_to_end(engine, b, args.output_len, overlap=True, stream=stream,
+        serial, host_s = end_to_end(engine, b, args.output_len, overlap=False, output_kind=kind)
+        over, host_o = end_to_end(engine, b, args.output_len, overlap=True, output_kind=kind,
                                   profile=prof if b == max(batches) else None)
         print(f"| {b} | {ms:.2f} | {dev:.0f} | {serial:.0f} ({serial / dev:.2f}) | "
               f"{over:.0f} ({over / dev:.2f}) | {host_s:.2f} | {host_o:.2f} |")

@@ -18,7 +18,7 @@ del _Path, _root
 
 from jaxllm.config import EngineConfig  # noqa: E402
 from jaxllm.outputs import CompletionOutput, RequestOutput  # noqa: E402
-from jaxllm.sampling_params import SamplingParams  # noqa: E402
+from jaxllm.sampling_params import RequestOutputKind, SamplingParams  # noqa: E402
 from jaxllm.structured.spec import StructuredOutputsParams  # noqa: E402
 
 
@@ -36,4 +36,4 @@ def __getattr__(name: str):
 
 
 __all__ = ["LLM", "AsyncEngine", "CompletionOutput", "EngineConfig", "RequestOutput",
-           "SamplingParams", "StructuredOutputsParams"]
+           "RequestOutputKind", "SamplingParams", "StructuredOutputsParams"]

@@ -156,7 +156,8 @@ class AsyncEngine:
     async def generate(self, prompt: str | list[int], sampling_params: SamplingParams,
                        request_id: str, *, cache_salt: str | None = None,
                        priority: int = 0) -> AsyncIterator[RequestOutput]:
-        """Yield cumulative outputs until finished; abort the request if the consumer leaves."""
+        """Yield outputs (`sampling_params.output_kind`) until finished; abort the request if
+        the consumer leaves."""
         self._raise_if_dead()
         if self._stats.num_waiting >= self.engine_config.max_waiting_requests:
             raise EngineOverloadedError(

@@ -235,10 +235,10 @@ class LLMEngine:
 
     def add_request(self, prompt: str | list[int], sampling_params: SamplingParams | None,
                     request_id: str, *, cache_salt: str | None = None,
-                    priority: int = 0, stream: bool = True) -> None:
+                    priority: int = 0) -> None:
         """Tokenize and admit; ValueError (and nothing admitted) for bad input. The argument
-        order is `EngineClient.generate`'s. `stream=False`: `step` returns this request's
-        output only when it finishes (no per-step output objects to build)."""
+        order is `EngineClient.generate`'s. What `step` returns for the request, every step
+        or only at its finish, whole or new parts only, is `sampling_params.output_kind`."""
         params = sampling_params if sampling_params is not None else self.default_sampling_params()
         if not isinstance(params, SamplingParams):
             raise ValueError("sampling params must be a SamplingParams")
@@ -274,7 +274,7 @@ class LLMEngine:
             self.scheduler.add_request(seqs[0])
         else:
             self.scheduler.add_parallel_samples(seqs)
-        self.outputs.add(request_id, text, ids, params, seqs, stream)
+        self.outputs.add(request_id, text, ids, params, seqs)
         self._stats.prompt_tokens_total += len(ids)
 
     def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 @runtime_checkable
 class EngineClient(Protocol):
-    """An async engine: streams cumulative outputs, runs management commands."""
+    """An async engine: streams outputs, runs management commands."""
 
     engine_config: EngineConfig
     model_config: ModelConfig
@@ -34,8 +34,9 @@ class EngineClient(Protocol):
     def generate(self, prompt: str | list[int], sampling_params: SamplingParams,
                  request_id: str, *, cache_salt: str | None = None,
                  priority: int = 0) -> AsyncIterator[RequestOutput]:
-        """Admit a request; yield its cumulative outputs until finished (ValueError for bad
-        input before anything is queued; leaving the iterator early aborts it)."""
+        """Admit a request; yield its outputs (`sampling_params.output_kind`: cumulative,
+        deltas or the final one) until finished (ValueError for bad input before anything is
+        queued; leaving the iterator early aborts it)."""
         ...
 
     async def abort(self, request_id: str) -> bool: ...
@@ -77,7 +78,7 @@ class EngineCore(Protocol):
 
     def add_request(self, prompt: str | list[int], sampling_params: SamplingParams | None,
                     request_id: str, *, cache_salt: str | None = None,
-                    priority: int = 0, stream: bool = True) -> None: ...
+                    priority: int = 0) -> None: ...
 
     def abort_request(self, request_id: str, return_output: bool = False
                       ) -> RequestOutput | bool | None: ...

@@ -12,7 +12,7 @@ from jaxllm.config import EngineConfig
 from jaxllm.engine import LLMEngine
 from jaxllm.engine_client import EngineCore
 from jaxllm.outputs import RequestOutput
-from jaxllm.sampling_params import SamplingParams
+from jaxllm.sampling_params import RequestOutputKind, SamplingParams
 from jaxllm.tokenizer import Tokenizer
 
 Prompt = str | list[int]
@@ -67,9 +67,14 @@ class LLM:
              use_tqdm: bool) -> list[RequestOutput]:
         ids = [f"llm-{next(self._ids)}" for _ in prompts]
         added: list[str] = []
+        final_only: dict[int, SamplingParams] = {}  # one copy per distinct params object
         try:
             for rid, prompt, p in zip(ids, prompts, params, strict=True):
-                self.engine.add_request(prompt, p, rid, stream=False)
+                if p.output_kind is not RequestOutputKind.FINAL_ONLY:
+                    if id(p) not in final_only:
+                        final_only[id(p)] = p.clone(output_kind=RequestOutputKind.FINAL_ONLY)
+                    p = final_only[id(p)]
+                self.engine.add_request(prompt, p, rid)
                 added.append(rid)
         except Exception:
             for rid in added:
@@ -131,4 +136,6 @@ def _per_prompt(params, n: int, default: SamplingParams) -> list[SamplingParams]
     params = list(params)
     if len(params) != n:
         raise ValueError(f"got {len(params)} sampling params for {n} prompts")
+    if not all(isinstance(p, SamplingParams) for p in params):
+        raise ValueError("sampling params must be SamplingParams")
     return params

@@ -2,10 +2,10 @@
 
 The `OutputProcessor` keeps the user-visible state of every live request (an
 `IncrementalDetokenizer`, logprob lists and metrics per sample), turns each step's sampled
-tokens into cumulative `RequestOutput`s, and decides every finish reason: EOS and stop token
-ids, max_tokens and max_model_len (`token_stop`), a grammar that can only end (structured
-output: "stop" even if the model would go on), stop strings (the detokenizer finds them),
-aborts. It tells the scheduler (`Scheduler.finish`), which frees the pages; the scheduler
+tokens into `RequestOutput`s (cumulative, deltas or final only: `SamplingParams.output_kind`),
+and decides every finish reason: EOS and stop token ids, max_tokens and max_model_len
+(`token_stop`), a grammar that can only end (structured output: "stop" even if the model would
+go on), stop strings (the detokenizer finds them), aborts. It tells the scheduler (`Scheduler.finish`), which frees the pages; the scheduler
 never decides a finish itself.
 
 Per step, a row of a plain sample (no logprobs, grammar or stop strings) whose token cannot end
@@ -25,7 +25,7 @@ import numpy as np
 from jaxllm.detokenizer import IncrementalDetokenizer
 from jaxllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from jaxllm.request import Request, RequestStatus
-from jaxllm.sampling_params import SamplingParams
+from jaxllm.sampling_params import RequestOutputKind, SamplingParams
 from jaxllm.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -64,7 +64,9 @@ class _Tracked:
     metrics: RequestMetrics
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     finished: bool = False
-    stream: bool = True  # False: the caller wants only the final output (LLM.generate)
+    stream: bool = True  # False: the caller wants only the final output (FINAL_ONLY)
+    delta: bool = False  # outputs carry only what is new (DELTA)
+    sent_prompt_logprobs: int = 0  # prompt logprob entries DELTA outputs already carried
     touched: bool = field(default=False, repr=False)
     # The metrics copy the last output carried, None once they changed: outputs share it
     # while nothing changes (the engine never writes to a copy it handed out).
@@ -89,6 +91,8 @@ class _Sample:
     stop_ids: frozenset[int] = frozenset()
     min_tokens: int = 0
     decodes: bool = True  # False: a deferred detokenizer, handed the ids at the finish
+    sent_tokens: int = 0  # tokens (and logprobs) DELTA outputs already carried
+    sent_text: int = 0  # characters of text DELTA outputs already carried
 
 
 class OutputProcessor:
@@ -103,7 +107,7 @@ class OutputProcessor:
         self._prompt_logprob_ids: set[str] = set()  # live requests asking for prompt logprobs
         self.generation_tokens_total = 0
         # Counts that let a step skip whole passes (host time per step):
-        self._num_streamed = 0  # live requests added with stream=True
+        self._num_streamed = 0  # live requests with an output every step (not FINAL_ONLY)
         self._num_unscheduled = 0  # live requests never scheduled (first_scheduled_time unset)
         self._num_touched = 0  # requests with something for the next collect
 
@@ -115,13 +119,14 @@ class OutputProcessor:
 
     # -- requests -----------------------------------------------------------------------------
     def add(self, request_id: str, prompt: str | None, prompt_ids: list[int],
-            params: SamplingParams, seqs: Sequence[Request], stream: bool = True) -> None:
+            params: SamplingParams, seqs: Sequence[Request]) -> None:
+        stream = params.output_kind is not RequestOutputKind.FINAL_ONLY
         # Text nobody reads before the finish (not streamed, no stop strings): decoded once then.
         defer = not stream and not params.stop
         tracked = _Tracked(request_id, prompt, prompt_ids, params, [],
                            RequestMetrics(arrival_time=time.time()),
                            prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
-                           stream=stream)
+                           stream=stream, delta=params.output_kind is RequestOutputKind.DELTA)
         with_logprobs = params.logprobs is not None
         for s in seqs:
             stop_ids = set(params.stop_token_ids or ())
@@ -322,7 +327,7 @@ class OutputProcessor:
     # -- outputs ------------------------------------------------------------------------------
     def collect(self) -> list[RequestOutput]:
         """Outputs of every request that progressed since the last call (only finished ones
-        for requests added with stream=False); finished ones are forgotten."""
+        for FINAL_ONLY requests); finished ones are forgotten."""
         outs: list[RequestOutput] = []
         if not self._num_touched:
             return outs
@@ -347,21 +352,30 @@ class OutputProcessor:
         return outs
 
     def _output(self, tracked: _Tracked) -> RequestOutput:
-        """The request's cumulative output now; nothing in it aliases live state. (Built with
-        positional arguments: a streamed request gets one per step, and keywords cost ~40 %
-        more per object.)"""
+        """The request's output now, cumulative or (DELTA) what is new since its last one;
+        nothing in it aliases live state. (Built with positional arguments: a streamed request
+        gets one per step, and keywords cost ~40 % more per object.)"""
         samples = tracked.samples
         cached = samples[0].seq.num_cached_tokens
         metrics = tracked.metrics_copy
         if metrics is None or metrics.num_cached_tokens != cached:
             tracked.metrics.num_cached_tokens = cached
             metrics = tracked.metrics_copy = tracked.metrics.snapshot()
-        outputs = ([_completion(0, samples[0])] if len(samples) == 1
-                   else [_completion(i, s) for i, s in enumerate(samples)])
+        prompt_logprobs = tracked.prompt_logprobs
+        if tracked.delta:
+            outputs = [_delta_completion(i, s) for i, s in enumerate(samples)]
+            if prompt_logprobs is not None:
+                sent, tracked.sent_prompt_logprobs = (tracked.sent_prompt_logprobs,
+                                                      len(prompt_logprobs))
+                prompt_logprobs = prompt_logprobs[sent:]
+        else:
+            outputs = ([_completion(0, samples[0])] if len(samples) == 1
+                       else [_completion(i, s) for i, s in enumerate(samples)])
+            if prompt_logprobs is not None:
+                prompt_logprobs = list(prompt_logprobs)
         return RequestOutput(
             tracked.request_id, tracked.prompt, tracked.prompt_token_ids, outputs,
-            tracked.finished,
-            list(tracked.prompt_logprobs) if tracked.prompt_logprobs else None, metrics)
+            tracked.finished, prompt_logprobs, metrics)
 
 
 def _all_finished(samples: list[_Sample]) -> bool:
@@ -370,6 +384,19 @@ def _all_finished(samples: list[_Sample]) -> bool:
         if status is _RUNNING or not status.is_finished:
             return False
     return True
+
+
+def _delta_completion(index: int, sample: _Sample) -> CompletionOutput:
+    """What one sample produced since its last output (DELTA); advances its offsets."""
+    seq = sample.seq
+    status = seq.status
+    tokens, text = sample.sent_tokens, sample.sent_text
+    output, full = seq.output_token_ids, sample.detok.text
+    sample.sent_tokens, sample.sent_text = len(output), len(full)
+    return CompletionOutput(
+        index, full[text:], output[tokens:], sample.cumulative_logprob,
+        sample.logprobs[tokens:] if sample.logprobs is not None else None,
+        None if status is _RUNNING else status.finish_reason, seq.stop_reason)
 
 
 def _completion(index: int, sample: _Sample) -> CompletionOutput:

@@ -20,7 +20,9 @@ PositionLogprobs = dict[int, Logprob]
 
 @dataclass(slots=True)
 class CompletionOutput:
-    """One sample (of n) for a request. Cumulative: text and token_ids hold everything so far."""
+    """One sample (of n) for a request. text, token_ids and logprobs hold everything so far,
+    or (`RequestOutputKind.DELTA`) what is new since the request's previous output;
+    cumulative_logprob is always the running total."""
 
     index: int
     text: str = ""

@@ -6,6 +6,7 @@ and never reaches the device.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
@@ -19,6 +20,22 @@ MAX_LOGIT_BIAS = 100.0
 # Below this temperature a request is treated as greedy: dividing logits by it would overflow
 # the useful float32 range and the distribution is one-hot in all but name.
 GREEDY_TEMPERATURE = 1e-5
+
+
+class RequestOutputKind(enum.IntEnum):
+    """What each output of a request carries (vLLM's values).
+
+    CUMULATIVE: every output holds everything so far (text, token ids, logprobs).
+    DELTA: only what is new since the previous output; concatenating a request's outputs
+    gives the cumulative one (cumulative_logprob and metrics stay cumulative). Streams of long
+    outputs stop copying their whole history every step.
+    FINAL_ONLY: one output, at the finish (what `LLM.generate` and non-streaming HTTP requests
+    read); no per-step output objects, and text without stop strings is decoded once.
+    """
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
 
 
 @dataclass
@@ -65,8 +82,10 @@ class SamplingParams:
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
+        self._check_output_kind()
         self._check_numbers()
         self._check_lengths()
         self._check_stops()
@@ -75,6 +94,14 @@ class SamplingParams:
         self._check_structured_outputs()
 
     # --- validation -------------------------------------------------------------------
+    def _check_output_kind(self) -> None:
+        kind = self.output_kind
+        if isinstance(kind, bool) or not isinstance(kind, int) or kind not in (
+                k.value for k in RequestOutputKind):
+            raise ValueError("output_kind must be a RequestOutputKind (CUMULATIVE, DELTA or "
+                             f"FINAL_ONLY), got {kind!r}")
+        self.output_kind = RequestOutputKind(kind)
+
     def _check_numbers(self) -> None:
         _require_int("n", self.n)
         if self.n < 1:
@@ -269,5 +296,5 @@ def _require_int(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be an integer, got {value!r}")
 
 
-__all__ = ["MAX_LOGPROBS", "MAX_LOGIT_BIAS", "GREEDY_TEMPERATURE", "SamplingParams",
-           "StructuredOutputsParams"]
+__all__ = ["MAX_LOGPROBS", "MAX_LOGIT_BIAS", "GREEDY_TEMPERATURE", "RequestOutputKind",
+           "SamplingParams", "StructuredOutputsParams"]

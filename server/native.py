@@ -21,6 +21,7 @@ from .serving import (
     generate,
     get_ctx,
     normalize_stop,
+    output_kind,
     resolve_max_tokens,
 )
 from .streaming import SSE_DONE, SSE_HEADERS, merge_streams, run_unless_disconnected, sse
@@ -74,6 +75,7 @@ def _params(ctx: ServingContext, req: GenerateRequest, sp: NativeSamplingParams,
         prompt_logprobs=(req.top_logprobs_num if want_lp and req.logprob_start_len >= 0
                          else None),
         skip_special_tokens=sp.skip_special_tokens, include_stop_str_in_output=sp.no_stop_trim,
+        output_kind=output_kind(req.stream, cumulative=True),  # its events are cumulative
         structured_outputs=_structured(sp))
 
 

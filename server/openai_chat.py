@@ -29,6 +29,7 @@ from .serving import (
     generate,
     get_ctx,
     normalize_stop,
+    output_kind,
     request_id,
     resolve_bad_words,
     resolve_max_tokens,
@@ -142,7 +143,10 @@ def _top_k(req: ChatCompletionRequest) -> int | None:
     return (req.top_logprobs or 0) if req.logprobs else None
 
 
-def chat_sampling_params(ctx: ServingContext, req: ChatCompletionRequest, max_tokens: int) -> Any:
+def chat_sampling_params(ctx: ServingContext, req: ChatCompletionRequest, max_tokens: int,
+                         stream: bool) -> Any:
+    """The engine request's params; a stream gets DELTA outputs, an answer only the final
+    one (`output_kind`)."""
     tool_spec = (tool_call_spec(req.tools or [], req.tool_choice, _forced_tool_prefix(req))
                  if _tools_active(req) else None)
     return resolve_bad_words(ctx, build_sampling_params(
@@ -153,6 +157,7 @@ def chat_sampling_params(ctx: ServingContext, req: ChatCompletionRequest, max_to
         repetition_penalty=req.repetition_penalty, seed=req.seed, logprobs=_top_k(req),
         prompt_logprobs=req.prompt_logprobs, skip_special_tokens=req.skip_special_tokens,
         include_stop_str_in_output=req.include_stop_str_in_output,
+        output_kind=output_kind(stream),
         **token_constraints(ctx, req.logit_bias, req.allowed_token_ids, req.bad_words),
         **structured_fields(req, tool_spec)))
 
@@ -166,7 +171,7 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request) -
     if not ids:
         raise bad_request("the rendered prompt is empty", param="messages")
     want = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    params = chat_sampling_params(ctx, req, resolve_max_tokens(ctx, len(ids), want))
+    params = chat_sampling_params(ctx, req, resolve_max_tokens(ctx, len(ids), want), req.stream)
     rid = request_id(request, "chatcmpl")
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
@@ -222,9 +227,11 @@ async def _stream(ctx: ServingContext, req: ChatCompletionRequest, prefix: str, 
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     continuous = include_usage and bool(req.stream_options.continuous_usage_stats)
     reasoning_on = ctx.server_config.reasoning_parser is not None
+    # The engine sends DELTA outputs: each carries the choice's new text and tokens. Tokens
+    # (and their logprobs) wait in `pending` until a chunk carries them.
     procs: dict[int, ChatChoiceProcessor] = {}
-    sent_text: dict[int, int] = {}
     sent_tokens: dict[int, int] = {}
+    pending: dict[int, tuple[list[int], list[Any]]] = {}
     done: set[int] = set()
 
     def usage() -> dict[str, int]:
@@ -247,13 +254,17 @@ async def _stream(ctx: ServingContext, req: ChatCompletionRequest, prefix: str, 
                 continue
             if i not in procs:
                 procs[i] = chat_processor(ctx, req, prefix)
-                sent_text[i] = sent_tokens[i] = 0
+                sent_tokens[i] = 0
+                pending[i] = ([], [])
                 result.append(chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
                                       "logprobs": None, "finish_reason": None}]))
             proc = procs[i]
-            full = comp.text  # the engine already holds back text that may start a stop string
-            reasoning, content, calls = proc.feed(full[sent_text[i]:])
-            sent_text[i] = len(full)
+            # (the engine already holds back text that may start a stop string)
+            reasoning, content, calls = proc.feed(comp.text)
+            new_ids, new_lps = pending[i]
+            new_ids += comp.token_ids
+            if comp.logprobs is not None:
+                new_lps += comp.logprobs
             finish = None
             if comp.finish_reason is not None:
                 r2, c2, t2 = proc.finish()
@@ -270,14 +281,12 @@ async def _stream(ctx: ServingContext, req: ChatCompletionRequest, prefix: str, 
             if calls:
                 delta["tool_calls"] = [tool_call_delta_json(c) for c in calls]
             logprobs = None
-            new_ids = comp.token_ids[sent_tokens[i]:]
             if req.logprobs and comp.logprobs is not None and new_ids:
                 logprobs = {"content": chat_logprobs_content(
-                    ctx.tokenizer, new_ids,
-                    comp.logprobs[sent_tokens[i]:sent_tokens[i] + len(new_ids)],
-                    req.top_logprobs or 0)}
+                    ctx.tokenizer, new_ids, new_lps, req.top_logprobs or 0)}
             if delta or finish is not None or logprobs is not None:
-                sent_tokens[i] = len(comp.token_ids)
+                sent_tokens[i] += len(new_ids)
+                pending[i] = ([], [])
                 result.append(chunk([{"index": i, "delta": delta, "logprobs": logprobs,
                                       "finish_reason": finish}]))
         return result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -23,6 +24,7 @@ from .serving import (
     generate,
     get_ctx,
     normalize_stop,
+    output_kind,
     request_id,
     resolve_bad_words,
     resolve_max_tokens,
@@ -91,6 +93,7 @@ def _params(ctx: ServingContext, req: CompletionRequest, max_tokens: int) -> Any
         repetition_penalty=req.repetition_penalty, seed=req.seed, logprobs=req.logprobs,
         prompt_logprobs=prompt_lp, skip_special_tokens=req.skip_special_tokens,
         include_stop_str_in_output=req.include_stop_str_in_output,
+        output_kind=output_kind(req.stream),  # a stream gets DELTA outputs, an answer the final
         **token_constraints(ctx, req.logit_bias, req.allowed_token_ids, req.bad_words),
         **structured_fields(req)))
 
@@ -108,11 +111,12 @@ def _finish(reason: str | None) -> str | None:
 
 
 class _ChoiceState:
-    """Streaming cursor of one choice: how much text/tokens have been sent."""
+    """Streaming cursor of one choice: tokens the sent chunks carried, tokens received but
+    not yet carried, characters sent (the next logprob text offset)."""
 
     def __init__(self) -> None:
-        self.text_len = 0
         self.tokens = 0
+        self.unsent = 0
         self.offset = 0
         self.echoed = False
         self.done = False
@@ -135,23 +139,20 @@ def _merge_lp(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, A
 
 def _choice_delta(ctx: ServingContext, req: CompletionRequest, out: RequestOutput,
                   comp: CompletionOutput, st: _ChoiceState, prompt_text: str) -> tuple[str, Any]:
-    """Text and logprobs not yet sent for one choice (echo first, once), advancing `st`."""
+    """Text and logprobs of one choice's new output (a DELTA one, or a final one read from a
+    fresh state), echo first, once; advances `st`."""
     text, lp = "", None
     if req.echo and not st.echoed:
         text, lp = _echo_part(ctx, req, out, prompt_text)
         st.offset += len(text)
         st.echoed = True
-    full = comp.text  # the engine already holds back text that may start a stop string
-    new_text = full[st.text_len:]
+    new_text = comp.text  # the engine already holds back text that may start a stop string
     if req.logprobs is not None and comp.logprobs is not None:
-        new_ids = comp.token_ids[st.tokens:]
-        gen_lp = completion_logprobs(ctx.tokenizer, new_ids,
-                                     comp.logprobs[st.tokens:st.tokens + len(new_ids)],
+        gen_lp = completion_logprobs(ctx.tokenizer, comp.token_ids, comp.logprobs,
                                      req.logprobs, st.offset)
         lp = _merge_lp(lp, gen_lp)
     st.offset += len(new_text)
-    st.text_len = len(full)
-    st.tokens = len(comp.token_ids)
+    st.unsent += len(comp.token_ids)
     return text + new_text, lp
 
 
@@ -234,6 +235,7 @@ async def _stream(ctx: ServingContext, req: CompletionRequest,
     continuous = include_usage and bool(req.stream_options.continuous_usage_stats)
     states: dict[tuple[int, int], _ChoiceState] = {}
     started: set[int] = set()
+    prompt_lps: dict[int, list[Any]] = {}  # per prompt: its DELTA outputs' prompt logprobs
 
     def usage_now() -> dict[str, int]:
         prompt = sum(len(prompts[i][0]) for i in started)
@@ -241,20 +243,23 @@ async def _stream(ctx: ServingContext, req: CompletionRequest,
 
     def chunks_for(p_idx: int, out: RequestOutput) -> list[str]:
         started.add(p_idx)
+        if out.prompt_logprobs is not None:  # (echo and the first chunk read them whole)
+            joined = prompt_lps.setdefault(p_idx, [])
+            joined += out.prompt_logprobs
+            out = dataclasses.replace(out, prompt_logprobs=joined)
         events = []
         for comp in out.outputs:
             st = states.setdefault((p_idx, comp.index), _ChoiceState())
             if st.done:
                 continue
-            first = not st.echoed and st.tokens == 0 and st.text_len == 0
-            sent_tokens = st.tokens
+            first = not st.echoed and st.tokens == 0 and st.offset == 0
             text, lp = _choice_delta(ctx, req, out, comp, st, prompts[p_idx][1])
             finish = _finish(comp.finish_reason)
             if lp is not None and not lp["tokens"]:
                 lp = None
             if not text and finish is None and lp is None:
-                st.tokens = sent_tokens  # nothing sent: these tokens go with a later chunk
-                continue
+                continue  # nothing sent: the tokens go with a later chunk
+            st.tokens, st.unsent = st.tokens + st.unsent, 0
             st.done = finish is not None
             choice: dict[str, Any] = {"index": p_idx * req.n + comp.index, "text": text,
                                       "logprobs": lp, "finish_reason": finish}

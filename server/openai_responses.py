@@ -267,11 +267,14 @@ class _Turn:
                              self.next_sequence)
 
     def response(self, status: str, output: list[Any], final: RequestOutput | None,
-                 incomplete: bool = False) -> ResponseObject:
+                 incomplete: bool = False, out_tokens: int | None = None) -> ResponseObject:
+        """`out_tokens`: the output's length when `final` is a DELTA output (default: the
+        length of the cumulative `final`)."""
         req = self.req
         usage = None
         if final is not None:
-            out_tokens = sum(len(c.token_ids) for c in final.outputs)
+            if out_tokens is None:
+                out_tokens = sum(len(c.token_ids) for c in final.outputs)
             cached = final.metrics.num_cached_tokens if final.metrics else 0
             usage = ResponseUsage(
                 input_tokens=self.prompt_len,
@@ -328,7 +331,8 @@ async def create_response(req: ResponsesRequest, request: Request) -> Any:
     ctx = get_ctx(request)
     turn, ids = _prepare(ctx, req)
     params = chat_sampling_params(ctx, turn.chat,
-                                  resolve_max_tokens(ctx, len(ids), req.max_output_tokens))
+                                  resolve_max_tokens(ctx, len(ids), req.max_output_tokens),
+                                  bool(req.stream))
     rid = request_id(request, "resp")
     stream = generate(ctx, ids, params, rid, cache_salt=req.cache_salt, priority=req.priority)
     if req.stream:
@@ -367,8 +371,8 @@ def _event(e: Any) -> str:
 async def _stream(turn: _Turn, first: RequestOutput, rest: AsyncIterator[RequestOutput]
                   ) -> AsyncIterator[str]:
     builder = turn.builder()
-    sent = 0
     final = first
+    tokens = 0  # the engine sends DELTA outputs: their tokens add up to the usage
     try:
         start = turn.response("in_progress", [], None)
         for kind in ("response.created", "response.in_progress"):
@@ -382,15 +386,14 @@ async def _stream(turn: _Turn, first: RequestOutput, rest: AsyncIterator[Request
 
         async for out in outputs():
             final = out
-            text = out.outputs[0].text
-            for e in builder.feed(text[sent:]):
+            tokens += len(out.outputs[0].token_ids)
+            for e in builder.feed(out.outputs[0].text):
                 yield _event(e)
-            sent = len(text)
         incomplete = final.outputs[0].finish_reason == "length"
         for e in builder.finish(incomplete):
             yield _event(e)
         status = "incomplete" if incomplete else "completed"
-        response = turn.response(status, builder.items, final, incomplete)
+        response = turn.response(status, builder.items, final, incomplete, tokens)
         turn.store(builder, response)
         yield _event(ResponseLifecycleEvent(type=f"response.{status}", response=response,
                                             sequence_number=turn.next_sequence()))

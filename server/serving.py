@@ -15,6 +15,7 @@ from fastapi import Request
 from jaxllm.config import EngineConfig
 from jaxllm.engine_client import EngineClient
 from jaxllm.outputs import RequestOutput
+from jaxllm.sampling_params import RequestOutputKind
 from jaxllm.tokenizer import Tokenizer
 
 from .errors import APIError, bad_request
@@ -151,12 +152,24 @@ def normalize_stop(stop: str | list[str] | None) -> list[str] | None:
     return stops or None
 
 
+def output_kind(stream: bool, cumulative: bool = False) -> RequestOutputKind:
+    """What the engine sends for a request: its deltas (a stream sends what is new; the engine
+    then copies nothing per step) or, cumulative=True, everything so far (the native API's
+    stream); FINAL_ONLY for a non-streaming answer (no per-step outputs at all)."""
+    if not stream:
+        return RequestOutputKind.FINAL_ONLY
+    return RequestOutputKind.CUMULATIVE if cumulative else RequestOutputKind.DELTA
+
+
 async def generate(ctx: ServingContext, prompt_ids: list[int], params: Any, rid: str, *,
                    cache_salt: str | None, priority: int) -> AsyncIterator[RequestOutput]:
-    """One engine request. Records latency metrics; aborts the request if the consumer
+    """One engine request. Records latency metrics (from the arrival of outputs; a FINAL_ONLY
+    request's one output, from the engine's timestamps); aborts the request if the consumer
     leaves early (disconnect, error) so its pages are freed."""
     start = time.perf_counter()
     last_time, last_tokens, finished = None, 0, False
+    delta = params.output_kind is RequestOutputKind.DELTA
+    final_only = params.output_kind is RequestOutputKind.FINAL_ONLY
     stream = ctx.engine.generate(prompt_ids, params, rid, cache_salt=cache_salt,
                                  priority=priority)
     try:
@@ -165,8 +178,11 @@ async def generate(ctx: ServingContext, prompt_ids: list[int], params: Any, rid:
                 raise APIError(500, f"engine failed the request: {out.error}",
                                type="internal_server_error")
             now = time.perf_counter()
-            tokens = sum(len(o.token_ids) for o in out.outputs)
-            if tokens > last_tokens:
+            tokens = sum(len(o.token_ids) for o in out.outputs) + (last_tokens if delta else 0)
+            if final_only:
+                _observe_final(ctx, out, tokens)
+                last_tokens = tokens
+            elif tokens > last_tokens:
                 if last_time is None:
                     ctx.metrics.ttft.observe(now - start)
                 elif tokens > last_tokens:
@@ -183,6 +199,19 @@ async def generate(ctx: ServingContext, prompt_ids: list[int], params: Any, rid:
         if not finished:
             await _close_quietly(stream)
             await ctx.engine.abort(rid)
+
+
+def _observe_final(ctx: ServingContext, out: RequestOutput, tokens: int) -> None:
+    """Latency of a request whose only output is its final one: time to first token and the
+    mean gap after it, from the engine's timestamps."""
+    m = out.metrics
+    if m is None or m.first_token_time is None:
+        return
+    ctx.metrics.ttft.observe(max(0.0, m.first_token_time - m.arrival_time))
+    if tokens > 1 and m.finished_time is not None:
+        gap = max(0.0, m.finished_time - m.first_token_time) / (tokens - 1)
+        for _ in range(tokens - 1):
+            ctx.metrics.inter_token.observe(gap)
 
 
 async def _close_quietly(stream: Any) -> None:

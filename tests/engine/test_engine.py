@@ -11,7 +11,7 @@ from jaxllm.conversions import load_checkpoint
 from jaxllm.engine import LLMEngine
 from jaxllm.llm import LLM
 from jaxllm.models import build_model
-from jaxllm.sampling_params import SamplingParams
+from jaxllm.sampling_params import RequestOutputKind, SamplingParams
 from tests.oracles.plain_decode import forward_logits, plain_generate
 
 SMALL = dict(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=256, page_size=8)
@@ -295,15 +295,16 @@ def test_bad_words_are_resolved_for_offline_requests(engine):
 
 
 def test_unstreamed_text_is_decoded_at_the_finish(engine):
-    """stream=False without stop strings decodes once at the finish (or the abort): the same
+    """FINAL_ONLY without stop strings decodes once at the finish (or the abort): the same
     text as a streamed request with the same seed, and as decoding its token ids."""
     seed = _fresh_seed()
     prompts = _prompts(seed, [6, 13, 9])
     params = SamplingParams(temperature=1.0, seed=seed, max_tokens=12, ignore_eos=True)
+    final_only = params.clone(output_kind=RequestOutputKind.FINAL_ONLY)
     for i, p in enumerate(prompts):
         engine.add_request(p, params, f"streamed{i}")
-        engine.add_request(p, params, f"final{i}", stream=False)
-    engine.add_request(prompts[0], params, "aborted", stream=False)
+        engine.add_request(p, final_only, f"final{i}")
+    engine.add_request(prompts[0], final_only, "aborted")
     for _ in range(4):
         engine.step()
     aborted = engine.abort_request("aborted", return_output=True)
@@ -317,3 +318,66 @@ def test_unstreamed_text_is_decoded_at_the_finish(engine):
     assert out.finish_reason == "abort" and out.token_ids
     assert out.text == tok.decode(out.token_ids, skip_special_tokens=True)
     _assert_no_leaks(engine)
+
+
+def test_delta_outputs_concatenate_to_the_cumulative_ones(engine):
+    """DELTA and CUMULATIVE twins of the same seeded requests (n > 1, logprobs, prompt
+    logprobs over a chunked prefill, a stop string, an abort mid-flight): the concatenation of
+    the DELTA outputs is the final cumulative output, and only the last one is finished."""
+    seed = _fresh_seed()
+    rng = np.random.default_rng(seed)
+    prompts = _prompts(seed, [90, 7, 12])  # 90 > max_num_batched_tokens: a chunked prefill
+    base = [SamplingParams(temperature=1.0, seed=seed + i, max_tokens=int(rng.integers(5, 20)),
+                           logprobs=int(rng.integers(0, 3)), prompt_logprobs=i % 2,
+                           n=1 + i % 2, stop=[engine.tokenizer.decode([int(rng.integers(3, 500))])]
+                           if i == 2 else None, ignore_eos=True)
+            for i in range(len(prompts))]
+    for i, (p, params) in enumerate(zip(prompts, base, strict=True)):
+        engine.add_request(p, params, f"c{i}")
+        engine.add_request(p, params.clone(output_kind=RequestOutputKind.DELTA), f"d{i}")
+    got: dict[str, list] = {}
+    for step in range(200):
+        if step == 6:  # the short one is aborted (both twins), after a few tokens or before
+            for rid in ("c1", "d1"):
+                got.setdefault(rid, []).append(engine.abort_request(rid, return_output=True))
+        if not engine.has_unfinished_requests():
+            break
+        for out in engine.step():
+            got.setdefault(out.request_id, []).append(out)
+    for i in range(len(prompts)):
+        cumulative, deltas = got[f"c{i}"], got[f"d{i}"]
+        final = cumulative[-1]
+        assert final.finished and deltas[-1].finished and not any(d.finished for d in deltas[:-1])
+        aborted = final.outputs[0].finish_reason == "abort"  # (the twins at different points)
+        if final.prompt_logprobs is not None:
+            joined = [e for d in deltas for e in d.prompt_logprobs]
+            n = min(len(joined), len(final.prompt_logprobs)) if aborted else len(prompts[i])
+            assert _ids_ranks(joined[:n]) == _ids_ranks(final.prompt_logprobs[:n]), seed
+            assert len(joined) == len(final.prompt_logprobs) or aborted
+        for c in final.outputs:
+            parts = [d.outputs[c.index] for d in deltas]
+            ids = [t for part in parts for t in part.token_ids]
+            text = "".join(part.text for part in parts)
+            joined = [e for part in parts for e in part.logprobs]
+            if aborted:  # same tokens as far as both got; text held back is not flushed
+                assert engine.tokenizer.decode(ids, skip_special_tokens=True).startswith(text)
+                c.token_ids, c.logprobs = c.token_ids[:len(ids)], c.logprobs[:len(ids)]
+                ids, joined = ids[:len(c.token_ids)], joined[:len(c.token_ids)]
+            else:
+                assert text == c.text, seed
+            assert ids == c.token_ids, seed
+            assert _ids_ranks(joined) == _ids_ranks(c.logprobs), seed
+            assert (parts[-1].finish_reason, parts[-1].stop_reason) == (
+                c.finish_reason, c.stop_reason)
+            if not aborted:
+                assert parts[-1].cumulative_logprob == pytest.approx(c.cumulative_logprob,
+                                                                     abs=1e-4)
+    assert got["c1"][-1].outputs[0].finish_reason == "abort"
+    _assert_no_leaks(engine)
+
+
+def _ids_ranks(entries: list) -> list:
+    """Logprob entries without their float values (twins in different batch rows may differ
+    in the last bits)."""
+    return [None if e is None else sorted((t, lp.rank, lp.decoded_token) for t, lp in e.items())
+            for e in entries]

@@ -7,7 +7,8 @@ max_model_len, stop strings, logprobs, streamed and unstreamed requests, n > 1, 
 steps emitting several tokens per row, aborts, rows scheduled without a new token. Their
 outputs, finish calls and token counts must be equal at every step, each finish must follow
 the documented rules (checked by a plain re-implementation here), and an output once yielded
-must never change.
+must never change. A third processor runs the streamed requests as DELTA: at every step the
+concatenation of its outputs must be the cumulative output.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ import pytest
 import jaxllm.output_processor as output_processor
 from jaxllm.default_model import default_model_path
 from jaxllm.output_processor import OutputProcessor
+from jaxllm.outputs import RequestOutput
 from jaxllm.request import Request, RequestStatus
 from jaxllm.runner import StepResult
-from jaxllm.sampling_params import SamplingParams
+from jaxllm.sampling_params import RequestOutputKind, SamplingParams
 from jaxllm.scheduler_output import ScheduledSeq, SchedulerOutput
 from jaxllm.tokenizer import Tokenizer, load_tokenizer
 
@@ -74,7 +76,8 @@ class _World:
         self.outputs._on_token = counted
 
     def add(self, rid: str, prompt: list[int], params: SamplingParams, eos: tuple[int, ...],
-            stream: bool) -> list[Request]:
+            kind: RequestOutputKind) -> list[Request]:
+        params = params.clone(output_kind=kind)
         ids = [rid] if params.n == 1 else [f"{rid}#{i}" for i in range(params.n)]
         seqs = [Request(sid, prompt, params, eos_token_ids=eos, sample_index=i,
                         parent_id=rid if params.n > 1 else None,
@@ -84,7 +87,7 @@ class _World:
         for s in seqs:
             s.status = RequestStatus.RUNNING
             self.scheduler.requests[s.request_id] = s
-        self.outputs.add(rid, None, prompt, params, seqs, stream)
+        self.outputs.add(rid, None, prompt, params, seqs)
         if not self.quick:  # the reference: every row through _on_token
             for s in seqs:
                 self.outputs._samples[s.request_id].plain = False
@@ -140,6 +143,27 @@ def _expected_finish(offered: list[int], n_prompt: int, params: SamplingParams,
     return None
 
 
+class _Concatenated:
+    """A DELTA request's outputs so far, concatenated: what its cumulative output must be."""
+
+    def __init__(self) -> None:
+        self.samples: dict[int, dict] = {}
+
+    def add(self, out: RequestOutput) -> RequestOutput:
+        for c in out.outputs:
+            acc = self.samples.setdefault(c.index, dict(
+                text="", token_ids=[], logprobs=[] if c.logprobs is not None else None))
+            acc["text"] += c.text
+            acc["token_ids"] += c.token_ids
+            if c.logprobs is not None:
+                acc["logprobs"] += c.logprobs
+            acc.update(cumulative_logprob=c.cumulative_logprob,
+                       finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+        outputs = [type(c)(c.index, **self.samples[c.index]) for c in out.outputs]
+        return RequestOutput(out.request_id, out.prompt, out.prompt_token_ids, outputs,
+                             out.finished, out.prompt_logprobs, out.metrics)
+
+
 def _step_result(rng: random.Random, tokens: np.ndarray) -> StepResult:
     """The sampled tokens ([S] or, verifying, [S, K+1]) with random logprobs around them."""
     shape = tokens.shape
@@ -159,6 +183,8 @@ def _run_workload(tok: Tokenizer, seed: int, monkeypatch) -> None:
     words = [tok.encode(w, add_special_tokens=False) for w in _WORDS]
     eos = tuple(sorted(tok.eos_token_ids))
     fast, ref = _World(tok, quick=True), _World(tok, quick=False)
+    delta = _World(tok, quick=True)  # streamed requests as DELTA
+    concatenated: dict[str, _Concatenated] = {}
     live: dict[str, list[tuple[Request, Request, SamplingParams]]] = {}
     created: list[tuple[Request, SamplingParams]] = []  # the quick world's sequences
     offered: dict[str, list[int]] = {}  # sequence id -> every token it was handed
@@ -174,14 +200,22 @@ def _run_workload(tok: Tokenizer, seed: int, monkeypatch) -> None:
             params = _params(rng, tok)
             prompt = [rng.randrange(600) for _ in range(rng.randint(1, 12))]
             stream = rng.random() < 0.6
-            seqs_a = fast.add(rid, prompt, params, eos, stream)
-            seqs_b = ref.add(rid, prompt, params, eos, stream)
-            live[rid] = [(a, b, params) for a, b in zip(seqs_a, seqs_b, strict=True)]
+            kind = RequestOutputKind.CUMULATIVE if stream else RequestOutputKind.FINAL_ONLY
+            seqs_a = fast.add(rid, prompt, params, eos, kind)
+            seqs_b = ref.add(rid, prompt, params, eos, kind)
+            seqs_d = delta.add(rid, prompt, params, eos,
+                               RequestOutputKind.DELTA if stream else kind)
+            if stream:
+                concatenated[rid] = _Concatenated()
+            live[rid] = [(a, b, params, d)
+                         for a, b, d in zip(seqs_a, seqs_b, seqs_d, strict=True)]
             created.extend((a, params) for a in seqs_a)
         if live and rng.random() < 0.04:  # an abort: both return the same final output
             rid = rng.choice(sorted(live))
             got, want = fast.outputs.abort(rid), ref.outputs.abort(rid)
             assert got == want, (seed, step)
+            d = delta.outputs.abort(rid)
+            assert (concatenated[rid].add(d) if rid in concatenated else d) == got, (seed, step)
             final[rid] = got
             del live[rid]
         # The step: a random subset of running sequences in random order; some scheduled
@@ -194,7 +228,7 @@ def _run_workload(tok: Tokenizer, seed: int, monkeypatch) -> None:
         width = 4 if verify else 1
         tokens = np.full((len(pairs), width), -1, dtype=np.int64)
         produced = []
-        for row, (a, b, params) in enumerate(pairs):
+        for row, (a, b, params, d) in enumerate(pairs):
             rid = a.parent_id or a.request_id
             first_scheduled.setdefault(rid, clock.now)
             if rng.random() < 0.1:
@@ -206,15 +240,21 @@ def _run_workload(tok: Tokenizer, seed: int, monkeypatch) -> None:
                 tokens[row, k] = t
                 a.append_output(t)  # as Scheduler.update does, before process
                 b.append_output(t)
+                d.append_output(t)
                 offered.setdefault(a.request_id, []).append(t)
                 tokens_handed += 1
         result = _step_result(rng, tokens if verify else tokens[:, 0])
-        for world, side in ((fast, 0), (ref, 1)):
+        for world, side in ((fast, 0), (ref, 1), (delta, 3)):
             seqs = [ScheduledSeq(p[side], [0], 0, 1, True, [], 0) for p in pairs]
             world.outputs.process(SchedulerOutput(seqs, None, len(seqs), 16, 0), result, produced)
         got, want = fast.outputs.collect(), ref.outputs.collect()
         where = (seed, step)
         assert got == want, where
+        deltas = delta.outputs.collect()
+        assert [o.request_id for o in deltas] == [o.request_id for o in got], where
+        for d, cumulative in zip(deltas, got, strict=True):
+            rid = d.request_id
+            assert (concatenated[rid].add(d) if rid in concatenated else d) == cumulative, where
         assert fast.scheduler.calls == ref.scheduler.calls, where
         assert fast.outputs.generation_tokens_total == ref.outputs.generation_tokens_total, where
         kept.extend((out, copy.deepcopy(out)) for out in got)

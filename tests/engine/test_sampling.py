@@ -309,6 +309,9 @@ def test_penalty_state_helpers_match_numpy():
     (dict(stop_token_ids=[-3]), "stop_token_ids"),
     (dict(temperature=float("nan")), "NaN"),
     (dict(seed="x"), "seed"),
+    (dict(output_kind=3), "output_kind"),
+    (dict(output_kind="DELTA"), "output_kind"),
+    (dict(output_kind=True), "output_kind"),
 ])
 def test_sampling_params_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):

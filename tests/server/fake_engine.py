@@ -9,6 +9,7 @@ Tokens are bytes (ids 3..258) plus three specials. What the fake "generates":
 Stop strings, stop_token_ids, ignore_eos, n, logprobs and prompt_logprobs behave as the
 real engine's contract says (a running output's text never ends in a proper prefix of a stop
 string: the engine's detokenizer holds that back); aborts and early consumer exits are recorded for the tests.
+Outputs follow `output_kind` (cumulative, deltas of them, or only the final one).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 from jaxllm.config import EngineConfig, ModelConfig
 from jaxllm.errors import EngineDeadError, EngineOverloadedError
 from jaxllm.outputs import CompletionOutput, Logprob, RequestOutput
+from jaxllm.sampling_params import RequestOutputKind
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 EOS_IDS = {0, 2}
@@ -160,9 +162,17 @@ class FakeEngine:
         self.cache_salts[request_id] = cache_salt
         self.params_seen[request_id] = sp
         done = False
+        kind = sp.output_kind
+        sent: dict[int, tuple[int, int]] = {}  # DELTA: (characters, tokens) sent per sample
+        sent_prompt = 0
         try:
             async for out in self._run(ids, sp, request_id, max_tokens):
                 done = out.finished
+                if kind is RequestOutputKind.FINAL_ONLY and not done:
+                    continue
+                if kind is RequestOutputKind.DELTA:
+                    out = _delta(out, sent, sent_prompt)
+                    sent_prompt += len(out.prompt_logprobs or [])
                 yield out
         finally:
             self.active.discard(request_id)
@@ -285,3 +295,19 @@ def _copy(o: CompletionOutput) -> CompletionOutput:
     return CompletionOutput(o.index, o.text, list(o.token_ids), None,
                             list(o.logprobs) if o.logprobs is not None else None,
                             o.finish_reason, o.stop_reason)
+
+
+def _delta(out: RequestOutput, sent: dict[int, tuple[int, int]], sent_prompt: int
+           ) -> RequestOutput:
+    """The part of a cumulative output not sent yet; `sent` advances."""
+    parts = []
+    for o in out.outputs:
+        chars, tokens = sent.get(o.index, (0, 0))
+        sent[o.index] = (len(o.text), len(o.token_ids))
+        parts.append(CompletionOutput(
+            o.index, o.text[chars:], o.token_ids[tokens:], o.cumulative_logprob,
+            None if o.logprobs is None else o.logprobs[tokens:], o.finish_reason,
+            o.stop_reason))
+    prompt_lps = None if out.prompt_logprobs is None else out.prompt_logprobs[sent_prompt:]
+    return RequestOutput(out.request_id, out.prompt, out.prompt_token_ids, parts, out.finished,
+                         prompt_lps, out.metrics)

@@ -314,3 +314,61 @@ async def test_continuous_usage_stats() -> None:
                                                       "stream": True, "stream_options": body})
             chunks = [e for e in _sse_events(r.text) if isinstance(e, dict)]
             assert len(chunks) == 3 and not any("usage" in ch for ch in chunks)
+
+
+async def test_output_kind_each_endpoint_asks_the_engine_for() -> None:
+    """Streams of the OpenAI endpoints take DELTA outputs, the native stream CUMULATIVE ones
+    (its events are cumulative), every non-streaming answer FINAL_ONLY."""
+    app, engine = make_app()
+    bodies = {"/v1/completions": {"prompt": "hi", "max_tokens": 3},
+              "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}],
+                                       "max_tokens": 3},
+              "/v1/responses": {"input": "hi", "max_output_tokens": 3},
+              "/generate": {"text": "hi", "sampling_params": {"max_new_tokens": 3}}}
+    kinds = {}
+    async with asgi_client(app) as c:
+        for path, body in bodies.items():
+            for stream in (False, True):
+                before = set(engine.params_seen)
+                r = await c.post(path, json={**body, "stream": stream})
+                assert r.status_code == 200, r.text
+                (rid,) = set(engine.params_seen) - before
+                kinds[path, stream] = engine.params_seen[rid].output_kind.name
+    assert kinds == {(p, s): ("CUMULATIVE" if p == "/generate" else "DELTA") if s
+                     else "FINAL_ONLY" for p in bodies for s in (False, True)}
+
+
+async def test_streamed_completion_equals_the_answer_with_echo_logprobs_and_n() -> None:
+    """A completions stream (DELTA outputs, tokens waiting for a chunk to carry them) puts
+    together the same text, logprobs, prompt logprobs and usage as the non-streaming answer."""
+    app, _ = make_app()
+    body = {"prompt": ["ab", "SAY:hello"], "max_tokens": 6, "temperature": 0, "n": 2,
+            "echo": True, "logprobs": 2, "prompt_logprobs": 1,
+            "stream_options": {"include_usage": True}}
+    # (no stop strings: text a stop string may start is held back while its token's logprobs
+    # are sent, so a stream's text offsets count only the text sent before each chunk)
+    async with asgi_client(app) as c:
+        whole = (await c.post("/v1/completions", json=body | {"stream_options": None})).json()
+        r = await c.post("/v1/completions", json=body | {"stream": True})
+    events = _sse_events(r.text)
+    assert events[-1] == "[DONE]"
+    joined: dict[int, dict] = {}
+    for e in events[:-2]:
+        for ch in e["choices"]:
+            acc = joined.setdefault(ch["index"], {"text": "", "tokens": [], "offsets": [],
+                                                  "prompt_logprobs": None})
+            acc["text"] += ch["text"]
+            acc["tokens"] += ch["logprobs"]["tokens"] if ch["logprobs"] else []
+            acc["offsets"] += ch["logprobs"]["text_offset"] if ch["logprobs"] else []
+            if ch.get("prompt_logprobs") is not None:
+                acc["prompt_logprobs"] = ch["prompt_logprobs"]
+            if ch["finish_reason"] is not None:
+                acc["finish_reason"] = ch["finish_reason"]
+    assert sorted(joined) == [ch["index"] for ch in whole["choices"]] == [0, 1, 2, 3]
+    for ch in whole["choices"]:
+        acc = joined[ch["index"]]
+        assert acc["text"] == ch["text"] and acc["finish_reason"] == ch["finish_reason"]
+        assert acc["tokens"] == ch["logprobs"]["tokens"]
+        assert acc["offsets"] == ch["logprobs"]["text_offset"]
+        assert acc["prompt_logprobs"] == ch["prompt_logprobs"]
+    assert events[-2]["usage"] == whole["usage"]

@@ -93,6 +93,31 @@ def test_models_and_metrics(client: openai.OpenAI, server: str) -> None:
     assert "jaxllm_compile_count" in text
 
 
+def _latency_counts(server: str) -> tuple[float, float]:
+    """(time-to-first-token observations, inter-token latency observations) so far."""
+    counts = {}
+    for line in httpx.get(server + "/metrics", timeout=30).text.splitlines():
+        name, _, value = line.partition(" ")
+        counts[name] = value
+    return (float(counts["jaxllm_time_to_first_token_seconds_count"]),
+            float(counts["jaxllm_inter_token_latency_seconds_count"]))
+
+
+def test_latency_metrics_of_final_only_and_delta_requests(client: openai.OpenAI,
+                                                          server: str) -> None:
+    """A non-streaming request (one FINAL_ONLY output: the engine's timestamps) and a stream
+    (DELTA outputs: their arrival) each record one time to first token and a gap per later
+    token."""
+    kw = dict(model="smollm2", messages=MSG, max_tokens=6, temperature=0,
+              extra_body={"ignore_eos": True})
+    ttft, gaps = _latency_counts(server)
+    assert client.chat.completions.create(**kw).usage.completion_tokens == 6
+    assert _latency_counts(server) == (ttft + 1, gaps + 5)
+    chunks = list(client.chat.completions.create(**kw, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert _latency_counts(server) == (ttft + 2, gaps + 10)
+
+
 def test_completion_and_chat(client: openai.OpenAI) -> None:
     r = client.completions.create(model="smollm2", prompt="The capital of France is",
                                   max_tokens=8, temperature=0)
