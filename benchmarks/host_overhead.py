@@ -168,7 +168,7 @@ def main() -> None:
         path = make_tiny_checkpoint(Path(d))
         engine = LLMEngine(EngineConfig(model=str(path), max_num_seqs=max(batches),
                                         max_num_batched_tokens=max(512, max(batches)),
-                                        max_model_len=256))
+                                        max_model_len=max(256, PROMPT_LEN + args.output_len)))
     gc.collect()
     gc.freeze()  # as the server does (ServerConfig.freeze_gc): no 0.3 s full collections
     print(f"jax {jax.__version__} on {jax.default_backend()}; tiny Llama (2 layers, hidden 64)")
