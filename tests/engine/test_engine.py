@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import jax
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ from jaxllm.conversions import load_checkpoint
 from jaxllm.engine import LLMEngine
 from jaxllm.llm import LLM
 from jaxllm.models import build_model
+from jaxllm.outputs import RequestOutput
 from jaxllm.sampling_params import RequestOutputKind, SamplingParams
 from tests.oracles.plain_decode import forward_logits, plain_generate
 
@@ -321,9 +324,11 @@ def test_unstreamed_text_is_decoded_at_the_finish(engine):
 
 
 def test_delta_outputs_concatenate_to_the_cumulative_ones(engine):
-    """DELTA and CUMULATIVE twins of the same seeded requests (n > 1, logprobs, prompt
-    logprobs over a chunked prefill, a stop string, an abort mid-flight): the concatenation of
-    the DELTA outputs is the final cumulative output, and only the last one is finished."""
+    """The same seeded workload twice, CUMULATIVE then DELTA (n > 1, logprobs, prompt logprobs
+    over a chunked prefill, a stop string, an abort mid-flight; prompt logprobs keep every
+    request out of the prefix cache, so both passes run the same steps): the DELTA outputs
+    come in the same steps, only the last is finished, and concatenated they are the
+    cumulative ones, logprob values included."""
     seed = _fresh_seed()
     rng = np.random.default_rng(seed)
     prompts = _prompts(seed, [90, 7, 12])  # 90 > max_num_batched_tokens: a chunked prefill
@@ -332,52 +337,47 @@ def test_delta_outputs_concatenate_to_the_cumulative_ones(engine):
                            n=1 + i % 2, stop=[engine.tokenizer.decode([int(rng.integers(3, 500))])]
                            if i == 2 else None, ignore_eos=True)
             for i in range(len(prompts))]
-    for i, (p, params) in enumerate(zip(prompts, base, strict=True)):
-        engine.add_request(p, params, f"c{i}")
-        engine.add_request(p, params.clone(output_kind=RequestOutputKind.DELTA), f"d{i}")
-    got: dict[str, list] = {}
-    for step in range(200):
-        if step == 6:  # the short one is aborted (both twins), after a few tokens or before
-            for rid in ("c1", "d1"):
-                got.setdefault(rid, []).append(engine.abort_request(rid, return_output=True))
-        if not engine.has_unfinished_requests():
-            break
-        for out in engine.step():
-            got.setdefault(out.request_id, []).append(out)
-    for i in range(len(prompts)):
-        cumulative, deltas = got[f"c{i}"], got[f"d{i}"]
-        final = cumulative[-1]
-        assert final.finished and deltas[-1].finished and not any(d.finished for d in deltas[:-1])
-        aborted = final.outputs[0].finish_reason == "abort"  # (the twins at different points)
-        if final.prompt_logprobs is not None:
-            joined = [e for d in deltas for e in d.prompt_logprobs]
-            n = min(len(joined), len(final.prompt_logprobs)) if aborted else len(prompts[i])
-            assert _ids_ranks(joined[:n]) == _ids_ranks(final.prompt_logprobs[:n]), seed
-            assert len(joined) == len(final.prompt_logprobs) or aborted
-        for c in final.outputs:
-            parts = [d.outputs[c.index] for d in deltas]
-            ids = [t for part in parts for t in part.token_ids]
-            text = "".join(part.text for part in parts)
-            joined = [e for part in parts for e in part.logprobs]
-            if aborted:  # same tokens as far as both got; text held back is not flushed
-                assert engine.tokenizer.decode(ids, skip_special_tokens=True).startswith(text)
-                c.token_ids, c.logprobs = c.token_ids[:len(ids)], c.logprobs[:len(ids)]
-                ids, joined = ids[:len(c.token_ids)], joined[:len(c.token_ids)]
+    abort_at = int(rng.integers(1, 8))
+
+    def run(kind: RequestOutputKind) -> list[list]:
+        """Each step's outputs (the abort's first, at step `abort_at`)."""
+        for i, (p, params) in enumerate(zip(prompts, base, strict=True)):
+            engine.add_request(p, params.clone(output_kind=kind), f"{kind.name}{i}")
+        steps = []
+        while engine.has_unfinished_requests():
+            outs = []
+            if len(steps) == abort_at:
+                outs.append(engine.abort_request(f"{kind.name}1", return_output=True))
+            steps.append(outs + engine.step())
+        _assert_no_leaks(engine)
+        return steps
+
+    cumulative, delta = run(RequestOutputKind.CUMULATIVE), run(RequestOutputKind.DELTA)
+    assert len(cumulative) == len(delta), seed
+    joined: dict[str, RequestOutput] = {}
+    for step, (c_outs, d_outs) in enumerate(zip(cumulative, delta, strict=True)):
+        assert [o.request_id[len("CUMULATIVE"):] for o in c_outs if o is not None] == [
+            o.request_id[len("DELTA"):] for o in d_outs if o is not None], (seed, step)
+        for c, d in zip(filter(None, c_outs), filter(None, d_outs), strict=True):
+            acc = joined.get(d.request_id)
+            if acc is None:
+                acc = joined[d.request_id] = copy.deepcopy(d)
             else:
-                assert text == c.text, seed
-            assert ids == c.token_ids, seed
-            assert _ids_ranks(joined) == _ids_ranks(c.logprobs), seed
-            assert (parts[-1].finish_reason, parts[-1].stop_reason) == (
-                c.finish_reason, c.stop_reason)
-            if not aborted:
-                assert parts[-1].cumulative_logprob == pytest.approx(c.cumulative_logprob,
-                                                                     abs=1e-4)
-    assert got["c1"][-1].outputs[0].finish_reason == "abort"
-    _assert_no_leaks(engine)
-
-
-def _ids_ranks(entries: list) -> list:
-    """Logprob entries without their float values (twins in different batch rows may differ
-    in the last bits)."""
-    return [None if e is None else sorted((t, lp.rank, lp.decoded_token) for t, lp in e.items())
-            for e in entries]
+                acc.finished, acc.metrics = d.finished, d.metrics
+                if d.prompt_logprobs is not None:
+                    acc.prompt_logprobs += d.prompt_logprobs
+                for a, new in zip(acc.outputs, d.outputs, strict=True):
+                    a.text += new.text
+                    a.token_ids += new.token_ids
+                    if new.logprobs is not None:
+                        a.logprobs += new.logprobs
+                    a.cumulative_logprob = new.cumulative_logprob
+                    a.finish_reason, a.stop_reason = new.finish_reason, new.stop_reason
+            want = copy.copy(c)  # (timestamps differ between the passes)
+            want.request_id, want.metrics = d.request_id, acc.metrics
+            assert c.metrics.num_cached_tokens == d.metrics.num_cached_tokens
+            assert acc == want, (seed, step)
+    assert {o.finished for s in delta for o in s if o is not None} == {False, True}
+    finals = [o for s in delta for o in s if o is not None and o.finished]
+    assert len(finals) == len(prompts), seed
+    assert joined["DELTA1"].outputs[0].finish_reason == "abort"
