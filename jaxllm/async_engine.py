@@ -4,8 +4,9 @@ The loop thread owns the `LLMEngine` (scheduler, runner, pages); every other thr
 through a command queue, so nothing in the engine needs locks. Outputs travel back to each
 request's asyncio queue: a step's outputs in one `call_soon_threadsafe` per event loop (each
 call takes the loop's lock and writes its wake-up pipe: one per output cost the engine thread
-~0.56 ms per step at 256 streams, ~0.05 ms batched; `benchmarks/stream_delivery.py`). A crash in the loop fails every pending request with
-`EngineDeadError` and marks the engine unhealthy rather than hanging them.
+~0.56 ms per step at 256 streams, ~0.05 ms batched; `benchmarks/stream_delivery.py`). A
+crash in the loop fails every pending request with `EngineDeadError` and marks the engine
+unhealthy rather than hanging them.
 """
 
 from __future__ import annotations

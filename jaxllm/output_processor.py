@@ -5,8 +5,8 @@ The `OutputProcessor` keeps the user-visible state of every live request (an
 tokens into `RequestOutput`s (cumulative, deltas or final only: `SamplingParams.output_kind`),
 and decides every finish reason: EOS and stop token ids, max_tokens and max_model_len
 (`token_stop`), a grammar that can only end (structured output: "stop" even if the model would
-go on), stop strings (the detokenizer finds them), aborts. It tells the scheduler (`Scheduler.finish`), which frees the pages; the scheduler
-never decides a finish itself.
+go on), stop strings (the detokenizer finds them), aborts. It tells the scheduler
+(`Scheduler.finish`), which frees the pages; the scheduler never decides a finish itself.
 
 Per step, a row of a plain sample (no logprobs, grammar or stop strings) whose token cannot end
 it takes a quick path (its text extended, nothing else); every other token goes through
