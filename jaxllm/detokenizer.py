@@ -13,6 +13,9 @@ offset giving the decoder context, a read offset marking what was already turned
 One token at a time, tokenizers' Rust incremental decoder does both decodes of that window in
 one call; `_decode_new`, the Python algorithm and its reference twin, decides every step the
 Rust decoder holds back, and the Rust decoder stays in use wherever both keep the same window.
+Cheaper still, where nothing is held back a token with a standalone piece (byte-level
+tokenizers: a token of whole UTF-8 characters, `Tokenizer.standalone_pieces`) adds that piece:
+one dict lookup, and the Rust decoder is primed again only when a token needs it.
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ _PROMPT_CONTEXT_TOKENS = 4
 # tokens sit between them). A tail unresolved over more tokens than this is invalid bytes, emitted
 # as U+FFFD rather than held forever.
 _MAX_HELD_TOKENS = 16
+# `_stream` while the Rust decoder would mirror the window but was skipped (standalone pieces
+# moved the window past what it saw): a new one is primed when a token needs it.
+_STALE = object()
 
 
 class IncrementalDetokenizer:
@@ -51,13 +57,16 @@ class IncrementalDetokenizer:
         min_tokens: int = 0,
         defer: bool = False,
         rust_stream: bool = True,
+        standalone_pieces: bool = True,
     ):
         """`defer`: the caller reads the text only after `flush` (a request that is not
         streamed and has no stop strings): `step` only collects ids and `flush` decodes them
         at once, the same text for one decode instead of two per token.
         `rust_stream`: one token at a time, decode through the tokenizer's Rust incremental
         decoder while it yields exactly what `_decode_new` would (False: `_decode_new` only,
-        its reference twin)."""
+        its reference twin).
+        `standalone_pieces`: with `rust_stream`, a token with a standalone piece adds it
+        without a decode wherever nothing is held back (False: the Rust decoder decodes it)."""
         stops = list(stop or [])
         for s in stops:
             if not isinstance(s, str) or not s:
@@ -84,6 +93,8 @@ class IncrementalDetokenizer:
         # the Python path moved the window where it did not, until that path has caught up.
         self._rust_stream = rust_stream and not defer
         self._stream = self._new_stream()
+        # (only while `_stream` is not None, i.e. the window's text ends in a whole character)
+        self._pieces = tokenizer.standalone_pieces if standalone_pieces else None
 
         self.text = ""  # everything emitted so far
         self.stop_hit: str | None = None
@@ -121,8 +132,20 @@ class IncrementalDetokenizer:
         """`step([token])` for one Python int: the engine's per-step call, kept short."""
         if self._finished:
             return ""
-        self._ids.append(token)
-        stream = self._stream  # (None when deferred)
+        ids, stream = self._ids, self._stream  # (no stream when deferred)
+        if stream is not None and self._read == len(ids) and self._pieces is not None:
+            piece = self._pieces[token]  # nothing held back: a standalone piece is the text
+            if piece is not None:
+                ids.append(token)
+                self._prefix, self._read = self._read, len(ids)
+                self._stream = _STALE
+                if self._stops:
+                    return self._emit(piece, final=False)
+                self.text += piece
+                return piece
+        ids.append(token)
+        if stream is _STALE:  # the window ends in a whole character (it did when skipped)
+            stream = self._stream = self._new_stream()
         if stream is not None:
             try:
                 chunk = stream(token)

@@ -366,7 +366,9 @@ class LLMEngine:
         host_gap = (max(0.0, dispatched - self._last_result_time)
                     if self._last_result_time and in_flight is None else 0.0)
         step = InFlightStep(sched, inputs, forward, None, start, dispatched, host_gap, layout)
-        if not any(s.prev_row is not None and s.request.reads_token_history for s in sched.seqs):
+        # (look-ahead rows, prev_row set, exist only when a step is in flight)
+        if in_flight is None or not any(s.prev_row is not None and s.request.reads_token_history
+                                        for s in sched.seqs):
             self.sample(step)
         return step
 

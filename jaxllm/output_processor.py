@@ -181,9 +181,14 @@ class OutputProcessor:
         verification step, `result.token_ids` [S, K+1]) the row's non-negative entries."""
         now = time.time()
         seqs, samples = sched.seqs, self._samples
-        if self._num_streamed or self._num_unscheduled:
+        counts = None
+        if result.token_ids.ndim == 2:
+            counts = (result.token_ids >= 0).sum(axis=1).tolist()
+        every_row = counts is None and len(produced) == len(seqs)  # (steady decoding)
+        if self._num_unscheduled or (self._num_streamed and not every_row):
             # A streamed request gets an output for every step it is in (tokens or not); an
             # unstreamed one only at its finish, so steady steps of `LLM.generate` skip this.
+            # (When every row produced a token, the loop below marks the streamed ones.)
             for s in seqs:
                 sample = samples.get(s.request.request_id)
                 if sample is None:
@@ -196,15 +201,16 @@ class OutputProcessor:
                 if tracked.stream and not tracked.touched:
                     tracked.touched = True
                     self._num_touched += 1
-        counts = None
-        if result.token_ids.ndim == 2:
-            counts = (result.token_ids >= 0).sum(axis=1).tolist()
-        quick = 0
+        quick = touched = 0
         for row in produced:
             seq = seqs[row].request
             sample = samples.get(seq.request_id)
             if sample is None:
                 continue
+            tracked = sample.tracked
+            if tracked.stream and not tracked.touched:
+                tracked.touched = True
+                touched += 1
             if counts is not None and counts[row] > 1:
                 self._replay(sample, result, row, counts[row], now)
                 continue
@@ -218,6 +224,7 @@ class OutputProcessor:
             else:
                 self._on_token(sample, result, row, 0, now)
         self.generation_tokens_total += quick
+        self._num_touched += touched
 
     def _replay(self, sample: _Sample, result: StepResult, row: int, count: int,
                 now: float) -> None:
@@ -336,7 +343,13 @@ class OutputProcessor:
             if not tracked.touched:
                 continue
             tracked.touched = False
-            if _all_finished(tracked.samples):
+            samples = tracked.samples
+            if len(samples) == 1:  # (`_all_finished`, inlined: one request per step each)
+                status = samples[0].seq.status
+                finished = status is not _RUNNING and status.is_finished
+            else:
+                finished = _all_finished(samples)
+            if finished:
                 rid = tracked.request_id
                 tracked.finished = True
                 tracked.metrics.finished_time = time.time()
@@ -344,7 +357,7 @@ class OutputProcessor:
                 del self._tracked[rid]
                 self._forget_counts(tracked)
                 self._prompt_logprob_ids.discard(rid)
-                for s in tracked.samples:
+                for s in samples:
                     self._samples.pop(s.seq.request_id, None)
             elif not tracked.stream:
                 continue
@@ -363,7 +376,8 @@ class OutputProcessor:
             metrics = tracked.metrics_copy = tracked.metrics.snapshot()
         prompt_logprobs = tracked.prompt_logprobs
         if tracked.delta:
-            outputs = [_delta_completion(i, s) for i, s in enumerate(samples)]
+            outputs = ([_delta_completion(0, samples[0])] if len(samples) == 1
+                       else [_delta_completion(i, s) for i, s in enumerate(samples)])
             if prompt_logprobs is not None:
                 sent, tracked.sent_prompt_logprobs = (tracked.sent_prompt_logprobs,
                                                       len(prompt_logprobs))

@@ -217,8 +217,8 @@ class Scheduler:
             else:
                 if num_tokens - start != 1:
                     continue  # a prompt (chunk): the prefill pass
-                drafts = speculation.drafts_for(req, len(self.running)) if speculation else []
-                if drafts:
+                if speculation is not None and (
+                        drafts := speculation.drafts_for(req, len(self.running))):
                     n = min(1 + len(drafts), budget, chunk)
                     if (start + n > len(req.page_ids) * page_size
                             and not self._grow_or_preempt(req, n, scheduled, preempted)):
@@ -352,7 +352,7 @@ class Scheduler:
         return ScheduledSeq(
             req, token_ids, start, n, samples, req.page_ids[:-(-computed // self.page_size)],
             req.num_preemptions, len(req.output_token_ids) + req.num_pending_samples - 1,
-            prev_row, list(drafts))
+            prev_row, list(drafts) if drafts else ())
 
     def _preempt(self, req: Request) -> None:
         logger.debug("preempting %s (%d tokens)", req.request_id, req.num_tokens)

@@ -26,8 +26,9 @@ class ScheduledSeq:
     # step's sampled tokens (None: token_ids are all known).
     prev_row: int | None = None
     # Speculation: proposed tokens fed after the last known token (token_ids[1:]), verified
-    # by this step; `update` keeps the accepted ones and rolls the rest back.
-    drafts: list[int] = field(default_factory=list)
+    # by this step; `update` keeps the accepted ones and rolls the rest back. A list when
+    # there are any (a draft model writes them in place); () otherwise (no list per row).
+    drafts: list[int] | tuple[()] = ()
 
     @property
     def kv_len(self) -> int:

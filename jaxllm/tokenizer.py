@@ -109,6 +109,33 @@ class Tokenizer:
                               skip_special_tokens=skip_special_tokens)
         return partial(stream.step, self.hf.backend_tokenizer)
 
+    @cached_property
+    def standalone_pieces(self) -> StandalonePieces | None:
+        """token id -> the text the token adds after any text that ends in a whole character,
+        whatever came before (None where that depends on context); None if this tokenizer's
+        decodes have no such pieces. The detokenizer's per-token fast path: one dict lookup
+        instead of a Rust decode. Only for a decoder that is byte-level alone (GPT-2, Llama 3,
+        Qwen, SmolLM2) and no cleanup: there a token whose bytes are whole UTF-8 characters
+        adds exactly them (a decode is its tokens' bytes, concatenated, then decoded)."""
+        if self._rust_decoder[1] is not None or self._decoder_types != ["ByteLevel"]:
+            return None
+        return StandalonePieces(self._standalone_piece)
+
+    def _standalone_piece(self, token_id: int) -> str | None:
+        if (not 0 <= token_id < self.vocab_size or token_id in self._added_token_ids
+                or token_id in self.all_special_ids):
+            return None
+        piece = self.hf.convert_ids_to_tokens(token_id)
+        table = byte_decoder()
+        if not piece or not all(ch in table for ch in piece):
+            return None
+        try:
+            text = bytes(table[ch] for ch in piece).decode("utf-8")
+        except UnicodeDecodeError:  # part of a character: the next bytes decide
+            return None
+        # (U+FFFD itself: the detokenizer's Python algorithm holds any text ending in it)
+        return text if "\ufffd" not in text else None
+
     def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
         return list(self.hf.convert_ids_to_tokens(self._checked_ids(ids)))
 
@@ -140,10 +167,15 @@ class Tokenizer:
         return frozenset(self.hf.added_tokens_decoder)
 
     @cached_property
+    def _decoder_types(self) -> list[str | None]:
+        """The types of the decoder's steps (one unless it is a Sequence)."""
+        decoder = json.loads(self.hf.backend_tokenizer.to_str()).get("decoder") or {}
+        return [d.get("type") for d in decoder.get("decoders", [decoder])]
+
+    @cached_property
     def _decoder_kind(self) -> str:
         """How token strings spell bytes: 'byte_level' (GPT-2), 'sentencepiece' or 'other'."""
-        decoder = json.loads(self.hf.backend_tokenizer.to_str()).get("decoder") or {}
-        kinds = {d.get("type") for d in decoder.get("decoders", [decoder])}
+        kinds = set(self._decoder_types)
         if "ByteLevel" in kinds:
             return "byte_level"
         if "ByteFallback" in kinds or "Metaspace" in kinds:
@@ -215,6 +247,18 @@ class Tokenizer:
         if self._extra_eos:
             config["jaxllm_extra_eos_token_ids"] = sorted(self._extra_eos)
         config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
+class StandalonePieces(dict):
+    """`Tokenizer.standalone_pieces`: filled one id at a time, on its first lookup."""
+
+    def __init__(self, piece: Callable[[int], str | None]) -> None:
+        super().__init__()
+        self._piece = piece
+
+    def __missing__(self, token_id: int) -> str | None:
+        piece = self[token_id] = self._piece(token_id)
+        return piece
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

@@ -60,7 +60,8 @@ class KVCacheManager:
         """Take cached_pages (a prefix hit) and enough fresh pages for num_new_tokens more
         tokens, all or nothing. False (nothing changed) when pages are short."""
         need = self.pages_needed(req, num_new_tokens, len(cached_pages))
-        reclaimed = sum(1 for p in cached_pages if self.allocator.refcount(p) == 0)
+        reclaimed = (sum(1 for p in cached_pages if self.allocator.refcount(p) == 0)
+                     if cached_pages else 0)  # (a decode's new page: none, and no generator)
         if need > self.allocator.num_free_pages - reclaimed:
             return False
         for page in cached_pages:
