@@ -19,8 +19,8 @@ from tokenizers import Tokenizer as RustTokenizer
 from transformers import PreTrainedTokenizerFast
 
 from jaxllm.default_model import default_model_path
-from jaxllm.gguf_tokenizer import byte_encoder
 from jaxllm.detokenizer import _STALE, IncrementalDetokenizer
+from jaxllm.gguf_tokenizer import byte_encoder
 from jaxllm.tokenizer import Tokenizer, load_tokenizer
 
 _TEXT_POOLS = [
