@@ -344,12 +344,7 @@ class OutputProcessor:
                 continue
             tracked.touched = False
             samples = tracked.samples
-            if len(samples) == 1:  # (`_all_finished`, inlined: one request per step each)
-                status = samples[0].seq.status
-                finished = status is not _RUNNING and status.is_finished
-            else:
-                finished = _all_finished(samples)
-            if finished:
+            if _all_finished(samples):
                 rid = tracked.request_id
                 tracked.finished = True
                 tracked.metrics.finished_time = time.time()
