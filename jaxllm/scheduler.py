@@ -237,8 +237,11 @@ class Scheduler:
             req.num_draft_tokens = 0
             req.num_pending_samples = pending
             req.sample_row = len(seqs)
+            pages = req.scheduled_pages  # (the last step's list while the row keeps its pages)
+            if len(pages) != (start + page_size) // page_size:
+                pages = req.scheduled_pages = req.page_ids[:(start + page_size) // page_size]
             seqs.append(ScheduledSeq(
-                req, [token], start, 1, True, req.page_ids[:(start + page_size) // page_size],
+                req, [token], start, 1, True, pages,
                 req.num_preemptions, len(req.output_token_ids) + pending - 1, prev_row))
             scheduled.add(req.request_id)
             budget -= 1
@@ -328,6 +331,7 @@ class Scheduler:
         holders = [r for r in self.waiting if r.page_ids and r is not head]
         for r in holders:
             self.cache.free(r)
+            r.scheduled_pages = []
         return bool(holders)
 
     def _take(self, req: Request, n: int, row: int, drafts: Sequence[int] = ()) -> ScheduledSeq:
@@ -357,6 +361,7 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         logger.debug("preempting %s (%d tokens)", req.request_id, req.num_tokens)
         self.cache.free(req)
+        req.scheduled_pages = []
         self.running.remove(req)
         req.status = RequestStatus.PREEMPTED
         req.num_pending_samples = 0
@@ -439,6 +444,7 @@ class Scheduler:
 
     def _finish(self, req: Request, status: RequestStatus, stop_reason: int | str | None) -> None:
         self.cache.free(req)
+        req.scheduled_pages = []
         if req in self.running:
             self.running.remove(req)
         else:

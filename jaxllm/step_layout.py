@@ -5,9 +5,12 @@ Laying a step out is host time the device may wait for, once per step. Most of i
 the page tables: every step re-read every sequence's whole page list, though in steady
 decoding a request's list only grows by a page every `page_size` tokens. The builder keeps
 each request's page-table row in a persistent table and rewrites only the rows whose page
-list changed (compared by value, so reuse is exact whatever happened in between: growth,
-preemption, a finish and a reused request id); the step's table is then one gather. The
-other fields come from one C-level pass per attribute. The result always equals
+list changed; the step's table is then one gather. A row whose page list is the very list
+object of the previous step's row in its place is unchanged (the scheduler hands a decoding
+request the same list while its pages do not change, and page lists in a schedule are never
+mutated); any other row is compared by value with its request's last row, so reuse is exact
+whatever happened in between (growth, preemption, a finish, a reused request id). The other
+fields come from one C-level pass per attribute. The result always equals
 `build_step_inputs(sched)` (tests/engine/test_step_layout.py checks it field by field).
 
 Every array it returns is freshly allocated: a dispatched step may still read it (the CPU
@@ -42,8 +45,8 @@ class PageTableRows:
     (padded with the null page), and the slots of the previous step's rows.
 
     A row is checked against the previous step's row in the same place first (steady
-    decoding: the same list, by value), then against its request's slot; only a changed
-    page list is written, into a fresh slot. A slot is never rewritten while a request or
+    decoding: the same list object; callers never mutate a list they passed), then by value
+    against its request's slot; only a changed page list is written, into a fresh slot. A slot is never rewritten while a request or
     the previous step's rows refer to it; slots are reclaimed (requests no longer scheduled,
     replaced versions) only when the free ones could run out, and the table grows if that
     is not enough. Slot 0 stays all null: the row of a padding sequence.
@@ -69,13 +72,12 @@ class PageTableRows:
         slots = np.zeros(bucket.num_seqs, np.intp)
         last = self._last_pages[:n]
         slots[:len(last)] = self._last_slots[:len(last)]
-        moved = list(compress(range(n), map(ne, pages, chain(last, repeat(None)))))
+        moved = list(compress(range(n), map(is_not, pages, chain(last, repeat(None)))))
         if moved:
             last.extend(repeat(None, n - len(last)))
-            moved_slots, own = self._slots_for([seqs[i] for i in moved],
-                                               [pages[i] for i in moved])
-            slots[moved] = moved_slots
-            for i, row in zip(moved, own, strict=True):
+            moved_pages = [pages[i] for i in moved]
+            slots[moved] = self._slots_for([seqs[i] for i in moved], moved_pages)
+            for i, row in zip(moved, moved_pages, strict=True):
                 last[i] = row
         self._last_pages, self._last_slots = last, slots[:n]
         widest = int(self._lens[slots[:n]].max()) if n else 0
@@ -85,16 +87,15 @@ class PageTableRows:
             self._widen(bucket.pages_per_seq)
         return self.table[slots, :bucket.pages_per_seq]  # advanced indexing: a fresh array
 
-    def _slots_for(self, seqs: list, pages: list[list[int]]) -> tuple[list[int], list[list[int]]]:
-        """The slots holding these rows (writing the ones whose request's pages changed),
-        and this object's own copies of the rows (nobody else can mutate them)."""
+    def _slots_for(self, seqs: list, pages: list[list[int]]) -> list[int]:
+        """The slots holding these rows (writing the ones whose request's pages changed, as
+        this object's own copies: nobody else can mutate them)."""
         ids = list(map(_request_id, seqs))
         changed = list(map(ne, pages, map(self._pages_of.get, ids)))
         slots = list(map(self._slot_of.get, ids))  # resolved before any slot is replaced
-        own = list(map(self._pages_of.get, ids))
         at = list(compress(range(len(ids)), changed))
         if not at:
-            return slots, own
+            return slots
         ids_c = [ids[k] for k in at]
         own_c = [list(pages[k]) for k in at]
         new = self._free[-len(at):]
@@ -105,10 +106,10 @@ class PageTableRows:
         self._pages_of.update(zip(ids_c, own_c, strict=True))
         replaced.difference_update(map(self._slot_of.__getitem__, ids_c))
         self._retired.extend(replaced)  # (a repeated id leaves more than one version)
-        for k, slot, row in zip(at, new, own_c, strict=True):
-            slots[k], own[k] = slot, row
+        for k, slot in zip(at, new, strict=True):
+            slots[k] = slot
         self._write(new, own_c)
-        return slots, own
+        return slots
 
     def _write(self, slots: list[int], rows: list[list[int]]) -> None:
         if len(rows) <= 4:  # a few pages filled this step: row by row is cheaper

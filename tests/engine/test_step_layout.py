@@ -1,7 +1,8 @@
 """StepInputsBuilder against its reference twin build_step_inputs: random schedules from the
 real Scheduler (admissions, finishes, aborts, preemption under a tiny page budget, chunked
 prefill, prefix-cache hits, reused request ids, look-ahead steps), every field equal at every
-step, and no array handed out earlier changed by a later step."""
+step, and no array handed out earlier changed by a later step. Each row's page list must also
+be its request's pages at that step (the decode pass reuses the list it handed out before)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ class Twin:
         self.steps = 0
 
     def check(self, out, bucket=None) -> None:
+        for q in out.seqs:  # each row's pages are its request's now (a reused list included)
+            assert q.page_ids == q.request.page_ids[:len(q.page_ids)], (self.steps, q)
+            assert len(q.page_ids) == -(-q.kv_len // out.page_size), (self.steps, q)
         want = build_step_inputs(out, bucket).to_flat()
         got = self.builder(out, bucket).to_flat()
         assert got.keys() == want.keys()
