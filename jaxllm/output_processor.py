@@ -67,6 +67,9 @@ class _Tracked:
     stream: bool = True  # False: the caller wants only the final output (FINAL_ONLY)
     delta: bool = False  # outputs carry only what is new (DELTA)
     sent_prompt_logprobs: int = 0  # prompt logprob entries DELTA outputs already carried
+    # One sample, DELTA, no logprobs or prompt logprobs (what an OpenAI stream mostly is):
+    # while it runs, `collect` builds its output inline (`_output` is the reference).
+    quick_delta: bool = False
     touched: bool = field(default=False, repr=False)
     # The metrics copy the last output carried, None once they changed: outputs share it
     # while nothing changes (the engine never writes to a copy it handed out).
@@ -127,6 +130,8 @@ class OutputProcessor:
                            RequestMetrics(arrival_time=time.time()),
                            prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
                            stream=stream, delta=params.output_kind is RequestOutputKind.DELTA)
+        tracked.quick_delta = (tracked.delta and len(seqs) == 1 and params.logprobs is None
+                               and params.prompt_logprobs is None)
         with_logprobs = params.logprobs is not None
         for s in seqs:
             stop_ids = set(params.stop_token_ids or ())
@@ -344,6 +349,22 @@ class OutputProcessor:
                 continue
             tracked.touched = False
             samples = tracked.samples
+            if tracked.quick_delta and samples[0].seq.status is _RUNNING:
+                # (`_output`, inlined for the output most streams get at most steps)
+                sample = samples[0]
+                seq = sample.seq
+                metrics = tracked.metrics_copy
+                if metrics is None or metrics.num_cached_tokens != seq.num_cached_tokens:
+                    metrics = _metrics_copy(tracked, seq.num_cached_tokens)
+                tokens, text = sample.sent_tokens, sample.sent_text
+                output, full = seq.output_token_ids, sample.detok.text
+                sample.sent_tokens, sample.sent_text = len(output), len(full)
+                outs.append(RequestOutput(
+                    tracked.request_id, tracked.prompt, tracked.prompt_token_ids,
+                    [CompletionOutput(0, full[text:], output[tokens:], None, None, None,
+                                      seq.stop_reason)],
+                    False, None, metrics))
+                continue
             if _all_finished(samples):
                 rid = tracked.request_id
                 tracked.finished = True
@@ -367,8 +388,7 @@ class OutputProcessor:
         cached = samples[0].seq.num_cached_tokens
         metrics = tracked.metrics_copy
         if metrics is None or metrics.num_cached_tokens != cached:
-            tracked.metrics.num_cached_tokens = cached
-            metrics = tracked.metrics_copy = tracked.metrics.snapshot()
+            metrics = _metrics_copy(tracked, cached)
         prompt_logprobs = tracked.prompt_logprobs
         if tracked.delta:
             outputs = ([_delta_completion(0, samples[0])] if len(samples) == 1
@@ -385,6 +405,13 @@ class OutputProcessor:
         return RequestOutput(
             tracked.request_id, tracked.prompt, tracked.prompt_token_ids, outputs,
             tracked.finished, prompt_logprobs, metrics)
+
+
+def _metrics_copy(tracked: _Tracked, num_cached_tokens: int) -> RequestMetrics:
+    """A fresh copy of the request's metrics for its outputs to share until they change."""
+    tracked.metrics.num_cached_tokens = num_cached_tokens
+    metrics = tracked.metrics_copy = tracked.metrics.snapshot()
+    return metrics
 
 
 def _all_finished(samples: list[_Sample]) -> bool:

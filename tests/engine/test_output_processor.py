@@ -8,7 +8,9 @@ steps emitting several tokens per row, aborts, rows scheduled without a new toke
 outputs, finish calls and token counts must be equal at every step, each finish must follow
 the documented rules (checked by a plain re-implementation here), and an output once yielded
 must never change. A third processor runs the streamed requests as DELTA: at every step the
-concatenation of its outputs must be the cumulative output.
+concatenation of its outputs must be the cumulative output. A fourth does the same with the
+inline DELTA outputs of `collect` off (every output through `_output`): its outputs must equal
+the third's.
 """
 
 from __future__ import annotations
@@ -62,10 +64,11 @@ class _FakeScheduler:
 class _World:
     """One processor with its own requests (finishes and replays mutate them)."""
 
-    def __init__(self, tok: Tokenizer, quick: bool) -> None:
+    def __init__(self, tok: Tokenizer, quick: bool, quick_delta: bool = True) -> None:
         self.scheduler = _FakeScheduler()
         self.outputs = OutputProcessor(tok, self.scheduler, MAX_MODEL_LEN)
         self.quick = quick
+        self.quick_delta = quick_delta
         self.on_token_calls = 0
         on_token = self.outputs._on_token
 
@@ -91,6 +94,8 @@ class _World:
         if not self.quick:  # the reference: every row through _on_token
             for s in seqs:
                 self.outputs._samples[s.request_id].plain = False
+        if not self.quick_delta:  # the reference: every output through _output
+            self.outputs._tracked[rid].quick_delta = False
         return seqs
 
 
@@ -184,6 +189,7 @@ def _run_workload(tok: Tokenizer, seed: int, monkeypatch) -> None:
     eos = tuple(sorted(tok.eos_token_ids))
     fast, ref = _World(tok, quick=True), _World(tok, quick=False)
     delta = _World(tok, quick=True)  # streamed requests as DELTA
+    delta_ref = _World(tok, quick=True, quick_delta=False)  # ... each output through _output
     concatenated: dict[str, _Concatenated] = {}
     live: dict[str, list[tuple[Request, Request, SamplingParams]]] = {}
     created: list[tuple[Request, SamplingParams]] = []  # the quick world's sequences
@@ -205,16 +211,19 @@ def _run_workload(tok: Tokenizer, seed: int, monkeypatch) -> None:
             seqs_b = ref.add(rid, prompt, params, eos, kind)
             seqs_d = delta.add(rid, prompt, params, eos,
                                RequestOutputKind.DELTA if stream else kind)
+            seqs_r = delta_ref.add(rid, prompt, params, eos,
+                                   RequestOutputKind.DELTA if stream else kind)
             if stream:
                 concatenated[rid] = _Concatenated()
-            live[rid] = [(a, b, params, d)
-                         for a, b, d in zip(seqs_a, seqs_b, seqs_d, strict=True)]
+            live[rid] = [(a, b, params, d, r)
+                         for a, b, d, r in zip(seqs_a, seqs_b, seqs_d, seqs_r, strict=True)]
             created.extend((a, params) for a in seqs_a)
         if live and rng.random() < 0.04:  # an abort: both return the same final output
             rid = rng.choice(sorted(live))
             got, want = fast.outputs.abort(rid), ref.outputs.abort(rid)
             assert got == want, (seed, step)
             d = delta.outputs.abort(rid)
+            assert delta_ref.outputs.abort(rid) == d, (seed, step)
             assert (concatenated[rid].add(d) if rid in concatenated else d) == got, (seed, step)
             final[rid] = got
             del live[rid]
@@ -228,7 +237,7 @@ def _run_workload(tok: Tokenizer, seed: int, monkeypatch) -> None:
         width = 4 if verify else 1
         tokens = np.full((len(pairs), width), -1, dtype=np.int64)
         produced = []
-        for row, (a, b, params, d) in enumerate(pairs):
+        for row, (a, b, params, d, r) in enumerate(pairs):
             rid = a.parent_id or a.request_id
             first_scheduled.setdefault(rid, clock.now)
             if rng.random() < 0.1:
@@ -241,16 +250,18 @@ def _run_workload(tok: Tokenizer, seed: int, monkeypatch) -> None:
                 a.append_output(t)  # as Scheduler.update does, before process
                 b.append_output(t)
                 d.append_output(t)
+                r.append_output(t)
                 offered.setdefault(a.request_id, []).append(t)
                 tokens_handed += 1
         result = _step_result(rng, tokens if verify else tokens[:, 0])
-        for world, side in ((fast, 0), (ref, 1), (delta, 3)):
+        for world, side in ((fast, 0), (ref, 1), (delta, 3), (delta_ref, 4)):
             seqs = [ScheduledSeq(p[side], [0], 0, 1, True, [], 0) for p in pairs]
             world.outputs.process(SchedulerOutput(seqs, None, len(seqs), 16, 0), result, produced)
         got, want = fast.outputs.collect(), ref.outputs.collect()
         where = (seed, step)
         assert got == want, where
         deltas = delta.outputs.collect()
+        assert delta_ref.outputs.collect() == deltas, where  # the inline DELTA outputs
         assert [o.request_id for o in deltas] == [o.request_id for o in got], where
         for d, cumulative in zip(deltas, got, strict=True):
             rid = d.request_id
