@@ -8,10 +8,9 @@ share a salt never share a page (no cross-tenant timing channel through the cach
 from __future__ import annotations
 
 import hashlib
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import numpy as np
 
 _ROOT = b"jaxllm-prefix-v1"
 
@@ -29,7 +28,7 @@ def hash_page(parent: bytes | None, token_ids: Sequence[int], cache_salt: str | 
             h.update(b"\xff" * 8)  # distinct from every salt, even the empty string
     else:
         h.update(parent)
-    h.update(np.asarray(token_ids, dtype=np.int64).tobytes())
+    h.update(array("q", token_ids).tobytes())  # int64 ids (~2x cheaper than numpy for a page)
     return h.digest()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 
 import jax.numpy as jnp
@@ -86,6 +87,9 @@ def test_page_hashes_chain_and_salt():
     hs = extend_page_hashes([], toks, 4, 100)
     assert len(hs) == 5 and len(set(hs)) == 5
     assert hs[1] == hash_page(hs[0], toks[4:8])
+    # a page's hash: sha256 of its parent's hash and its ids as int64 (ids from numpy alike)
+    assert hs[1] == hashlib.sha256(hs[0] + np.asarray(toks[4:8], np.int64).tobytes()).digest()
+    assert hash_page(hs[0], np.asarray(toks[4:8], np.int32)) == hs[1]
     other = toks[:3] + [toks[3] + 1] + toks[4:]  # a change in page 0 changes every later hash
     assert not set(extend_page_hashes([], other, 4, 100)) & set(hs)
     assert extend_page_hashes([], toks, 4, 100, "a") != hs
