@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import operator
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -34,7 +33,6 @@ from jaxllm.scheduler_output import ScheduledSeq, SchedulerOutput
 from jaxllm.spec.scheduling import Speculation
 
 logger = logging.getLogger(__name__)
-_page_ids = operator.attrgetter("page_ids")
 
 
 class Scheduler:
@@ -175,7 +173,7 @@ class Scheduler:
         num_tokens = self.config.max_num_batched_tokens - withheld - budget
         bucket = None
         if seqs:
-            widest = max(map(len, map(_page_ids, seqs)))
+            widest = max([len(s.page_ids) for s in seqs])
             bucket = self.buckets.pick(num_tokens, len(seqs), widest)
             self.num_steps += 1
         null = self.allocator.null_page

@@ -10,7 +10,7 @@ object of the previous step's row in its place is unchanged (the scheduler hands
 request the same list while its pages do not change, and page lists in a schedule are never
 mutated); any other row is compared by value with its request's last row, so reuse is exact
 whatever happened in between (growth, preemption, a finish, a reused request id). The other
-fields come from one C-level pass per attribute. The result always equals
+fields come from one pass per attribute. The result always equals
 `build_step_inputs(sched)` (tests/engine/test_step_layout.py checks it field by field).
 
 Every array it returns is freshly allocated: a dispatched step may still read it (the CPU
@@ -33,11 +33,6 @@ if TYPE_CHECKING:
     from jaxllm.scheduler_output import SchedulerOutput
 
 _request_id = attrgetter("request.request_id")
-_page_ids = attrgetter("page_ids")
-_num_new_tokens = attrgetter("num_new_tokens")
-_start_pos = attrgetter("start_pos")
-_token_ids = attrgetter("token_ids")
-_prev_row = attrgetter("prev_row")
 
 
 class PageTableRows:
@@ -176,9 +171,10 @@ class StepInputsBuilder:
         rows = self._rows
         if rows is None or rows.null_page != sched.null_page:
             rows = self._rows = PageTableRows(sched.null_page, b.pages_per_seq, 4 * b.num_seqs)
-        page_indices = rows.gather(seqs, list(map(_page_ids, seqs)), b)
-        q_lens = np.fromiter(map(_num_new_tokens, seqs), np.int32, n)
-        starts = np.fromiter(map(_start_pos, seqs), np.int32, n)
+        # (list comprehensions: on CPython 3.11 ~2x faster than map(attrgetter) over slots)
+        page_indices = rows.gather(seqs, [s.page_ids for s in seqs], b)
+        q_lens = np.fromiter([s.num_new_tokens for s in seqs], np.int32, n)
+        starts = np.fromiter([s.start_pos for s in seqs], np.int32, n)
         cu_q_lens = np.zeros(b.num_seqs + 1, np.int32)
         np.cumsum(q_lens, out=cu_q_lens[1:n + 1])
         cu_q_lens[n + 1:] = cu_q_lens[n]
@@ -186,7 +182,8 @@ class StepInputsBuilder:
         input_ids = np.zeros(b.num_tokens, np.int32)
         positions = np.zeros(b.num_tokens, np.int32)
         if n:
-            input_ids[:total] = np.fromiter(chain.from_iterable(map(_token_ids, seqs)), np.int32)
+            input_ids[:total] = np.fromiter(chain.from_iterable([s.token_ids for s in seqs]),
+                                            np.int32)
             positions[:total] = (np.arange(total, dtype=np.int32)
                                  + np.repeat(starts - cu_q_lens[:n], q_lens))
         kv_lens = np.zeros(b.num_seqs, np.int32)
@@ -194,7 +191,7 @@ class StepInputsBuilder:
         logits_indices = np.zeros(b.num_seqs, np.int32)
         logits_indices[:n] = cu_q_lens[1:n + 1] - 1
         prev_sample_rows = np.full(b.num_tokens, -1, np.int32)
-        prev = list(map(_prev_row, seqs))
+        prev = [s.prev_row for s in seqs]
         known = prev.count(None)  # all (no look-ahead) or none (overlapped decoding), mostly
         if known == 0 and n:
             prev_sample_rows[cu_q_lens[:n]] = prev
