@@ -1,7 +1,7 @@
 """Host overhead of the engine loop: how much of its own device step's rate the engine delivers.
 
     python benchmarks/host_overhead.py [--batches 1,64,256] [--output-len 64] [--profile]
-        [--output-kind delta|cumulative|final_only] [--stub-device]
+        [--output-kind delta|cumulative|final_only] [--stub-device [--phases]]
 
 A tiny random-weight Llama (its device step is much cheaper than the host work around it)
 runs B requests of 32 prompt + `--output-len` output tokens. For each batch B it prints:
@@ -22,7 +22,9 @@ are then skipped (each call returns that shape's first result), so a step is the
 input layout, sampling columns, `update` and output processing, with no dispatch and no device
 beside the host thread on the two cores (on this machine the device's threads share the
 host's cores and caches; an accelerator's do not). It prints the median host ms per step of
-the serial loop.
+the serial loop; with `--phases`, also the per-step host budget: the median us of each engine
+phase over the run's steps (most of them steady decoding; each phase wrapped with
+`perf_counter`, which adds ~1 us a call).
 This is the CPU proxy for the GPU issue (on an H200, a 5.9 ms device step ran at ~15 ms per
 step end to end, serial).
 """
@@ -151,6 +153,31 @@ def stub_device(engine: LLMEngine) -> None:
     runner.forward, runner.sample, runner.fetch = stub_forward, stub_sample, stub_fetch
 
 
+PHASES = (("schedule", "scheduler", "schedule"), ("layout", None, "step_layout"),
+          ("sampling tensors", "tensors", "build"), ("update", "scheduler", "update"),
+          ("  of which page registration", "scheduler.cache", "register_computed_rows"),
+          ("output processing", "outputs", "process"), ("collecting outputs", "outputs", "collect"))
+
+
+def time_phases(engine: LLMEngine) -> dict[str, list[float]]:
+    """Wrap each engine phase of `PHASES` with a timer; returns the lists it appends to."""
+    times: dict[str, list[float]] = {}
+    for label, owner, name in PHASES:
+        obj = engine
+        for part in owner.split(".") if owner else ():
+            obj = getattr(obj, part)
+        times[label] = spent = []
+
+        def timed(*args, _call=getattr(obj, name), _spent=spent, **kwargs):
+            start = time.perf_counter()
+            out = _call(*args, **kwargs)
+            _spent.append(time.perf_counter() - start)
+            return out
+
+        setattr(obj, name, timed)
+    return times
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batches", default="1,64,256")
@@ -162,7 +189,11 @@ def main() -> None:
                     help="what each output carries (see above)")
     ap.add_argument("--stub-device", action="store_true",
                     help="host work alone: the runner's programs are not run (see above)")
+    ap.add_argument("--phases", action="store_true",
+                    help="with --stub-device: the host budget per engine phase (see above)")
     args = ap.parse_args()
+    if args.phases and not args.stub_device:
+        ap.error("--phases needs --stub-device")
     batches = [int(b) for b in args.batches.split(",")]
     with tempfile.TemporaryDirectory() as d:
         path = make_tiny_checkpoint(Path(d))
@@ -175,11 +206,22 @@ def main() -> None:
     kind = RequestOutputKind[args.output_kind.upper()]
     if args.stub_device:
         stub_device(engine)
+        times = time_phases(engine) if args.phases else {}
+        budgets = {}
         print("| batch | host ms/step, device stubbed (serial loop) |\n|---|---|")
         for b in batches:
             end_to_end(engine, b, args.output_len, overlap=False, output_kind=kind)  # warm
+            for spent in times.values():
+                spent.clear()
             _, host = end_to_end(engine, b, args.output_len, overlap=False, output_kind=kind)
+            budgets[b] = {k: 1e6 * statistics.median(v) for k, v in times.items() if v}
             print(f"| {b} | {host:.2f} |")
+        if times:
+            print("\n| phase (median us per step) | " + " | ".join(f"batch {b}" for b in batches)
+                  + " |\n|---|" + "---|" * len(batches))
+            for label, _, _ in PHASES:
+                print(f"| {label} | " + " | ".join(f"{budgets[b].get(label, 0):.0f}"
+                                                   for b in batches) + " |")
         return
     print("| batch | runner-only ms/step | runner-only tok/s | serial tok/s (frac) | "
           "overlapped tok/s (frac) | host ms/step serial | overlapped |")
