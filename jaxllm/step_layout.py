@@ -41,10 +41,11 @@ class PageTableRows:
 
     A row is checked against the previous step's row in the same place first (steady
     decoding: the same list object; callers never mutate a list they passed), then by value
-    against its request's slot; only a changed page list is written, into a fresh slot. A slot is never rewritten while a request or
-    the previous step's rows refer to it; slots are reclaimed (requests no longer scheduled,
-    replaced versions) only when the free ones could run out, and the table grows if that
-    is not enough. Slot 0 stays all null: the row of a padding sequence.
+    against its request's slot; only a changed page list is written, into a fresh slot. A
+    slot is never rewritten while a request or the previous step's rows refer to it; slots
+    are reclaimed (requests no longer scheduled, replaced versions) only when the free ones
+    could run out, and the table grows if that is not enough. Slot 0 stays all null: the
+    row of a padding sequence.
     """
 
     def __init__(self, null_page: int, width: int, slots: int) -> None:
