@@ -89,8 +89,8 @@ class Request:
     grammar: GrammarMatcher | None = field(default=None, repr=False)
     # The page list the decode pass last handed a step (page_ids[:k], never mutated), reused
     # while a step needs the same k pages: the step layout then knows by identity that the
-    # row did not change. Reset when the scheduler frees the pages (preemption, a waiting
-    # sibling's release); page_ids only grows between frees.
+    # row did not change. Reset where the pages are freed (`KVCacheManager.free`: a
+    # preemption, a finish, a waiting sibling's release); page_ids only grows between frees.
     scheduled_pages: list[int] = field(default_factory=list, repr=False)
     # prompt + output, one list kept in sync by `append_output`; do not mutate. (A plain
     # attribute, not a property: the scheduler reads it for every running request per step.)

@@ -329,7 +329,6 @@ class Scheduler:
         holders = [r for r in self.waiting if r.page_ids and r is not head]
         for r in holders:
             self.cache.free(r)
-            r.scheduled_pages = []
         return bool(holders)
 
     def _take(self, req: Request, n: int, row: int, drafts: Sequence[int] = ()) -> ScheduledSeq:
@@ -359,7 +358,6 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         logger.debug("preempting %s (%d tokens)", req.request_id, req.num_tokens)
         self.cache.free(req)
-        req.scheduled_pages = []
         self.running.remove(req)
         req.status = RequestStatus.PREEMPTED
         req.num_pending_samples = 0
@@ -442,7 +440,6 @@ class Scheduler:
 
     def _finish(self, req: Request, status: RequestStatus, stop_reason: int | str | None) -> None:
         self.cache.free(req)
-        req.scheduled_pages = []
         if req in self.running:
             self.running.remove(req)
         else:

@@ -118,6 +118,7 @@ class KVCacheManager:
         for page in reversed(req.page_ids):
             self.allocator.release(page, req.request_id)
         req.page_ids.clear()
+        req.scheduled_pages = []  # (a step's view of those pages: never to be reused now)
         req.num_computed_tokens = 0
         self._num_registered.pop(req.request_id, None)
 
